@@ -1,0 +1,281 @@
+"""Typed configuration: the dataclasses below hold the only defaults.
+
+A YAML file is merged onto the schema, then dotted overrides (``train.lr=0.02``) are applied with OmegaConf.
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key and listing the valid ones.
+
+The top-level sections keep the config groups of the pipeline this project replaces:
+``data``, ``augmentation``, ``model``, ``loss``, ``optimizer``, ``scheduler``, ``train``, ``callbacks``,
+``eval`` and ``system``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # preprocess out_dir (holding split/<split_id>.parquet) or the path of a split table
+    split_id: str = "split01"
+    train_split: str = "train"
+    val_split: str = "val"
+    ignore_index: int = 255
+
+
+@dataclass
+class AugmentationConfig:
+    crop_height: int = 1024
+    crop_width: int = 1024
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    hflip_prob: float = 0.5
+    color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter; 0 disables it
+    val_height: int = 0  # 0 keeps validation images at full resolution
+    val_width: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "fchardnet70"
+    num_classes: int = 19
+    pretrained: str = ""  # released checkpoint, plain state_dict or backbone-only file; empty = Xavier init
+
+
+@dataclass
+class LossConfig:
+    name: str = "bootstrapped_ce"  # bootstrapped_ce | ce
+    min_k: int = 4096
+    threshold: float = 0.3
+    class_weights: list[float] | None = None  # only for name=ce
+    ignore_index: int = 255
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw  (the learning rate is train.lr, the one hyperparameter users sweep)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "poly"  # poly | constant
+    power: float = 0.9
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 484  # the recipe's 90k iterations at batch 16 over 2975 images; max_steps stops it first
+    max_steps: int = 90000  # 0 = no cap; the poly schedule decays to zero over the effective total
+    batch_size: int = 16  # per process
+    lr: float = 0.02
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 0.0  # 0 disables clipping
+    val_every_n_steps: int = 500
+    log_every_n_steps: int = 10
+    sanity_val_batches: int = 2  # validation batches run before training to catch errors early
+    num_val_images_logged: int = 2
+    output_dir: str = "outputs"
+
+
+@dataclass
+class CheckpointCallbackConfig:
+    monitor: str = "val/mIoU"
+    mode: str = "max"  # max | min
+    top_k: int = 1
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = False
+    monitor: str = "val/mIoU"
+    mode: str = "max"
+    patience: int = 10  # validations without improvement
+    min_delta: float = 0.0
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint: CheckpointCallbackConfig = field(default_factory=CheckpointCallbackConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1
+    tta: str = "none"  # none | flip | multiscale
+    scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.25])
+    sliding_window: int = 0  # window side in px for inputs larger than it; 0 = whole image at once
+    num_worst: int = 4
+
+
+@dataclass
+class SystemConfig:
+    seed: int = 1337
+    num_workers: int = 4
+    deterministic: bool = False
+    cudnn_benchmark: bool = True
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    cpu: bool = False  # force CPU even when a GPU is present
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("fchardnet70",),
+    "loss.name": ("bootstrapped_ce", "ce"),
+    "optimizer.name": ("sgd", "adamw"),
+    "scheduler.name": ("poly", "constant"),
+    "callbacks.checkpoint.mode": ("max", "min"),
+    "callbacks.early_stopping.mode": ("max", "min"),
+    "eval.tta": ("none", "flip", "multiscale"),
+    "system.mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
+def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of the schema, e.g. ``train.batch_size``."""
+    keys = []
+    for f in dataclasses.fields(node):
+        name = f"{prefix}{f.name}"
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            keys.extend(valid_keys(sub, name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    nearby = [k for k in valid_keys() if k.startswith(section + ".")] if section else None
+    if isinstance(exc, (ConfigAttributeError, ConfigKeyError)):
+        listing = ", ".join(nearby or valid_keys())
+        return ConfigError(f"{source}: unknown config key '{key}'. Valid keys: {listing}")
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"{source}: invalid value for '{key}': {msg}")
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from None
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"invalid value for '{key}': {value!r}; allowed: {', '.join(allowed)}")
+    positive = ["train.batch_size", "train.grad_accum_steps", "model.num_classes", "augmentation.crop_height",
+                "augmentation.crop_width", "eval.batch_size"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"invalid value for '{key}': {OmegaConf.select(cfg, key)}; it must be >= 1")
+    if cfg.train.epochs < 1 and cfg.train.max_steps < 1:
+        raise ConfigError("train.epochs and train.max_steps are both < 1: set at least one of them")
+    if not 0 < cfg.augmentation.scale_min <= cfg.augmentation.scale_max:
+        raise ConfigError(
+            f"augmentation.scale_min/scale_max must satisfy 0 < min <= max, got "
+            f"{cfg.augmentation.scale_min}/{cfg.augmentation.scale_max}"
+        )
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] | str | None = None) -> Config:
+    """Build a :class:`Config` from the schema defaults, a YAML file and dotted overrides.
+
+    Args:
+        path: YAML file whose keys are merged onto the defaults; ``None`` keeps the defaults.
+        overrides: ``key=value`` strings (a list, or one string separated by spaces), e.g. ``train.lr=0.02``.
+
+    Returns:
+        A :class:`Config` instance (plain dataclasses, safe to pass around and to pickle).
+
+    Raises:
+        FileNotFoundError: the YAML file does not exist.
+        ConfigError: unknown key, wrong type or a value outside its allowed set; the message lists valid keys.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            available = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+            raise FileNotFoundError(f"config file not found: {path} (shipped configs in {CONFIG_DIR}: {available})")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        cfg = _merge(cfg, data, str(path))
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    items = [o for o in (overrides or []) if o.strip()]
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=0.02)")
+    if items:
+        try:
+            dotted = OmegaConf.from_dotlist(items)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"overrides {items}: {exc}") from None
+        cfg = _merge(cfg, dotted, "override")
+    _check_choices(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as nested plain dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config, prefix: str = "") -> dict[str, Any]:
+    """Dotted ``{"optimizer.lr": 0.02, ...}``; lists become their string form."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], path: str) -> None:
+        for key, value in node.items():
+            name = f"{path}{key}"
+            if isinstance(value, Mapping):
+                walk(value, name + ".")
+            else:
+                out[prefix + name] = value
+
+    walk(to_dict(cfg), "")
+    return out

@@ -1,0 +1,95 @@
+"""Class names and colours that travel with a dataset and with every model trained on it."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from segmentation.io import write_text_atomic
+
+IGNORE_INDEX = 255
+IGNORE_COLOR = (0, 0, 0)
+
+# The 19 Cityscapes evaluation classes (trainId order) and their official colours (RGB).
+CITYSCAPES_CLASSES: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("road", (128, 64, 128)), ("sidewalk", (244, 35, 232)), ("building", (70, 70, 70)),
+    ("wall", (102, 102, 156)), ("fence", (190, 153, 153)), ("pole", (153, 153, 153)),
+    ("traffic light", (250, 170, 30)), ("traffic sign", (220, 220, 0)), ("vegetation", (107, 142, 35)),
+    ("terrain", (152, 251, 152)), ("sky", (70, 130, 180)), ("person", (220, 20, 60)), ("rider", (255, 0, 0)),
+    ("car", (0, 0, 142)), ("truck", (0, 0, 70)), ("bus", (0, 60, 100)), ("train", (0, 80, 100)),
+    ("motorcycle", (0, 0, 230)), ("bicycle", (119, 11, 32)),
+)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """Names and RGB colours of classes ``0..C-1``; ``ignore_index`` marks unlabelled pixels."""
+
+    names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.colors):
+            raise ValueError(f"ClassInfo: {len(self.names)} names but {len(self.colors)} colours")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def colormap(self) -> np.ndarray:
+        """``C x 3`` uint8 RGB colours."""
+        return np.asarray(self.colors, dtype=np.uint8).reshape(-1, 3)
+
+    @classmethod
+    def cityscapes(cls) -> ClassInfo:
+        return cls(tuple(n for n, _ in CITYSCAPES_CLASSES), tuple(c for _, c in CITYSCAPES_CLASSES))
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "colors": [list(c) for c in self.colors], "ignore_index": self.ignore_index}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClassInfo:
+        return cls(tuple(data["names"]), tuple(tuple(int(v) for v in c) for c in data["colors"]),
+                   int(data.get("ignore_index", IGNORE_INDEX)))
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["id", "name", "r", "g", "b"])
+        for i, (name, (r, g, b)) in enumerate(zip(self.names, self.colors, strict=True)):
+            writer.writerow([i, name, r, g, b])
+        writer.writerow([self.ignore_index, "ignore", *IGNORE_COLOR])
+        return buf.getvalue()
+
+    def write_csv(self, path: str | Path) -> None:
+        write_text_atomic(path, self.to_csv())
+
+    @classmethod
+    def read_csv(cls, path: str | Path) -> ClassInfo:
+        """Read ``id,name,r,g,b`` rows; the row whose id is 255 (ignore) is not a class."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"class table not found: {path} (run the preprocess step to create it)")
+        rows = list(csv.DictReader(path.read_text().splitlines()))
+        expected = {"id", "name", "r", "g", "b"}
+        if not rows or not expected <= set(rows[0]):
+            raise ValueError(f"{path}: expected columns {sorted(expected)}, found {sorted(rows[0]) if rows else []}")
+        classes = sorted((int(r["id"]), r["name"], (int(r["r"]), int(r["g"]), int(r["b"])))
+                         for r in rows if int(r["id"]) != IGNORE_INDEX)
+        ids = [c[0] for c in classes]
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{path}: class ids must be 0..C-1 without gaps, found {ids}")
+        return cls(tuple(c[1] for c in classes), tuple(c[2] for c in classes))
+
+
+def colorize(mask: np.ndarray, classes: ClassInfo) -> np.ndarray:
+    """Map an ``H x W`` mask of class ids to an ``H x W x 3`` RGB uint8 image; ignore and unknown ids are black."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: classes.num_classes] = classes.colormap
+    return lut[np.asarray(mask, dtype=np.uint8)]

@@ -1,0 +1,25 @@
+"""The model's input contract, written once and shared by training, evaluation, prediction and serving.
+
+The released FC-HarDNet weights were trained on **BGR** images normalised with the ImageNet mean/std written in
+BGR order on 0-255 values. OpenCV decodes to BGR, so an image from ``cv2.imread`` goes in as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MEAN_BGR = np.array([0.406, 0.456, 0.485], dtype=np.float32) * 255.0
+STD_BGR = np.array([0.225, 0.224, 0.229], dtype=np.float32) * 255.0
+
+
+def normalize(image_bgr: np.ndarray) -> np.ndarray:
+    """``H x W x 3`` uint8 BGR -> ``H x W x 3`` float32, normalised as the released weights expect."""
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 BGR image, got shape {tuple(image_bgr.shape)}")
+    return (image_bgr.astype(np.float32) - MEAN_BGR) / STD_BGR
+
+
+def to_input_tensor(image_bgr: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` uint8 BGR -> ``1 x 3 x H x W`` float32 tensor ready for the model."""
+    return torch.from_numpy(np.ascontiguousarray(normalize(image_bgr).transpose(2, 0, 1)))[None]

@@ -1,0 +1,112 @@
+"""Shared fixtures: one real ``mlflow server`` per test session, the repository paths and the shared samples."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+MLFLOW = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{tail}")
+
+
+def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra: list[str] | None = None):
+    """Start ``mlflow server`` on 127.0.0.1 at a free port; returns (process, uri, log path)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    backend_uri = backend_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    log = workdir / "server.log"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [MLFLOW, "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
+           str(workdir / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           *(extra or [])]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=workdir,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=120, proc=proc, log=log)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, uri, log
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it spawned."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real tracking server (sqlite + proxied artifacts) shared by the whole session; yields its URI."""
+    proc, uri, _ = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
+    yield uri
+    stop_process(proc)
+
+
+@pytest.fixture
+def tracking_uri(mlflow_server, monkeypatch) -> str:
+    """Point this test's MLflow client at the session server."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real samples in ../shared/data (present in CI and on the team's machines, absent in a user's clone)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared sample data not found at {SHARED_DATA} (only present beside the team's checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
