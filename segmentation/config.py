@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -176,22 +176,24 @@ def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
-    section = key.rsplit(".", 1)[0] if "." in key else ""
-    nearby = [k for k in valid_keys() if k.startswith(section + ".")] if section else None
+def _explain(exc: OmegaConfBaseException, source: str, given: Any = None) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    if not key and isinstance(given, Mapping) and len(given) == 1:
+        key = next(iter(given))  # OmegaConf leaves full_key empty when a whole section is replaced
+    section = key.rsplit(".", 1)[0] if "." in key else key
+    nearby = [k for k in valid_keys() if k.startswith(section + ".")] if section else []
+    listing = ", ".join(nearby or valid_keys())
     if isinstance(exc, (ConfigAttributeError, ConfigKeyError)):
-        listing = ", ".join(nearby or valid_keys())
         return ConfigError(f"{source}: unknown config key '{key}'. Valid keys: {listing}")
     msg = str(exc).splitlines()[0]
-    return ConfigError(f"{source}: invalid value for '{key}': {msg}")
+    return ConfigError(f"{source}: invalid value for '{key or '?'}': {msg}. Valid keys here: {listing}")
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
-        raise _explain(exc, source) from None
+        raise _explain(exc, source, other) from None
 
 
 def _check_choices(cfg: DictConfig) -> None:
@@ -199,8 +201,14 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"invalid value for '{key}': {value!r}; allowed: {', '.join(allowed)}")
-    positive = ["train.batch_size", "train.grad_accum_steps", "model.num_classes", "augmentation.crop_height",
-                "augmentation.crop_width", "eval.batch_size"]
+    positive = [
+        "train.batch_size",
+        "train.grad_accum_steps",
+        "model.num_classes",
+        "augmentation.crop_height",
+        "augmentation.crop_width",
+        "eval.batch_size",
+    ]
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"invalid value for '{key}': {OmegaConf.select(cfg, key)}; it must be >= 1")

@@ -48,11 +48,24 @@ def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra: li
     log = workdir / "server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [MLFLOW, "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-           str(workdir / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                            start_new_session=True)
+    cmd = [
+        MLFLOW,
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(workdir / "mlartifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        *(extra or []),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", timeout=120, proc=proc, log=log)

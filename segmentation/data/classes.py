@@ -16,12 +16,25 @@ IGNORE_COLOR = (0, 0, 0)
 
 # The 19 Cityscapes evaluation classes (trainId order) and their official colours (RGB).
 CITYSCAPES_CLASSES: tuple[tuple[str, tuple[int, int, int]], ...] = (
-    ("road", (128, 64, 128)), ("sidewalk", (244, 35, 232)), ("building", (70, 70, 70)),
-    ("wall", (102, 102, 156)), ("fence", (190, 153, 153)), ("pole", (153, 153, 153)),
-    ("traffic light", (250, 170, 30)), ("traffic sign", (220, 220, 0)), ("vegetation", (107, 142, 35)),
-    ("terrain", (152, 251, 152)), ("sky", (70, 130, 180)), ("person", (220, 20, 60)), ("rider", (255, 0, 0)),
-    ("car", (0, 0, 142)), ("truck", (0, 0, 70)), ("bus", (0, 60, 100)), ("train", (0, 80, 100)),
-    ("motorcycle", (0, 0, 230)), ("bicycle", (119, 11, 32)),
+    ("road", (128, 64, 128)),
+    ("sidewalk", (244, 35, 232)),
+    ("building", (70, 70, 70)),
+    ("wall", (102, 102, 156)),
+    ("fence", (190, 153, 153)),
+    ("pole", (153, 153, 153)),
+    ("traffic light", (250, 170, 30)),
+    ("traffic sign", (220, 220, 0)),
+    ("vegetation", (107, 142, 35)),
+    ("terrain", (152, 251, 152)),
+    ("sky", (70, 130, 180)),
+    ("person", (220, 20, 60)),
+    ("rider", (255, 0, 0)),
+    ("car", (0, 0, 142)),
+    ("truck", (0, 0, 70)),
+    ("bus", (0, 60, 100)),
+    ("train", (0, 80, 100)),
+    ("motorcycle", (0, 0, 230)),
+    ("bicycle", (119, 11, 32)),
 )
 
 
@@ -55,8 +68,11 @@ class ClassInfo:
 
     @classmethod
     def from_dict(cls, data: dict) -> ClassInfo:
-        return cls(tuple(data["names"]), tuple(tuple(int(v) for v in c) for c in data["colors"]),
-                   int(data.get("ignore_index", IGNORE_INDEX)))
+        return cls(
+            tuple(data["names"]),
+            tuple(tuple(int(v) for v in c) for c in data["colors"]),
+            int(data.get("ignore_index", IGNORE_INDEX)),
+        )
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -80,8 +96,11 @@ class ClassInfo:
         expected = {"id", "name", "r", "g", "b"}
         if not rows or not expected <= set(rows[0]):
             raise ValueError(f"{path}: expected columns {sorted(expected)}, found {sorted(rows[0]) if rows else []}")
-        classes = sorted((int(r["id"]), r["name"], (int(r["r"]), int(r["g"]), int(r["b"])))
-                         for r in rows if int(r["id"]) != IGNORE_INDEX)
+        classes = sorted(
+            (int(r["id"]), r["name"], (int(r["r"]), int(r["g"]), int(r["b"])))
+            for r in rows
+            if int(r["id"]) != IGNORE_INDEX
+        )
         ids = [c[0] for c in classes]
         if ids != list(range(len(ids))):
             raise ValueError(f"{path}: class ids must be 0..C-1 without gaps, found {ids}")
