@@ -1,0 +1,245 @@
+"""Read CVAT exports: "CVAT for images 1.1" (task and project exports) and "CVAT for video 1.1" (tracks).
+
+Layout under ``raw_dir``: annotation XML files in ``cvat/`` (``*.xml``) and images in ``images/`` (``images/<name>``
+or ``images/<subset>/<name>``; for videos ``images/frame_000000.<ext>``, as CVAT's "with images" export writes).
+
+* Classes: background is 0, then the labels declared in ``meta/project/labels``, ``meta/task/labels`` or
+  ``meta/job/labels`` in declared order; a declared label named ``background`` is class 0. Colours come from
+  the labels' ``<color>`` when present, otherwise from a fixed palette.
+* Samples are keyed by subset + image name, so project exports that repeat names across subsets stay distinct.
+* Splits: a subset named train/training -> ``train``, val/valid/validation -> ``val``, test/testing -> ``test``
+  (case-insensitive); images without a subset (or subset ``default``) get a seeded ``val_fraction`` split;
+  any other subset name is an error.
+* XML is parsed with ``defusedxml``: DTD entities and external references are refused.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import logging
+import os
+import re
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from xml.etree.ElementTree import Element, ParseError
+
+import defusedxml.ElementTree as SafeET
+import numpy as np
+from defusedxml import DefusedXmlException
+
+from segmentation.data.classes import ClassInfo
+from segmentation.data.cvat_shapes import AREA_SHAPES, Shape, TrackShape, rasterize, shape_at
+from segmentation.data.samples import RawSample, read_image, seeded_split
+
+logger = logging.getLogger(__name__)
+
+SUBSET_TO_SPLIT = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                   "test": "test", "testing": "test"}
+UNSPLIT_SUBSETS = ("", "default")
+_SHAPE_TAGS = (*AREA_SHAPES, "polyline", "points", "skeleton", "tag", "cuboid")
+
+
+def parse_xml(path: Path) -> Element:
+    """Parse ``path`` safely. Raises ValueError naming the file (and line/column for malformed XML)."""
+    try:
+        return SafeET.parse(str(path)).getroot()
+    except ParseError as exc:
+        line, column = exc.position
+        raise ValueError(f"{path}: malformed XML at line {line}, column {column}: {exc}") from None
+    except DefusedXmlException as exc:
+        raise ValueError(f"{path}: refused unsafe XML ({type(exc).__name__}: {exc}); entity declarations and "
+                         "external references are not allowed in CVAT exports") from None
+
+
+def _palette(index: int) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.75, 0.95)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def parse_labels(root: Element, path: Path) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """Declared labels as ``(name, rgb or None)`` in declared order."""
+    labels = []
+    for owner in ("project", "task", "job"):
+        for label in root.findall(f"meta/{owner}/labels/label"):
+            name = (label.findtext("name") or "").strip()
+            if not name:
+                raise ValueError(f"{path}: a label under meta/{owner}/labels has no <name>")
+            color = (label.findtext("color") or "").strip()
+            if color and not re.fullmatch(r"#[0-9a-fA-F]{6}", color):
+                raise ValueError(f"{path}: label {name!r} has colour {color!r}; expected #rrggbb")
+            rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5)) if color else None
+            if name not in [n for n, _ in labels]:
+                labels.append((name, rgb))
+    if not labels:
+        raise ValueError(f"{path}: no labels declared under meta/project/labels, meta/task/labels or meta/job/labels")
+    return labels
+
+
+def build_classes(labels: list[tuple[str, tuple[int, int, int] | None]]) -> ClassInfo:
+    """Background first, then the declared labels (a label named ``background`` is class 0)."""
+    names, colors = ["background"], [(0, 0, 0)]
+    for name, rgb in labels:
+        if name.lower() == "background":
+            colors[0] = rgb or colors[0]
+            continue
+        names.append(name)
+        colors.append(rgb or _palette(len(names) - 1))
+    return ClassInfo(tuple(names), tuple(colors))
+
+
+def _floats(element: Element, names: tuple[str, ...], where: str) -> list[float]:
+    try:
+        return [float(element.attrib.get(n, "0" if n == "rotation" else "")) for n in names]
+    except ValueError:
+        found = {n: element.attrib.get(n) for n in names}
+        raise ValueError(f"{where}: {element.tag} needs numeric attributes {list(names)}, found {found}") from None
+
+
+def parse_shape(element: Element, order: int, where: str) -> Shape:
+    """One area shape element (``polygon``, ``box``, ``ellipse``, ``mask``) as a :class:`Shape`."""
+    kind, label = element.tag, element.attrib.get("label", "")
+    z_order = int(float(element.attrib.get("z_order", "0")))
+    where = f"{where}: {kind} {label!r}"
+    if kind == "polygon":
+        try:
+            points = np.array([[float(v) for v in p.split(",")] for p in element.attrib["points"].split(";")])
+        except (KeyError, ValueError):
+            points = np.zeros(0)
+        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
+            raise ValueError(f"{where}: points must be >= 3 'x,y' pairs joined by ';', found "
+                             f"{element.attrib.get('points')!r}")
+        return Shape(kind, label, z_order, order, points=points)
+    if kind == "box":
+        return Shape(kind, label, z_order, order, box=tuple(_floats(element, ("xtl", "ytl", "xbr", "ybr", "rotation"),
+                                                                     where)))
+    if kind == "ellipse":
+        cx, cy, rx, ry, rotation = _floats(element, ("cx", "cy", "rx", "ry", "rotation"), where)
+        return Shape(kind, label, z_order, order, box=(cx, cy, abs(rx - cx), abs(ry - cy), rotation))
+    left, top, width, height = (int(v) for v in _floats(element, ("left", "top", "width", "height"), where))
+    try:
+        rle = tuple(int(v) for v in element.attrib["rle"].split(","))
+    except (KeyError, ValueError):
+        raise ValueError(f"{where}: rle must be comma-separated counts, found {element.attrib.get('rle')!r}") from None
+    return Shape(kind, label, z_order, order, rle=rle, mask_box=(left, top, width, height))
+
+
+def _check_label(element: Element, declared: set[str], path: Path, where: str) -> None:
+    label = element.attrib.get("label", "")
+    if element.tag != "tag" and label not in declared:  # CVAT allows tags with undeclared labels
+        raise ValueError(f"{path}: {where}: {element.tag} uses label {label!r}, which meta does not declare "
+                         f"(declared: {sorted(declared)})")
+
+
+def _image_path(images_dir: Path, subset: str, name: str, xml: Path) -> Path:
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ValueError(f"{xml}: image name {name!r} escapes {images_dir}; names must be relative, without '..'")
+    candidates = ([images_dir / subset / name] if subset else []) + [images_dir / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{xml}: image {name!r} (subset {subset!r}) is listed but missing on disk; looked "
+                            f"for {', '.join(str(c) for c in candidates)}")
+
+
+def _frame_image(images_dir: Path, frame: int, xml: Path) -> Path:
+    found = sorted(images_dir.glob(f"frame_{frame:06d}.*"))
+    if not found:
+        raise FileNotFoundError(f"{xml}: frame {frame} has no image {images_dir}/frame_{frame:06d}.<ext>")
+    return found[0]
+
+
+def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skipped: Counter) -> list[dict]:
+    """Frames of one XML file: ``{name, subset, image, height, width, shapes}`` dicts in document order."""
+    task_subsets = {t.findtext("id"): (t.findtext("subset") or "") for t in root.findall("meta/project/tasks/task")}
+    default_subset = root.findtext("meta/task/subset") or ""
+    frames, order = [], 0
+    for image in root.iter("image"):
+        name, where = image.attrib.get("name", ""), f"image {image.attrib.get('name')!r}"
+        subset = image.attrib.get("subset", task_subsets.get(image.attrib.get("task_id"), default_subset))
+        shapes = []
+        for element in image:
+            if element.tag not in _SHAPE_TAGS:
+                continue
+            _check_label(element, declared, xml, where)
+            if element.tag in AREA_SHAPES:
+                shapes.append(parse_shape(element, order, f"{xml}: {where}"))
+            else:
+                skipped[element.tag] += 1
+            order += 1
+        frames.append({"name": name, "subset": subset, "image": _image_path(images_dir, subset, name, xml),
+                       "height": int(image.attrib["height"]), "width": int(image.attrib["width"]), "shapes": shapes})
+    tracks = root.findall("track")
+    if not tracks:
+        return frames
+    if frames:
+        raise ValueError(f"{xml}: mixes <image> and <track> elements; expected one CVAT 1.1 layout")
+    size = root.findtext("meta/task/size") or root.findtext("meta/job/size")
+    height = root.findtext("meta/task/original_size/height") or root.findtext("meta/job/original_size/height")
+    width = root.findtext("meta/task/original_size/width") or root.findtext("meta/job/original_size/width")
+    if not (height and width):
+        raise ValueError(f"{xml}: a video export needs meta/task/original_size/width and height")
+    parsed = []
+    for track in tracks:
+        where = f"track {track.attrib.get('id')!r}"
+        label, states = track.attrib.get("label", ""), []
+        for element in track:
+            element.attrib.setdefault("label", label)
+            _check_label(element, declared, xml, where)
+            if element.tag not in AREA_SHAPES:
+                skipped[element.tag] += 1
+                continue
+            states.append(TrackShape(int(element.attrib["frame"]), element.attrib.get("outside") == "1",
+                                     parse_shape(element, order, f"{xml}: {where}")))
+            order += 1
+        parsed.append(states)
+    last = max((s.frame for states in parsed for s in states), default=-1)
+    for frame in range(int(size) if size else last + 1):
+        shapes = [s for states in parsed if (s := shape_at(states, frame)) is not None]
+        frames.append({"name": f"frame_{frame:06d}", "subset": default_subset,
+                       "image": _frame_image(images_dir, frame, xml), "height": int(height), "width": int(width),
+                       "shapes": shapes})
+    return frames
+
+
+def read_cvat(raw_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> tuple[ClassInfo, list[RawSample]]:
+    """Parse every ``raw_dir/cvat/*.xml`` and return the class table and one sample per image or video frame.
+
+    Raises:
+        FileNotFoundError: no XML, or an image listed in the XML is missing.
+        ValueError: malformed or unsafe XML, undeclared labels, bad geometry, names escaping ``raw_dir``,
+            unknown subset names; each message names the XML file.
+    """
+    raw_dir = Path(raw_dir)
+    xml_files = sorted((raw_dir / "cvat").glob("*.xml"))
+    if not xml_files:
+        raise FileNotFoundError(f"{raw_dir}: no CVAT export found; expected XML files in {raw_dir / 'cvat'}")
+    roots = [(xml, parse_xml(xml)) for xml in xml_files]
+    labels = [label for xml, root in roots for label in parse_labels(root, xml)]
+    labels = [label for i, label in enumerate(labels) if label[0] not in [n for n, _ in labels[:i]]]
+    classes = build_classes(labels)
+    label_ids = {name: classes.names.index(name) if name in classes.names else 0 for name, _ in labels}
+    skipped: Counter = Counter()
+    frames = [(xml, f) for xml, root in roots for f in _frames(root, xml, raw_dir / "images", set(label_ids), skipped)]
+    if skipped:
+        logger.info("CVAT: skipped shapes without an area: %s", dict(sorted(skipped.items())))
+    keyed = {}
+    for xml, frame in frames:
+        subset = frame["subset"].strip()
+        if subset.lower() not in UNSPLIT_SUBSETS and subset.lower() not in SUBSET_TO_SPLIT:
+            raise ValueError(f"{xml}: subset {subset!r} of image {frame['name']!r} is not a known split name; "
+                             f"use one of {sorted(SUBSET_TO_SPLIT)} (any case), or no subset for a seeded split")
+        key = f"{subset or 'default'}/{Path(frame['name']).with_suffix('')}"
+        if key in keyed:
+            raise ValueError(f"{xml}: image {frame['name']!r} appears twice in subset {subset!r}")
+        keyed[key] = (xml, frame)
+    unsplit = [k for k, (_, f) in keyed.items() if f["subset"].strip().lower() in UNSPLIT_SUBSETS]
+    splits = seeded_split(unsplit, val_fraction, seed)
+    samples = []
+    for key, (xml, frame) in keyed.items():
+        build = partial(rasterize, frame["shapes"], frame["height"], frame["width"], label_ids,
+                        f"{xml}: image {frame['name']!r}")
+        split = splits.get(key) or SUBSET_TO_SPLIT[frame["subset"].strip().lower()]
+        samples.append(RawSample(key=key, split=split, load_image=partial(read_image, frame["image"]),
+                                 build_mask=build, source=frame["image"], subset=frame["subset"]))
+    return classes, samples

@@ -1,0 +1,135 @@
+"""CVAT shapes as data, their rasterisation and the per-frame interpolation of video tracks.
+
+Geometry follows CVAT's XML format 1.1: coordinates in pixels of the full image, ``box`` rotation in degrees
+clockwise about the box centre, ``mask`` as run lengths (starting with background) over its own
+``left/top/width/height`` box in row-major order. Polygons and boxes are filled with ``cv2.fillPoly`` on vertices
+rounded to the nearest pixel, edges included, the convention also used for Cityscapes polygons.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import cv2
+import numpy as np
+
+AREA_SHAPES = ("polygon", "box", "mask", "ellipse")
+# Shapes without an area: they cannot label pixels of a segmentation mask, so they are counted and skipped.
+SKIPPED_SHAPES = ("polyline", "points", "skeleton", "tag", "cuboid")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One annotation on one frame. ``order`` is its position in the document (ties in ``z_order`` keep it)."""
+
+    kind: str
+    label: str
+    z_order: int = 0
+    order: int = 0
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # polygon: N x 2 (x, y)
+    box: tuple[float, ...] = ()  # box: xtl, ytl, xbr, ybr, rotation; ellipse: cx, cy, rx, ry, rotation
+    rle: tuple[int, ...] = ()  # mask: run lengths over the left/top/width/height box
+    mask_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # mask: left, top, width, height
+
+
+@dataclass(frozen=True)
+class TrackShape:
+    """A track's state at one frame, as written in a "CVAT for video 1.1" export."""
+
+    frame: int
+    outside: bool
+    shape: Shape
+
+
+def decode_rle(rle: tuple[int, ...], width: int, height: int, where: str) -> np.ndarray:
+    """Decode CVAT mask runs (background first) into an ``height x width`` bool array.
+
+    Raises:
+        ValueError: the runs do not add up to ``width * height`` or are negative.
+    """
+    runs = np.asarray(rle, dtype=np.int64)
+    if runs.size == 0 or (runs < 0).any() or int(runs.sum()) != width * height:
+        raise ValueError(
+            f"{where}: mask rle has runs summing to {int(runs.sum()) if runs.size else 0}, expected "
+            f"width*height = {width}*{height} = {width * height} non-negative counts"
+        )
+    values = np.arange(runs.size) % 2 == 1  # runs alternate background, foreground, background, ...
+    return np.repeat(values, runs).reshape(height, width)
+
+
+def box_corners(xtl: float, ytl: float, xbr: float, ybr: float, rotation: float) -> np.ndarray:
+    """The 4 x 2 corners of a box rotated ``rotation`` degrees clockwise (on screen) about its centre."""
+    corners = np.array([[xtl, ytl], [xbr, ytl], [xbr, ybr], [xtl, ybr]], dtype=np.float64)
+    if rotation:
+        centre = corners.mean(axis=0)
+        theta = math.radians(rotation)
+        # With y pointing down, the usual counter-clockwise matrix turns the picture clockwise.
+        rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+        corners = (corners - centre) @ rot.T + centre
+    return corners
+
+
+def draw_shape(mask: np.ndarray, shape: Shape, value: int, where: str) -> None:
+    """Paint ``shape`` into ``mask`` (in place) with ``value``; parts outside the image are clipped."""
+    if shape.kind == "polygon":
+        cv2.fillPoly(mask, [np.rint(shape.points).astype(np.int32)], value)
+    elif shape.kind == "box":
+        cv2.fillPoly(mask, [np.rint(box_corners(*shape.box)).astype(np.int32)], value)
+    elif shape.kind == "ellipse":
+        cx, cy, rx, ry, rotation = shape.box
+        cv2.ellipse(mask, (round(cx), round(cy)), (max(round(rx), 0), max(round(ry), 0)), rotation, 0, 360,
+                    value, thickness=-1)
+    elif shape.kind == "mask":
+        left, top, width, height = shape.mask_box
+        region = decode_rle(shape.rle, width, height, where)
+        x0, y0 = max(left, 0), max(top, 0)
+        x1, y1 = min(left + width, mask.shape[1]), min(top + height, mask.shape[0])
+        if x1 > x0 and y1 > y0:
+            window = mask[y0:y1, x0:x1]
+            window[region[y0 - top : y1 - top, x0 - left : x1 - left]] = value
+    else:
+        raise ValueError(f"{where}: cannot rasterise a {shape.kind!r} shape")
+
+
+def rasterize(shapes: list[Shape], height: int, width: int, label_ids: dict[str, int], where: str) -> np.ndarray:
+    """Draw area shapes into an ``height x width`` uint8 mask of class ids (background 0).
+
+    Shapes are drawn by ascending ``z_order``, then document order, so a later shape covers an earlier one.
+    """
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for shape in sorted(shapes, key=lambda s: (s.z_order, s.order)):
+        draw_shape(mask, shape, label_ids[shape.label], f"{where}: {shape.kind} {shape.label!r}")
+    return mask
+
+
+def _lerp(a: np.ndarray | tuple, b: np.ndarray | tuple, t: float) -> np.ndarray:
+    return (1.0 - t) * np.asarray(a, dtype=np.float64) + t * np.asarray(b, dtype=np.float64)
+
+
+def shape_at(track: list[TrackShape], frame: int) -> Shape | None:
+    """The track's shape on ``frame``, or ``None`` where the object is outside (or not yet seen).
+
+    A frame written in the export is used as is. Between two written frames a polygon (same vertex count) or a
+    box/ellipse is interpolated linearly; masks, polygons whose vertex count changes, and the frames before an
+    ``outside`` entry keep the previous shape; after the last entry the shape persists, as in CVAT.
+    """
+    before = [s for s in track if s.frame <= frame]
+    if not before:
+        return None
+    prev = max(before, key=lambda s: s.frame)
+    if prev.outside:
+        return None
+    after = [s for s in track if s.frame > frame]
+    if prev.frame == frame or not after:
+        return prev.shape
+    nxt = min(after, key=lambda s: s.frame)
+    a, b = prev.shape, nxt.shape
+    if nxt.outside or a.kind != b.kind:
+        return a
+    t = (frame - prev.frame) / (nxt.frame - prev.frame)
+    if a.kind in ("box", "ellipse"):
+        return replace(a, box=tuple(float(v) for v in _lerp(a.box, b.box, t)))
+    if a.kind == "polygon" and a.points.shape == b.points.shape:
+        return replace(a, points=_lerp(a.points, b.points, t))
+    return a

@@ -1,0 +1,129 @@
+"""What a dataset reader hands to preprocessing, and the checked image/mask reads every reader shares.
+
+A reader (Cityscapes, CVAT, synthetic) yields :class:`RawSample` records. Masks are built lazily so that a
+dataset of thousands of frames never sits in memory at once. Reads fail loudly: a corrupt, truncated or empty
+file raises an error naming it instead of turning into a grey image or an all-ignore mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segmentation.data.classes import IGNORE_INDEX
+
+# File trailers that a complete file must end with; a download or copy cut short loses them.
+# OpenCV decodes a truncated JPEG into a half-grey picture with only a warning, so the decoder alone is not enough.
+_TRAILERS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One image of a source dataset before preprocessing.
+
+    ``key`` is the sample's relative output path without extension (e.g. ``val/frankfurt/frankfurt_000000_000294``);
+    it is unique within a dataset. ``load_image`` returns the BGR uint8 image; ``source`` is the file it came from
+    (copied or linked as is), or ``None`` when the image is generated. ``build_mask`` returns the ``H x W`` uint8
+    train-id mask (255 = ignore); ``labeled=False`` marks an image listed without labels (Cityscapes ``test``).
+    """
+
+    key: str
+    split: str
+    load_image: Callable[[], np.ndarray]
+    build_mask: Callable[[], np.ndarray]
+    source: Path | None = None
+    subset: str = ""
+    city: str = ""
+    labeled: bool = True
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image with OpenCV as BGR uint8, rejecting empty, corrupt and truncated files.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is empty, cannot be decoded or is truncated; the message names the file.
+    """
+    data = _read_bytes(path)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: not a readable image (corrupt file or unsupported format)")
+    return image
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Read a single-channel 8-bit label image (label ids or train ids) without any conversion.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is empty, corrupt, truncated, or not a single-channel 8-bit image.
+    """
+    data = _read_bytes(path)
+    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise ValueError(f"{path}: not a readable label image (corrupt file or unsupported format)")
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(
+            f"{path}: a label image must be single-channel 8-bit, found shape {mask.shape} dtype {mask.dtype}"
+        )
+    return mask
+
+
+def _read_bytes(path: Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"{path}: file is empty (0 bytes)")
+    trailer = _TRAILERS.get(path.suffix.lower())
+    # JPEG writers may pad after EOI, so look for the marker near the end rather than at the last byte only.
+    if trailer is not None and trailer not in data[-64:]:
+        raise ValueError(f"{path}: truncated {path.suffix.lower()[1:].upper()} file (its end marker is missing)")
+    return data
+
+
+def check_mask(mask: np.ndarray, num_classes: int, name: str | Path, image_shape: tuple[int, ...] | None = None,
+               ignore_index: int = IGNORE_INDEX) -> None:
+    """Check a train-id mask: ``H x W`` uint8, values in ``[0, num_classes) ∪ {ignore_index}``, image-sized.
+
+    Raises:
+        ValueError: naming ``name``, the offending values or sizes, and what is allowed.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"{name}: mask must be H x W, found shape {mask.shape}")
+    if image_shape is not None and mask.shape != tuple(image_shape[:2]):
+        raise ValueError(
+            f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} (W x H) but its image is "
+            f"{image_shape[1]}x{image_shape[0]}; masks must have the image's size"
+        )
+    values = np.unique(mask)
+    bad = values[(values >= num_classes) & (values != ignore_index)]
+    if bad.size:
+        raise ValueError(
+            f"{name}: label values {bad.tolist()[:10]} are outside [0, {num_classes}) and not the ignore "
+            f"index {ignore_index}"
+        )
+
+
+def seeded_split(keys: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Assign ``train``/``val`` to ``keys`` reproducibly: the same keys, fraction and seed give the same split.
+
+    At least one sample goes to each side when there are two or more samples and ``0 < val_fraction < 1``.
+
+    Raises:
+        ValueError: ``val_fraction`` is outside ``[0, 1)``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    ordered = sorted(keys)
+    num_val = round(len(ordered) * val_fraction)
+    if val_fraction > 0 and len(ordered) >= 2:
+        num_val = min(max(num_val, 1), len(ordered) - 1)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    val = {ordered[i] for i in order[:num_val]}
+    return {key: "val" if key in val else "train" for key in ordered}

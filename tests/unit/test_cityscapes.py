@@ -1,0 +1,130 @@
+"""Cityscapes: the official id -> train id mapping on the real frame, polygons rasterisation, tree walking."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from segmentation.data.cityscapes import iter_cityscapes, label_ids_to_train_ids, rasterize_polygons
+from segmentation.data.cityscapes_labels import LABELS
+from segmentation.data.preprocess import run_preprocess
+
+FRAME = "val/frankfurt/frankfurt_000000_000294"
+
+
+def official_lut(csv_path: Path) -> dict[int, int]:
+    """id -> trainId straight from the transcribed official table (independent of the package's own table)."""
+    table = pd.read_csv(csv_path)
+    return {int(r.id): (255 if r.trainId in (-1, 255) else int(r.trainId)) for r in table.itertuples() if r.id >= 0}
+
+
+def test_package_table_equals_official_csv(shared_data):
+    table = pd.read_csv(shared_data / "cityscapes_labels.csv")
+    assert [(n, i, t, c, rgb) for n, i, t, c, rgb in LABELS] == [
+        (r.name, r.id, r.trainId, r.category, (r.r, r.g, r.b)) for r in table.itertuples()
+    ]
+
+
+def test_real_frame_train_ids(shared_data, tmp_path):
+    raw = shared_data / "cityscapes_sample"
+    label_ids = cv2.imread(str(raw / "gtFine" / f"{FRAME}_gtFine_labelIds.png"), cv2.IMREAD_UNCHANGED)
+    lut = official_lut(shared_data / "cityscapes_labels.csv")
+    expected = np.vectorize(lambda v: lut[int(v)])(label_ids).astype(np.uint8)
+
+    samples = list(iter_cityscapes(raw))
+    assert [s.key for s in samples] == [FRAME] and samples[0].split == "val" and samples[0].city == "frankfurt"
+    mask = samples[0].build_mask()
+    assert np.array_equal(mask, expected)  # every pixel
+    # The shipped labelTrainIds was downscaled separately: it agrees except on 77 boundary pixels (see README).
+    shipped = cv2.imread(str(raw / "gtFine" / f"{FRAME}_gtFine_labelTrainIds.png"), cv2.IMREAD_UNCHANGED)
+    assert (mask != shipped).sum() <= 77
+    assert set(np.unique(mask)) == set(np.unique(shipped)) == {0, 1, 2, 4, 5, 7, 8, 10, 11, 13, 255}
+
+    table = run_preprocess("cityscapes", raw, tmp_path / "out")
+    df = pd.read_parquet(table)
+    written = cv2.imread(str(tmp_path / "out" / df.loc[0, "mask"]), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(written, expected) and (df.loc[0, "height"], df.loc[0, "width"]) == (128, 256)
+
+
+def test_real_polygons_sample(shared_data):
+    path = shared_data / "cityscapes_polygons_sample" / "gtFine" / "train" / "aa" / "aa_000000_gtFine_polygons.json"
+    label_ids = rasterize_polygons(json.loads(path.read_text()), path)
+    counts = dict(zip(*np.unique(label_ids, return_counts=True), strict=True))
+    assert label_ids.shape == (1024, 2048) and set(counts) == {0, 8, 26}
+    assert abs(counts[8] - 5780) < 300 and abs(counts[26] - 17529) < 600
+    train_ids = label_ids_to_train_ids(label_ids)
+    assert (train_ids[label_ids == 26] == 13).all() and (train_ids[label_ids == 8] == 1).all()
+    assert (train_ids[label_ids == 0] == 255).all()
+
+
+def test_polygons_order_deleted_group_and_unknown():
+    square = [[2, 2], [7, 2], [7, 7], [2, 7]]
+    ann = {"imgHeight": 10, "imgWidth": 10, "objects": [
+        {"label": "road", "polygon": [[0, 0], [9, 0], [9, 9], [0, 9]]},
+        {"label": "cargroup", "polygon": square},
+        {"label": "person", "polygon": square, "deleted": 1},
+        {"label": "license plate", "polygon": square},
+        {"label": "sky", "polygon": [[0, 0], [1, 0], [1, 1], [0, 1]]},
+    ]}
+    ids = rasterize_polygons(ann)
+    assert ids[5, 5] == 26 and ids[9, 9] == 7 and ids[0, 0] == 23  # later on top; group -> car; deleted skipped
+    ann["objects"].append({"label": "spaceship", "polygon": square})
+    with pytest.raises(ValueError, match="unknown label 'spaceship'"):
+        rasterize_polygons(ann, "x.json")
+
+
+def _tree(tmp_path: Path, shared_data: Path) -> Path:
+    raw = tmp_path / "cs"
+    shutil.copytree(shared_data / "cityscapes_sample", raw, ignore=shutil.ignore_patterns("README.md"))
+    return raw
+
+
+def test_test_split_without_labels_and_train_from_polygons(tmp_path, shared_data):
+    raw = _tree(tmp_path, shared_data)
+    image = raw / "leftImg8bit" / f"{FRAME}_leftImg8bit.png"
+    (raw / "leftImg8bit/test/bonn").mkdir(parents=True)
+    shutil.copy(image, raw / "leftImg8bit/test/bonn/bonn_000000_000001_leftImg8bit.png")
+    (raw / "leftImg8bit/train/aa").mkdir(parents=True)
+    shutil.copy(image, raw / "leftImg8bit/train/aa/aa_000000_000001_leftImg8bit.png")
+    (raw / "gtFine/train/aa").mkdir(parents=True)
+    car = {"label": "car", "polygon": [[0, 0], [20, 0], [20, 20]]}
+    polygons = {"imgHeight": 128, "imgWidth": 256, "objects": [car]}
+    (raw / "gtFine/train/aa/aa_000000_000001_gtFine_polygons.json").write_text(json.dumps(polygons))
+    df = pd.read_parquet(run_preprocess("cityscapes", raw, tmp_path / "out"))
+    assert list(df["split"]) == ["train", "val", "test"] and list(df["labeled"]) == [True, True, False]
+    test_mask = cv2.imread(str(tmp_path / "out" / df.loc[2, "mask"]), cv2.IMREAD_UNCHANGED)
+    assert test_mask.shape == (128, 256) and (test_mask == 255).all()
+    train_mask = cv2.imread(str(tmp_path / "out" / df.loc[0, "mask"]), cv2.IMREAD_UNCHANGED)
+    assert train_mask[1, 15] == 13 and train_mask[100, 100] == 255
+
+
+@pytest.mark.parametrize("case", ["no_labels", "bad_label_id", "size_mismatch", "empty", "corrupt_image"])
+def test_bad_input(tmp_path, shared_data, case):
+    raw = _tree(tmp_path, shared_data)
+    labels = raw / "gtFine" / f"{FRAME}_gtFine_labelIds.png"
+    image = raw / "leftImg8bit" / f"{FRAME}_leftImg8bit.png"
+    if case == "no_labels":
+        labels.unlink()
+        error, message = FileNotFoundError, "no labels found"
+    elif case == "bad_label_id":
+        cv2.imwrite(str(labels), np.full((128, 256), 200, np.uint8))
+        error, message = ValueError, r"labelIds.png: label ids \[200\]"
+    elif case == "size_mismatch":
+        cv2.imwrite(str(labels), np.full((64, 256), 7, np.uint8))
+        error, message = ValueError, "leftImg8bit.png: mask is 256x64"
+    elif case == "empty":
+        shutil.rmtree(raw)
+        raw.mkdir()
+        error, message = ValueError, "is empty"
+    else:
+        image.write_bytes(image.read_bytes()[:1000])
+        error, message = ValueError, "truncated PNG"
+    with pytest.raises(error, match=message):
+        run_preprocess("cityscapes", raw, tmp_path / "out")
+    assert not (tmp_path / "out" / "split").exists()

@@ -1,0 +1,233 @@
+"""CVAT exports: the real project export in tests/data, generated exports with known pixels, and every bad input."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from segmentation.data.cvat import read_cvat
+from segmentation.data.cvat_shapes import TrackShape, box_corners, decode_rle, shape_at
+from segmentation.data.preprocess import run_preprocess
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "cvat_sample" / "raw"
+
+LABELS = """<labels>
+  <label><name>road</name><color>#804080</color></label>
+  <label><name>car</name><color>#00008e</color></label>
+  <label><name>person</name></label>
+</labels>"""
+
+
+def make_export(root: Path, body: str, images: dict[str, tuple[int, int]], meta: str | None = None,
+                header: str = "") -> Path:
+    """Write ``root/cvat/annotations.xml`` and black PNG images of the given (height, width)."""
+    (root / "cvat").mkdir(parents=True, exist_ok=True)
+    meta = meta if meta is not None else f"<meta><task><name>t</name>{LABELS}</task></meta>"
+    xml = (f'<?xml version="1.0" encoding="utf-8"?>\n{header}<annotations>\n<version>1.1</version>\n{meta}\n'
+           f"{body}\n</annotations>\n")
+    (root / "cvat" / "annotations.xml").write_text(xml)
+    for name, (h, w) in images.items():
+        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "images" / name), np.zeros((h, w, 3), np.uint8))
+    return root
+
+
+def masks_by_key(raw: Path, **kwargs) -> dict[str, np.ndarray]:
+    _, samples = read_cvat(raw, **kwargs)
+    return {s.key: s.build_mask() for s in samples}
+
+
+def test_real_project_export(caplog):
+    caplog.set_level(logging.INFO, logger="segmentation.data.cvat")
+    classes, samples = read_cvat(SAMPLE)
+    assert classes.names == ("background", "label1", "label2")
+    # Names repeat across the three subsets: six distinct samples keyed by subset + name.
+    assert sorted(s.key for s in samples) == sorted(f"{sub}/img{i}" for sub in ("Train", "Validation", "Test")
+                                                    for i in (0, 1))
+    assert {s.subset: s.split for s in samples} == {"Train": "train", "Validation": "val", "Test": "test"}
+    img0 = next(s for s in samples if s.key == "Train/img0").build_mask()
+    assert img0.shape == (8, 8)
+    assert (img0[2:5, 0:5] == 1).all() and img0.sum() == 15  # box 0,2 -> 4,4 of label1, edges included
+    img1 = next(s for s in samples if s.key == "Test/img1").build_mask()
+    assert set(np.unique(img1)) == {0, 1} and 5 <= (img1 == 1).sum() <= 10  # the sliver polygon
+    # polyline (img0) and points (img1) carry no area: skipped in every subset and reported.
+    assert "'points': 3" in caplog.text and "'polyline': 3" in caplog.text
+
+
+def test_real_sample_preprocess(tmp_path):
+    table = run_preprocess("cvat", SAMPLE, tmp_path / "out")
+    df = pd.read_parquet(table)
+    assert len(df) == 6 and set(df["split"]) == {"train", "val", "test"}
+    mask = cv2.imread(str(tmp_path / "out" / df.loc[0, "mask"]), cv2.IMREAD_UNCHANGED)
+    assert mask.dtype == np.uint8 and mask.ndim == 2
+
+
+def test_z_order_then_document_order(tmp_path):
+    # A 20x20 image: a road polygon (z 0) under a car box (z 2), a person mask on top (z 3) although written
+    # first, and a second road box with z 2 written after the car, so it covers the car where they overlap.
+    rle_rows = np.zeros((4, 4), np.uint8)
+    rle_rows[1:3, 1:3] = 1  # a 2x2 square inside a 4x4 box at left=8, top=8 -> pixels (9..10, 9..10)
+    runs = [4 + 1, 2, 2, 2, 4 + 1]  # background 5, fg 2, bg 2, fg 2, bg 5 = 16 px
+    assert (decode_rle(tuple(runs), 4, 4, "t") == rle_rows.astype(bool)).all()
+    body = f"""<image id="0" name="a.png" width="20" height="20">
+  <mask label="person" rle="{', '.join(map(str, runs))}" left="8" top="8" width="4" height="4" z_order="3"/>
+  <polygon label="road" points="0,0;19,0;19,19;0,19" z_order="0"/>
+  <box label="car" xtl="5" ytl="5" xbr="14" ybr="14" z_order="2"/>
+  <box label="road" xtl="12" ytl="12" xbr="16" ybr="16" z_order="2"/>
+</image>"""
+    mask = masks_by_key(make_export(tmp_path, body, {"a.png": (20, 20)}), val_fraction=0.0)["default/a"]
+    assert mask[0, 0] == 1 and mask[19, 19] == 1  # road
+    assert mask[6, 6] == 2 and mask[11, 6] == 2  # car over road
+    assert mask[9, 9] == 3 and mask[10, 10] == 3 and mask[8, 8] == 2  # person mask only where the rle says
+    assert mask[13, 13] == 1  # later road box (same z) over the car
+
+
+def test_rotated_box_and_colours(tmp_path):
+    body = """<image id="0" name="r.png" width="21" height="21">
+  <box label="car" xtl="4" ytl="9" xbr="16" ybr="11" rotation="90"/>
+</image>"""
+    raw = make_export(tmp_path, body, {"r.png": (21, 21)})
+    classes, samples = read_cvat(raw, val_fraction=0.0)
+    mask = samples[0].build_mask()
+    # A 12x2 horizontal bar turned 90 degrees about its centre (10, 10) is a vertical bar.
+    assert mask[5, 10] == 2 and mask[15, 10] == 2 and mask[10, 5] == 0 and mask[10, 15] == 0
+    assert np.allclose(box_corners(0, 0, 2, 2, 90)[0], [2, 0])  # top-left corner moves right: clockwise
+    assert classes.colors[:3] == ((0, 0, 0), (128, 64, 128), (0, 0, 142))
+
+
+def test_video_track_interpolates_and_respects_outside(tmp_path):
+    meta = f"""<meta><task><name>v</name><size>8</size><mode>interpolation</mode>
+<original_size><width>40</width><height>20</height></original_size>{LABELS}</task></meta>"""
+    body = """<track id="0" label="car">
+  <box frame="0" outside="0" occluded="0" keyframe="1" xtl="0" ytl="5" xbr="4" ybr="9" z_order="0"/>
+  <box frame="4" outside="0" occluded="0" keyframe="1" xtl="20" ytl="5" xbr="24" ybr="9" z_order="0"/>
+  <box frame="6" outside="1" occluded="0" keyframe="1" xtl="20" ytl="5" xbr="24" ybr="9" z_order="0"/>
+</track>
+<track id="1" label="person">
+  <polygon frame="2" outside="0" occluded="0" keyframe="1" points="30,10;34,10;34,14;30,14" z_order="1"/>
+  <polyline frame="2" outside="0" occluded="0" keyframe="1" points="1,1;2,2" z_order="1"/>
+</track>"""
+    images = {f"frame_{i:06d}.png": (20, 40) for i in range(8)}
+    masks = masks_by_key(make_export(tmp_path, body, images, meta=meta), val_fraction=0.0)
+    assert len(masks) == 8
+    car = {f: np.argwhere(masks[f"default/frame_{f:06d}"] == 2) for f in range(8)}
+    assert car[0][:, 1].min() == 0 and car[4][:, 1].min() == 20
+    assert car[2][:, 1].min() == 10 and car[2][:, 1].max() == 14  # halfway between frames 0 and 4
+    assert car[5][:, 1].min() == 20  # held until the outside keyframe
+    assert car[6].size == 0 and car[7].size == 0  # outside from frame 6 on
+    person = {f: (masks[f"default/frame_{f:06d}"] == 3).sum() for f in range(8)}
+    assert person[0] == person[1] == 0 and person[2] == 25 and person[7] == 25  # appears at 2, persists
+
+
+def test_shape_at_interpolates_polygons():
+    from segmentation.data.cvat_shapes import Shape
+
+    a = Shape("polygon", "x", points=np.array([[0.0, 0], [4, 0], [4, 4]]))
+    b = Shape("polygon", "x", points=np.array([[10.0, 0], [14, 0], [14, 4]]))
+    track = [TrackShape(0, False, a), TrackShape(10, False, b)]
+    assert np.allclose(shape_at(track, 5).points[:, 0], [5, 9, 9])
+    assert shape_at(track, -1) is None
+
+
+def test_task_export_without_subsets_gets_seeded_split(tmp_path):
+    body = "\n".join(f'<image id="{i}" name="im{i}.png" width="8" height="8"/>' for i in range(10))
+    raw = make_export(tmp_path, body, {f"im{i}.png": (8, 8) for i in range(10)})
+    split_a = {s.key: s.split for s in read_cvat(raw, val_fraction=0.3, seed=1)[1]}
+    split_b = {s.key: s.split for s in read_cvat(raw, val_fraction=0.3, seed=1)[1]}
+    assert split_a == split_b and sum(v == "val" for v in split_a.values()) == 3
+
+
+def test_images_under_subset_folder(tmp_path):
+    body = '<image id="0" name="x.png" width="8" height="6" subset="Validation"/>'
+    raw = make_export(tmp_path, body, {"Validation/x.png": (6, 8)})
+    samples = read_cvat(raw)[1]
+    assert samples[0].split == "val" and samples[0].source == raw / "images" / "Validation" / "x.png"
+
+
+BAD_XML = {
+    "billion_laughs": ('<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>\n', "", "unsafe"),
+    "external_entity": ('<!DOCTYPE foo [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n', "", "unsafe"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_XML))
+def test_unsafe_xml_refused(tmp_path, case):
+    header, body, expected = BAD_XML[case]
+    raw = make_export(tmp_path / "raw", body, {}, header=header)
+    with pytest.raises(ValueError, match=expected) as info:
+        run_preprocess("cvat", raw, tmp_path / "out")
+    assert "annotations.xml" in str(info.value)
+    assert not (tmp_path / "out" / "split").exists()
+
+
+def _bad_input(tmp_path: Path, case: str) -> tuple[Path, type, str]:
+    raw = tmp_path / "raw"
+    ok_image = ('<image id="0" name="a.png" width="8" height="8">'
+                '<box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/></image>')
+    if case == "malformed":
+        make_export(raw, ok_image.replace("</image>", ""), {"a.png": (8, 8)})
+        return raw, ValueError, r"malformed XML at line \d+, column \d+"
+    if case == "undeclared_label":
+        make_export(raw, ok_image.replace('"car"', '"truck"'), {"a.png": (8, 8)})
+        return raw, ValueError, "'truck', which meta does not declare"
+    if case == "missing_image":
+        make_export(raw, ok_image, {})
+        return raw, FileNotFoundError, "missing on disk"
+    if case == "traversal":
+        make_export(raw, ok_image.replace("a.png", "../../a.png"), {"a.png": (8, 8)})
+        return raw, ValueError, "escapes"
+    if case == "size_mismatch":
+        make_export(raw, ok_image, {"a.png": (8, 9)})
+        return raw, ValueError, "a.png: mask is 8x8"
+    if case == "unknown_subset":
+        make_export(raw, ok_image.replace('height="8"', 'height="8" subset="holdout"'), {"a.png": (8, 8)})
+        return raw, ValueError, "subset 'holdout'"
+    make_export(raw, ok_image, {"a.png": (8, 8)})
+    image = raw / "images" / "a.png"
+    if case == "corrupt_image":
+        image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20 + b"IEND\xaeB`\x82")
+        return raw, ValueError, "not a readable image"
+    if case == "truncated_image":
+        image.write_bytes(image.read_bytes()[:-20])
+        return raw, ValueError, "truncated PNG"
+    if case == "empty_image":
+        image.write_bytes(b"")
+        return raw, ValueError, "0 bytes"
+    if case == "bad_rle":
+        make_export(raw, ok_image.replace('<box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/>',
+                                          '<mask label="car" rle="1, 2" left="0" top="0" width="2" height="2"/>'),
+                    {"a.png": (8, 8)})
+        return raw, ValueError, "rle has runs summing to 3"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["malformed", "undeclared_label", "missing_image", "traversal", "size_mismatch",
+                                  "unknown_subset", "corrupt_image", "truncated_image", "empty_image", "bad_rle"])
+def test_bad_input_fails_and_writes_nothing(tmp_path, case):
+    raw, error, message = _bad_input(tmp_path, case)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous content")
+    with pytest.raises(error, match=message):
+        run_preprocess("cvat", raw, out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_empty_raw_dir_and_no_xml(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        run_preprocess("cvat", tmp_path / "raw", tmp_path / "out")
+    (tmp_path / "raw" / "images").mkdir()
+    with pytest.raises(FileNotFoundError, match="no CVAT export found"):
+        run_preprocess("cvat", tmp_path / "raw", tmp_path / "out")
+
+
+def test_copied_sample_matches_shared(shared_data):
+    shared = shared_data / "cvat_sample" / "raw"
+    for path in sorted(p for p in shared.rglob("*") if p.is_file()):
+        assert (SAMPLE / path.relative_to(shared)).read_bytes() == path.read_bytes()
