@@ -1,0 +1,371 @@
+"""Training with HuggingFace Accelerate, shaped like torchvision's segmentation reference.
+
+``train_one_epoch`` and ``evaluate`` do the tensor work; ``fit`` wires data, model, checkpoints and MLflow. The same
+code runs on one CPU, under ``accelerate launch`` on N CPU ranks (gloo) or on N GPUs. Only the main process talks to
+MLflow (through :mod:`segmentation.tracking`); every rank takes part in ``save_state`` and the metric gathers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from segmentation import tracking
+from segmentation.checkpoint import STATE_FILE, CheckpointManager, TrainerState, is_better, load_weights
+from segmentation.config import Config
+from segmentation.data.classes import ClassInfo
+from segmentation.data.datasets import build_dataloader, load_split, resolve_split_table
+from segmentation.losses import build_loss
+from segmentation.metrics import confusion_matrix, scores
+from segmentation.models import build_model
+from segmentation.models.preprocessing import MEAN_BGR, STD_BGR
+from segmentation.optim import build_optimizer, build_scheduler
+from segmentation.visualize import render_confusion_matrix, render_panel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    run_id: str | None
+    global_step: int
+    metrics: dict[str, float]
+    best_checkpoint: Path | None
+    model_version: str | None = None
+
+
+@dataclass
+class _Run:
+    """Everything the per-step callback needs; one per ``fit``."""
+
+    cfg: Config
+    accelerator: Any
+    model: Any
+    criterion: Any
+    optimizer: Any
+    scheduler: Any
+    val_loader: Any
+    classes: ClassInfo
+    tracker: tracking.Tracker
+    checkpoints: CheckpointManager
+    state: TrainerState
+    total_steps: int
+    progress: Any = None
+    losses: list[float] = field(default_factory=list)
+    images: int = 0
+    tic: float = field(default_factory=time.perf_counter)
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """An ``Accelerator`` from ``cfg.system``/``cfg.train``, with seeds and determinism set."""
+    if cfg.system.mixed_precision == "fp16" and (cfg.system.cpu or not torch.cuda.is_available()):
+        raise ValueError("system.mixed_precision=fp16 needs a CUDA GPU (on CPU it runs without a grad scaler); "
+                         "use 'no' or 'bf16' on CPU")
+    accelerator = Accelerator(
+        cpu=cfg.system.cpu, mixed_precision=cfg.system.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        # Accelerate would step a prepared scheduler num_processes times per optimizer step; we step it once.
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.system.seed))
+    set_seed(cfg.system.seed)
+    if cfg.system.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn (not fail) on GPU ops without one
+    torch.backends.cudnn.benchmark = cfg.system.cudnn_benchmark and not cfg.system.deterministic
+    return accelerator
+
+
+def train_one_epoch(model, criterion, optimizer, scheduler, loader, accelerator, state: TrainerState,
+                    clip_grad_norm: float, on_step: Callable[[float, int, float], bool]) -> bool:
+    """One pass over ``loader``; ``on_step(loss, images, lr)`` runs after each optimizer step and may stop training.
+
+    Returns:
+        True when ``on_step`` asked to stop.
+
+    Raises:
+        FloatingPointError: the loss is NaN or infinite (the weights are left untouched by that batch).
+    """
+    model.train()
+    loss_sum, batches, images = 0.0, 0, 0
+    for image, mask in loader:
+        with accelerator.accumulate(model):
+            logits = model(image)
+            loss = criterion(logits, mask)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {loss.item()} at step {state.global_step + 1} "
+                                         f"(epoch {state.epoch}); training stopped, the last checkpoint is kept")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and clip_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state.batches_in_epoch += 1
+        loss_sum, batches, images = loss_sum + loss.item(), batches + 1, images + image.shape[0]
+        if not accelerator.sync_gradients:
+            continue
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used; the scheduler moves on to the next one
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+        state.global_step += 1
+        if on_step(loss_sum / batches, images, lr):
+            return True
+        loss_sum, batches, images = 0.0, 0, 0
+    return False
+
+
+@torch.inference_mode()
+def evaluate(model, criterion, loader, accelerator, num_classes: int, ignore_index: int,
+             max_batches: int | None = None) -> tuple[dict[str, Any], np.ndarray, tuple | None]:
+    """Loss and confusion matrix over ``loader``, gathered from every rank without padded duplicates.
+
+    Returns:
+        ``(scores + "loss", C x C int64 matrix, (image, mask, pred) of the first batch's first item or None)``.
+    """
+    model.eval()
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    loss_sum, count, sample = 0.0, 0, None
+    for i, (image, mask) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits = model(image)
+        pred = logits.argmax(1)
+        per_sample = torch.stack([confusion_matrix(p, m, num_classes, ignore_index)
+                                  for p, m in zip(pred, mask, strict=True)])
+        losses = torch.stack([criterion(logits[j:j + 1], mask[j:j + 1]) for j in range(len(mask))]).float()
+        per_sample, losses = accelerator.gather_for_metrics((per_sample, losses))
+        matrix += per_sample.sum(0).cpu()
+        loss_sum, count = loss_sum + losses.sum().item(), count + len(losses)
+        if sample is None:
+            sample = (image[0].float().cpu(), mask[0].cpu(), pred[0].cpu())
+    model.train()
+    result = scores(matrix)
+    result["loss"] = loss_sum / max(count, 1)
+    return result, matrix.numpy(), sample
+
+
+def _set_epoch(loader: Any, epoch: int, seed: int) -> None:
+    """Make the epoch's shuffling and augmentation draws a function of ``(seed, epoch)`` alone.
+
+    That is what lets a resumed run see the same batches as an uninterrupted one. A dataset with ``set_epoch``
+    seeds itself; otherwise the transforms are reseeded here (effective with ``num_workers=0``).
+    """
+    loader.set_epoch(epoch)
+    dataset = loader.dataset
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    elif hasattr(getattr(dataset, "transforms", None), "set_random_seed"):
+        dataset.transforms.set_random_seed(seed + epoch)
+
+
+def _to_bgr_uint8(image: torch.Tensor) -> np.ndarray:
+    """Undo the model's input normalisation: ``3 x H x W`` float -> ``H x W x 3`` BGR uint8."""
+    hwc = image.numpy().transpose(1, 2, 0) * STD_BGR + MEAN_BGR
+    return np.clip(hwc, 0, 255).astype(np.uint8)
+
+
+def _validate(run: _Run) -> dict[str, float]:
+    """Validate, log metrics and pictures, update early stopping and save a checkpoint."""
+    cfg, state = run.cfg, run.state
+    result, matrix, sample = evaluate(run.model, run.criterion, run.val_loader, run.accelerator,
+                                      cfg.model.num_classes, cfg.data.ignore_index)
+    metrics = {"val/loss": result["loss"], "val/mIoU": result["mIoU"], "val/pixel_acc": result["pixel_acc"]}
+    metrics |= {f"val/IoU/{name}": v for name, v in zip(run.classes.names, result["iou"], strict=True)}
+    step = state.global_step
+    run.tracker.log_metrics(metrics, step=step)
+    if run.tracker.enabled and cfg.train.num_val_images_logged > 0 and sample is not None:
+        image, mask, pred = sample
+        panel = render_panel(_to_bgr_uint8(image), mask.numpy(), pred.numpy(), run.classes, title=f"step {step}")
+        run.tracker.log_image(panel, key="val/prediction", step=step)
+        run.tracker.log_image(render_confusion_matrix(matrix, run.classes.names), key="val/confusion", step=step)
+    monitor = cfg.callbacks.checkpoint
+    value = metrics.get(monitor.monitor, math.nan)
+    state.history.append({"step": step, "value": value})
+    if is_better(value, state.best_metric, monitor.mode):
+        state.best_metric, state.best_step = value, step
+    stop = cfg.callbacks.early_stopping
+    if stop.enabled:
+        es_value = metrics.get(stop.monitor, math.nan)
+        if is_better(es_value, state.early_stopping_best, stop.mode, stop.min_delta):
+            state.early_stopping_best, state.early_stopping_counter = es_value, 0
+        else:
+            state.early_stopping_counter += 1
+    state.metrics = metrics
+    run.checkpoints.save(run.accelerator, state)
+    return metrics
+
+
+def _on_step(run: _Run, loss: float, images: int, lr: float) -> bool:
+    """Log training scalars, validate on schedule; True stops training (last step or early stopping)."""
+    cfg, step = run.cfg, run.state.global_step
+    run.losses.append(loss)
+    run.images += images * run.accelerator.num_processes
+    if run.progress is not None:
+        run.progress.update(1)
+        run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    if step % cfg.train.log_every_n_steps == 0:
+        mean_loss = run.accelerator.reduce(torch.tensor(np.mean(run.losses), device=run.accelerator.device),
+                                           reduction="mean").item()
+        elapsed = time.perf_counter() - run.tic
+        run.tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr,
+                                 "train/images_per_s": run.images / max(elapsed, 1e-9)}, step=step)
+        run.losses, run.images, run.tic = [], 0, time.perf_counter()
+    last = step >= run.total_steps
+    if step % cfg.train.val_every_n_steps == 0 or last:
+        _validate(run)
+        patience = cfg.callbacks.early_stopping
+        if patience.enabled and run.state.early_stopping_counter >= patience.patience:
+            logger.info("early stopping at step %d: no improvement of %s for %d validations", step,
+                        patience.monitor, patience.patience)
+            return True
+    return last
+
+
+
+def plan_steps(cfg: Config, batches_per_epoch: int, num_processes: int) -> tuple[int, int]:
+    """``(optimizer steps per epoch, total steps)``; total = min(max_steps, epochs x steps per epoch).
+
+    ``batches_per_epoch`` is the length of the unprepared loader: each rank sees ``ceil(batches / processes)``.
+    """
+    steps_per_epoch = math.ceil(math.ceil(batches_per_epoch / num_processes) / cfg.train.grad_accum_steps)
+    if steps_per_epoch < 1:
+        raise ValueError(f"the '{cfg.data.train_split}' split of {cfg.data.root} gives no training batch "
+                         f"(train.batch_size={cfg.train.batch_size}); add images or lower the batch size")
+    total = steps_per_epoch * cfg.train.epochs if cfg.train.epochs > 0 else cfg.train.max_steps
+    return steps_per_epoch, min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
+
+
+def _check_classes(cfg: Config, classes: ClassInfo) -> None:
+    if classes.num_classes != cfg.model.num_classes:
+        table = resolve_split_table(cfg.data.root, cfg.data.split_id)
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but the data's classes.csv (beside {table}) lists "
+            f"{classes.num_classes} classes ({', '.join(classes.names[:5])}...); set model.num_classes="
+            f"{classes.num_classes} or train on data labelled with {cfg.model.num_classes} classes")
+
+
+def _start(run: _Run, resume_run_id: str | None, table: Any) -> None:
+    """Log what the run starts from, or restore the state of the run being resumed."""
+    accelerator, tracker = run.accelerator, run.tracker
+    tracker.log_config(run.cfg)
+    tracker.set_tags({"segmentation.num_processes": accelerator.num_processes,
+                      "segmentation.checkpoint_dir": run.checkpoints.directory.resolve()})
+    if not resume_run_id:
+        tracker.log_dataset(table, source=str(resolve_split_table(run.cfg.data.root, run.cfg.data.split_id)),
+                            name=f"{Path(run.cfg.data.root).name}/{run.cfg.data.split_id}", context="training")
+        return
+    path = run.checkpoints.fetch_last() if accelerator.is_main_process else None
+    path = broadcast_object_list([None if path is None else str(path)])[0]
+    if path is None:
+        raise ValueError(f"cannot resume run {resume_run_id}: no checkpoint in {run.checkpoints.directory} nor "
+                         f"under its 'checkpoints/' artifacts (it stopped before the first checkpoint)")
+    accelerator.load_state(path)
+    run.state = TrainerState.read(Path(path) / STATE_FILE)
+    tracker.skip_logged_steps()
+    logger.info("resumed run %s from %s at step %d", resume_run_id, path, run.state.global_step)
+
+
+def _log_best_model(run: _Run, registered_model: str | None) -> str | None:
+    """Log the best checkpoint's weights as the run's model (and register a version); main process only."""
+    from segmentation.export import log_pytorch_model
+
+    best = run.checkpoints.best()
+    if best is None:
+        return None
+    best_state = TrainerState.read(best / STATE_FILE)
+    net = run.accelerator.unwrap_model(run.model)
+    net.load_state_dict(load_weights(best))
+    info = log_pytorch_model(net.eval(), run.classes, run.cfg.model, name="model",
+                             registered_model_name=registered_model or None, step=best_state.global_step)
+    version = getattr(info, "registered_model_version", None)
+    if version is not None:
+        run.tracker.tag_model_version(registered_model, version, {
+            "val/mIoU": best_state.metrics.get("val/mIoU"), "run_id": run.tracker.run_id,
+            "step": best_state.global_step, "data_digest": run.tracker.dataset_digest})
+    return None if version is None else str(version)
+
+
+def fit(cfg: Config, resume_run_id: str | None = None, experiment: str | None = None,
+        registered_model: str | None = None, run_name: str | None = None, log_model: bool = True) -> FitResult:
+    """Train ``cfg`` and track everything in one MLflow run; every process of a launch calls this.
+
+    Args:
+        cfg: the resolved config.
+        resume_run_id: continue this MLflow run from its last checkpoint (local, else its artifacts).
+        experiment: experiment name when not started by ``mlflow run``.
+        registered_model: register the best weights as a new version of this model (empty: do not register).
+        run_name: name of a new run.
+        log_model: log the best weights as the run's model (False skips it and the registration).
+
+    Returns:
+        A :class:`FitResult` (run id, final step, last validation metrics, best checkpoint, model version).
+
+    Raises:
+        ConnectionError: the tracking server is unreachable (checked before anything is built).
+        FileNotFoundError: no split table at ``cfg.data.root`` (the message says to run preprocess).
+        ValueError: bad config/data combination, fp16 on CPU, or a resume id without run or checkpoint.
+        FloatingPointError: the loss became non-finite (the message names the step).
+    """
+    accelerator = build_accelerator(cfg)
+    if accelerator.is_main_process:
+        tracking.check_tracking_server()
+    table, classes, _ = load_split(cfg.data.root, cfg.data.split_id)
+    _check_classes(cfg, classes)
+    train_loader = build_dataloader(cfg, cfg.data.train_split, train=True)
+    val_loader = build_dataloader(cfg, cfg.data.val_split, train=False)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.train.lr)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_loader), accelerator.num_processes)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler)
+    tracker = tracking.start_run(experiment, resume_run_id, run_name, enabled=accelerator.is_main_process)
+    run_id = broadcast_object_list([tracker.run_id])[0]
+    checkpoints = CheckpointManager(Path(cfg.train.output_dir) / run_id / "checkpoints",
+                                    cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode,
+                                    cfg.callbacks.checkpoint.top_k, tracker)
+    run = _Run(cfg, accelerator, model, build_loss(cfg.loss, cfg.model.num_classes), optimizer, scheduler,
+               val_loader, classes, tracker, checkpoints, TrainerState(mlflow_run_id=run_id), total_steps)
+    logger.info("rank %d/%d: %d steps (%d per epoch)", accelerator.process_index, accelerator.num_processes,
+                total_steps, steps_per_epoch)
+    try:
+        if cfg.train.sanity_val_batches > 0:  # before a resume restores the RNG: iterating a loader draws from it
+            evaluate(model, run.criterion, val_loader, accelerator, cfg.model.num_classes, cfg.data.ignore_index,
+                     max_batches=cfg.train.sanity_val_batches)
+        _start(run, resume_run_id, table)
+        state = run.state
+        run.progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_main_process)
+        stop = state.global_step >= total_steps
+        while not stop and state.epoch < math.ceil(total_steps / steps_per_epoch):
+            _set_epoch(train_loader, state.epoch, cfg.system.seed)
+            skip = state.batches_in_epoch  # > 0 only when resuming mid-epoch
+            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            stop = train_one_epoch(model, run.criterion, optimizer, scheduler, loader, accelerator, state,
+                                   cfg.train.clip_grad_norm, lambda *a: _on_step(run, *a))
+            if not stop:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        run.progress.close()
+        if not state.history or state.history[-1]["step"] != state.global_step:
+            _validate(run)  # the loop ended off the validation schedule (early stop keeps its last one)
+        main = accelerator.is_main_process
+        version = _log_best_model(run, registered_model) if main and log_model else None
+        uploaded = checkpoints.upload_pending() if main else True
+        if not uploaded:
+            logger.warning("some checkpoints are only in %s (upload failed)", checkpoints.directory)
+        tracker.end("FINISHED")
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    return FitResult(run_id, state.global_step, state.metrics, checkpoints.best(), version)
