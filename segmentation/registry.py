@@ -1,0 +1,230 @@
+"""Model-registry promotion with aliases: ``production`` moves only to a version that scores at least as well.
+
+Stages are deprecated in MLflow 3 and the registry UI no longer shows them, so only aliases are used:
+``models:/<name>@production`` is what serving loads, ``models:/<name>@previous`` is kept for :func:`rollback`.
+Every decision is written into the version's tags (``promotion_reason``, ``compared_with``, ...), so the registry
+itself says why a version holds its alias. Scores are compared only when they were measured on the same data and
+split (the ``eval/data`` key written by evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+PRODUCTION = "production"
+PREVIOUS = "previous"
+METRIC = "eval/mIoU"
+DATA_TAG = "eval/data"
+RUN_TAG = "eval/run_id"
+PROTOCOL_TAG = "eval/protocol"  # JSON: data path, split, TTA; lets promote re-run the evaluation on an incumbent
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model URI points at; ``tags`` links an evaluation run to it."""
+
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+    @property
+    def tags(self) -> dict[str, str]:
+        tags = {"model_uri": self.uri, "model_name": self.name, "model_version": self.version,
+                "model_run_id": self.run_id}
+        return {k: v for k, v in tags.items() if v}
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Outcome of :func:`promote` or :func:`rollback`."""
+
+    promoted: bool
+    model_name: str
+    version: str
+    alias: str
+    reason: str
+    value: float | None = None
+    incumbent: str | None = None
+    incumbent_value: float | None = None
+    forced: bool = False
+
+
+def describe_model_uri(model_uri: str, client: MlflowClient | None = None) -> ModelRef:
+    """Resolve ``models:/name/version``, ``models:/name@alias`` and ``runs:/id/...`` to name, version and run id.
+
+    Local paths and URIs the registry does not know come back with ``uri`` only.
+    """
+    client = client or MlflowClient()
+    if match := re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/]+))/?", model_uri):
+        name, version, alias = match.groups()
+        try:
+            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        except MlflowException:
+            return ModelRef(model_uri, name, version)
+        return ModelRef(model_uri, name, str(mv.version), mv.run_id)
+    if match := re.fullmatch(r"runs:/([^/]+)(/.*)?", model_uri):
+        return ModelRef(model_uri, run_id=match.group(1))
+    return ModelRef(model_uri)
+
+
+def get_version(model_name: str, version: str | int, client: MlflowClient | None = None) -> ModelVersion:
+    """The registered version, or ``ValueError`` listing the versions (or models) that do exist."""
+    client = client or MlflowClient()
+    try:
+        return client.get_model_version(model_name, str(version))
+    except MlflowException:
+        pass
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        models = sorted(m.name for m in client.search_registered_models())
+        raise ValueError(f"registered model {model_name!r} does not exist; registered models: {models}") from None
+    existing = sorted(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
+    raise ValueError(f"model {model_name!r} has no version {str(version)!r}; existing versions: {existing}") from None
+
+
+def _alias_holder(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    return client.get_registered_model(model_name).aliases.get(alias)
+
+
+def record_evaluation(model_name: str, version: str | int, value: float, data_key: str, run_id: str | None = None,
+                      metric: str = METRIC, extra_tags: Mapping[str, str] | None = None,
+                      client: MlflowClient | None = None) -> None:
+    """Write an evaluation's headline number onto the model version (tags ``eval/mIoU``, ``eval/data``, ...)."""
+    client = client or MlflowClient()
+    tags = {metric: repr(float(value)), DATA_TAG: data_key, **({RUN_TAG: run_id} if run_id else {}),
+            **(extra_tags or {})}
+    for key, tag_value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, tag_value)
+
+
+def find_evaluation(model_name: str, version: str | int, data_key: str | None, metric: str = METRIC,
+                    client: MlflowClient | None = None) -> float | None:
+    """The version's ``metric`` on ``data_key``: from its tags, else from the newest evaluation run linked to it."""
+    client = client or MlflowClient()
+    tags = client.get_model_version(model_name, str(version)).tags
+    if metric in tags and (data_key is None or tags.get(DATA_TAG) == data_key):
+        return float(tags[metric])
+    if data_key is None:
+        return None
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, order_by=["attributes.start_time DESC"], max_results=20,
+        filter_string=(f"tags.model_name = '{model_name}' and tags.model_version = '{version}' "
+                       f"and tags.`{DATA_TAG}` = '{data_key}'"),
+    )
+    return next((run.data.metrics[metric] for run in runs if metric in run.data.metrics), None)
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.6f}"
+
+
+def promote(model_name: str, version: str | int, *, alias: str = PRODUCTION, metric: str = METRIC,
+            candidate_value: float | None = None, data_key: str | None = None,
+            evaluate_incumbent: Callable[[str], float] | None = None, force: bool = False, run_id: str | None = None,
+            client: MlflowClient | None = None) -> Promotion:
+    """Give ``alias`` to ``version`` if its ``metric`` is >= the current holder's on the same data.
+
+    The previous holder gets alias ``previous``. The decision and the numbers go into the candidate's tags
+    (``promotion_reason``, ``compared_with``, ``promoted_by_run``, ``promotion_forced``, ``eval/mIoU``).
+
+    Args:
+        model_name: registered model.
+        version: candidate version.
+        alias: the alias to move (``production``).
+        metric: the number compared (higher is better).
+        candidate_value: the candidate's number; default: read from its tags / linked evaluation runs.
+        data_key: identifies the data and split the number was measured on; default: the candidate's ``eval/data``.
+        evaluate_incumbent: called with the holder's version when it has no number for ``data_key``; returns it.
+        force: promote whatever the numbers say (recorded in the tags).
+        run_id: the evaluation run that decided, recorded as ``promoted_by_run``.
+        client: MLflow client (default: the current tracking/registry URI).
+
+    Returns:
+        A :class:`Promotion` saying whether the alias moved and why.
+
+    Raises:
+        ValueError: the version does not exist (existing versions listed), or a number needed for the comparison
+            is missing and ``force`` is not set.
+    """
+    client = client or MlflowClient()
+    version = str(get_version(model_name, version, client).version)
+    data_key = data_key or client.get_model_version(model_name, version).tags.get(DATA_TAG)
+    if candidate_value is None:
+        candidate_value = find_evaluation(model_name, version, data_key, metric, client)
+    if candidate_value is None and not force:
+        raise ValueError(f"version {version} of {model_name!r} has no {metric} on data {data_key!r}: evaluate it "
+                         "first (evaluate entry point with promote=true) or pass force=true")
+    incumbent = _alias_holder(client, model_name, alias)
+    if incumbent == version:
+        return Promotion(False, model_name, version, alias, f"version {version} already holds alias {alias!r}",
+                         candidate_value, incumbent, candidate_value, force)
+    incumbent_value = None
+    if incumbent is not None:
+        incumbent_value = find_evaluation(model_name, incumbent, data_key, metric, client)
+        if incumbent_value is None and evaluate_incumbent is not None:
+            incumbent_value = float(evaluate_incumbent(incumbent))
+            if data_key:
+                record_evaluation(model_name, incumbent, incumbent_value, data_key, metric=metric, client=client)
+        if incumbent_value is None and not force:
+            raise ValueError(f"the {alias!r} version {incumbent} of {model_name!r} has no {metric} on data "
+                             f"{data_key!r} to compare with; evaluate it on the same data or pass force=true")
+    compared = (f"version {incumbent} ({metric}={_fmt(incumbent_value)})" if incumbent is not None
+                else f"none (no version held {alias!r})")
+    better = incumbent is None or (candidate_value is not None and incumbent_value is not None
+                                   and not math.isnan(candidate_value) and candidate_value >= incumbent_value)
+    if better:
+        reason = f"{metric} {_fmt(candidate_value)} >= {compared}" if incumbent is not None else \
+            f"first version to hold {alias!r} ({metric} {_fmt(candidate_value)})"
+    elif force:
+        reason = f"FORCED: {metric} {_fmt(candidate_value)} vs {compared}; promoted anyway (force=true)"
+    else:
+        reason = f"not promoted: {metric} {_fmt(candidate_value)} < {compared}"
+    promoted = better or force
+    if promoted:
+        if incumbent is not None:
+            client.set_registered_model_alias(model_name, PREVIOUS, incumbent)
+        client.set_registered_model_alias(model_name, alias, version)
+    tags = {"promotion_reason": reason, "compared_with": compared, "promotion_forced": str(force and not better)}
+    if promoted and run_id:
+        tags["promoted_by_run"] = run_id
+    if candidate_value is not None:
+        tags[metric] = repr(float(candidate_value))
+        if data_key:
+            tags[DATA_TAG] = data_key
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    return Promotion(promoted, model_name, version, alias, reason, candidate_value, incumbent, incumbent_value,
+                     force and not better)
+
+
+def rollback(model_name: str, *, alias: str = PRODUCTION, client: MlflowClient | None = None) -> Promotion:
+    """Swap ``alias`` and ``previous``: the version that held ``alias`` before the last promotion gets it back.
+
+    Raises:
+        ValueError: the model does not exist, or no version holds ``previous``.
+    """
+    client = client or MlflowClient()
+    try:
+        aliases = client.get_registered_model(model_name).aliases
+    except MlflowException:
+        models = sorted(m.name for m in client.search_registered_models())
+        raise ValueError(f"registered model {model_name!r} does not exist; registered models: {models}") from None
+    previous, current = aliases.get(PREVIOUS), aliases.get(alias)
+    if previous is None:
+        raise ValueError(f"model {model_name!r} has no {PREVIOUS!r} alias to roll back to (aliases: {aliases})")
+    client.set_registered_model_alias(model_name, alias, previous)
+    if current is not None:
+        client.set_registered_model_alias(model_name, PREVIOUS, current)
+    reason = f"rollback: restored {alias!r} from version {current}"
+    client.set_model_version_tag(model_name, previous, "promotion_reason", reason)
+    return Promotion(True, model_name, str(previous), alias, reason, incumbent=current)

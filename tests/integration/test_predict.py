@@ -1,0 +1,127 @@
+"""Batch prediction on the real Cityscapes frame: masks of the input size, colours from the model, bad inputs."""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from entrypoints.predict import main as predict_main
+from segmentation.config import ModelConfig
+from segmentation.data.classes import ClassInfo
+from segmentation.export import save_model_package
+from segmentation.models import FCHarDNet
+from segmentation.models.preprocessing import to_input_tensor
+from segmentation.predict import collect_images, predict_images, run_predict
+
+FRAME = "cityscapes_sample/leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png"
+# Non-Cityscapes colours prove the outputs use the classes stored with the model, not a built-in palette.
+CLASSES = ClassInfo(tuple(f"c{i}" for i in range(5)), ((10, 20, 30), (200, 0, 0), (0, 200, 0), (0, 0, 200),
+                                                      (250, 250, 0)))
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    torch.manual_seed(0)
+    model = FCHarDNet(num_classes=5).eval()
+    return save_model_package(model, CLASSES, ModelConfig(num_classes=5), tmp_path_factory.mktemp("pkg") / "pkg")
+
+
+@pytest.fixture
+def frame_dir(shared_data, tmp_path):
+    """The real frame (256 x 128), an odd-sized crop of it and a grey copy, in a nested folder."""
+    frame = cv2.imread(str(shared_data / FRAME))
+    folder = tmp_path / "in"
+    (folder / "city").mkdir(parents=True)
+    cv2.imwrite(str(folder / "city" / "frame.png"), frame)
+    cv2.imwrite(str(folder / "crop.jpg"), frame[10:61, 5:82])  # 51 x 77: below the network's 64 px minimum
+    cv2.imwrite(str(folder / "grey.png"), cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
+    return folder
+
+
+def test_masks_have_input_size_and_class_values(package, frame_dir, tmp_path):
+    report = run_predict(str(package), frame_dir, tmp_path / "out", device="cpu")
+    assert not report.skipped and len(report.outputs["mask"]) == 3
+    for source, rel in (("city/frame.png", "city/frame.png"), ("crop.jpg", "crop.png"), ("grey.png", "grey.png")):
+        image = cv2.imread(str(frame_dir / source))
+        mask = cv2.imread(str(tmp_path / "out" / "mask" / rel), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= set(range(CLASSES.num_classes))
+        color = cv2.imread(str(tmp_path / "out" / "color" / rel))[..., ::-1]
+        np.testing.assert_array_equal(color, CLASSES.colormap[mask])
+        assert cv2.imread(str(tmp_path / "out" / "overlay" / rel)).shape == image.shape
+
+
+def test_mask_is_the_networks_argmax_at_full_resolution(package, shared_data, tmp_path):
+    from segmentation.export import load_model
+
+    model, _ = load_model(str(package))
+    image = cv2.imread(str(shared_data / FRAME))
+    with torch.inference_mode():
+        expected = model(to_input_tensor(image)).argmax(1)[0].numpy()
+    run_predict(str(package), shared_data / FRAME, tmp_path / "out", device="cpu")
+    mask = cv2.imread(str(tmp_path / "out" / "mask" / "frankfurt_000000_000294_leftImg8bit.png"),
+                      cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_outputs_inside_the_input_folder_are_not_read_back(package, frame_dir):
+    first = run_predict(str(package), frame_dir, frame_dir / "pred", device="cpu")
+    second = run_predict(str(package), frame_dir, frame_dir / "pred", device="cpu")
+    assert len(first.outputs["mask"]) == len(second.outputs["mask"]) == 3
+
+
+def test_glob_input(package, frame_dir, tmp_path):
+    report = run_predict(str(package), str(frame_dir / "**" / "*.png"), tmp_path / "out", device="cpu")
+    assert sorted(p.relative_to(tmp_path / "out" / "mask").as_posix() for p in report.outputs["mask"]) == [
+        "city/frame.png", "grey.png"]
+
+
+def test_unreadable_files_are_skipped_with_a_warning(package, frame_dir, tmp_path, caplog):
+    (frame_dir / "broken.png").write_bytes(b"not a png at all")
+    with caplog.at_level(logging.WARNING, logger="segmentation.predict"):
+        report = run_predict(str(package), frame_dir, tmp_path / "out", device="cpu")
+    assert report.skipped == [frame_dir / "broken.png"] and len(report.outputs["mask"]) == 3
+    assert "broken.png" in caplog.text and "skipped 1 unreadable" in caplog.text
+    assert not (tmp_path / "out" / "mask" / "broken.png").exists()
+
+
+def test_nothing_readable_is_an_error_and_exits_non_zero(package, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"garbage")
+    (folder / "b.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"none of the 2 input image\(s\) could be read: .*a\.png.*b\.jpg"):
+        run_predict(str(package), folder, tmp_path / "out", device="cpu")
+    assert predict_main(["--model-uri", str(package), "--input", str(folder), "--out-dir",
+                         str(tmp_path / "out"), "--device", "cpu"]) == 1
+
+
+def test_empty_folder_and_missing_input_are_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images in folder"):
+        collect_images(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        collect_images(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="matches no files"):
+        collect_images(str(tmp_path / "*.png"))
+
+
+def test_overlays_are_logged_into_an_active_run(package, frame_dir, tmp_path, tracking_uri):
+    from segmentation.export import load_model
+
+    model, classes = load_model(str(package))
+    files, root = collect_images(frame_dir)
+    with mlflow.start_run() as run:
+        report = predict_images(model, classes, files, root, tmp_path / "out", num_logged=2)
+    assert report.logged == 2
+    logged = MlflowClient(tracking_uri).list_artifacts(run.info.run_id, "predict/overlays")
+    assert len(logged) == 2
+    no_run = predict_images(model, classes, files, root, tmp_path / "out2", num_logged=2)
+    assert no_run.logged == 0

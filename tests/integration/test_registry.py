@@ -1,0 +1,149 @@
+"""Registry promotion against a real MLflow server: aliases move only for a better score, force, rollback, tags."""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from segmentation import registry
+from segmentation.config import ModelConfig
+from segmentation.data.classes import ClassInfo
+from segmentation.data.preprocess import run_preprocess
+from segmentation.eval_logging import Protocol, run_evaluation
+from segmentation.export import log_pytorch_model
+from segmentation.models import FCHarDNet
+
+DATA = "split01/val#abc|tta=none"
+
+
+def _registered_model(client: MlflowClient, versions: int) -> str:
+    """A registered model with ``versions`` versions, each pointing at a small artifact of its own run."""
+    name = f"seg-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    for _ in range(versions):
+        with mlflow.start_run() as run:
+            mlflow.log_text("placeholder", "model/README.txt")
+        client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return name
+
+
+def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    return dict(client.get_registered_model(name).aliases)
+
+
+@pytest.fixture
+def client(tracking_uri) -> MlflowClient:
+    return MlflowClient(tracking_uri)
+
+
+def test_alias_moves_only_when_at_least_as_good_and_previous_allows_rollback(client):
+    name = _registered_model(client, 4)
+    first = registry.promote(name, 1, candidate_value=0.50, data_key=DATA, run_id="run-a", client=client)
+    assert first.promoted and _aliases(client, name) == {"production": "1"}
+    tags = client.get_model_version(name, "1").tags
+    assert tags["promoted_by_run"] == "run-a" and float(tags["eval/mIoU"]) == 0.50
+    assert tags["compared_with"].startswith("none") and tags["promotion_forced"] == "False"
+
+    worse = registry.promote(name, 2, candidate_value=0.40, data_key=DATA, client=client)
+    assert not worse.promoted and _aliases(client, name) == {"production": "1"}
+    assert client.get_model_version(name, "2").tags["promotion_reason"].startswith("not promoted")
+    assert "promoted_by_run" not in client.get_model_version(name, "2").tags
+
+    better = registry.promote(name, 3, candidate_value=0.60, data_key=DATA, run_id="run-c", client=client)
+    assert better.promoted and better.incumbent == "1" and better.incumbent_value == pytest.approx(0.50)
+    assert _aliases(client, name) == {"production": "3", "previous": "1"}
+    tags = client.get_model_version(name, "3").tags
+    assert "version 1" in tags["compared_with"] and "0.500000" in tags["compared_with"]
+    assert tags["eval/data"] == DATA
+
+    equal = registry.promote(name, 4, candidate_value=0.60, data_key=DATA, client=client)
+    assert equal.promoted and _aliases(client, name) == {"production": "4", "previous": "3"}
+
+    back = registry.rollback(name, client=client)
+    assert back.version == "3" and _aliases(client, name) == {"production": "3", "previous": "4"}
+    assert "rollback" in client.get_model_version(name, "3").tags["promotion_reason"]
+
+
+def test_force_promotes_a_worse_version_and_says_so(client):
+    name = _registered_model(client, 2)
+    registry.promote(name, 1, candidate_value=0.7, data_key=DATA, client=client)
+    forced = registry.promote(name, 2, candidate_value=0.1, data_key=DATA, force=True, client=client)
+    assert forced.promoted and forced.forced
+    assert _aliases(client, name) == {"production": "2", "previous": "1"}
+    tags = client.get_model_version(name, "2").tags
+    assert tags["promotion_forced"] == "True" and tags["promotion_reason"].startswith("FORCED")
+
+
+def test_scores_are_read_from_tags_and_compared_only_on_the_same_data(client):
+    name = _registered_model(client, 2)
+    registry.record_evaluation(name, 1, 0.8, DATA, client=client)
+    registry.promote(name, 1, client=client)  # number and data key both come from the version's tags
+    registry.record_evaluation(name, 2, 0.9, "other/val#def|tta=none", client=client)
+    with pytest.raises(ValueError, match="has no eval/mIoU on data 'other/val#def"):
+        registry.promote(name, 2, client=client)  # the incumbent was never scored on the other data
+    asked: list[str] = []
+    outcome = registry.promote(name, 2, client=client, evaluate_incumbent=lambda v: asked.append(v) or 0.95)
+    assert asked == ["1"] and not outcome.promoted and _aliases(client, name) == {"production": "1"}
+    incumbent_tags = client.get_model_version(name, "1").tags  # the new number is kept for next time
+    assert incumbent_tags["eval/data"] == "other/val#def|tta=none" and float(incumbent_tags["eval/mIoU"]) == 0.95
+
+
+def test_incumbent_score_found_in_a_linked_evaluation_run(client):
+    name = _registered_model(client, 2)
+    registry.promote(name, 1, force=True, client=client)  # production without any score
+    with mlflow.start_run():
+        mlflow.set_tags({"model_name": name, "model_version": "1", "eval/data": DATA})
+        mlflow.log_metric("eval/mIoU", 0.3)
+    outcome = registry.promote(name, 2, candidate_value=0.25, data_key=DATA, client=client,
+                               evaluate_incumbent=lambda v: pytest.fail("the linked run has the number"))
+    assert not outcome.promoted and outcome.incumbent_value == pytest.approx(0.3)
+
+
+def test_unknown_version_or_model_lists_what_exists(client):
+    name = _registered_model(client, 2)
+    with pytest.raises(ValueError, match=r"no version '7'; existing versions: \[1, 2\]"):
+        registry.promote(name, 7, candidate_value=1.0, client=client)
+    with pytest.raises(ValueError, match=f"registered model 'nope-{name}' does not exist.*{name}"):
+        registry.promote(f"nope-{name}", 1, candidate_value=1.0, client=client)
+    with pytest.raises(ValueError, match="no 'previous' alias"):
+        registry.rollback(name, client=client)
+
+
+def test_promotion_uses_no_deprecated_stages(client):
+    name = _registered_model(client, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    assert client.get_model_version(name, "1").current_stage == "None"
+
+
+def test_evaluation_run_is_logged_linked_and_promotes(client, tmp_path):
+    data = tmp_path / "data"
+    run_preprocess("synthetic", "", data, num_images=5, height=64, width=128, val_fraction=0.4)
+    name = f"seg-{uuid.uuid4().hex[:8]}"
+    torch_model = FCHarDNet(num_classes=19)
+    with mlflow.start_run():
+        info = log_pytorch_model(torch_model, ClassInfo.cityscapes(), ModelConfig(), registered_model_name=name)
+    version = str(info.registered_model_version)
+    result, promotion = run_evaluation(f"models:/{name}/{version}", Protocol(data=str(data), num_worst=1),
+                                       promote=True)
+    assert promotion.promoted and _aliases(client, name) == {"production": version}
+    run_id = client.get_model_version(name, version).tags["promoted_by_run"]
+    run = client.get_run(run_id)
+    assert run.data.metrics["eval/mIoU"] == pytest.approx(result.metrics["eval/mIoU"])
+    assert {"eval/pixel_acc", "eval/mean_acc", "eval/latency_ms_per_image", "eval/images_per_s"} <= set(
+        run.data.metrics)
+    assert any(k.startswith("eval/IoU/") for k in run.data.metrics)
+    assert run.data.tags["model_name"] == name and run.data.tags["model_version"] == version
+    assert run.data.tags["model_run_id"] == info.run_id and run.data.tags["eval/device"].startswith("cpu")
+    artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert {"eval/per_class.json", "eval/confusion_matrix.png", "eval/iou_per_class.png", "eval/worst"} <= artifacts
+    assert len(client.list_artifacts(run_id, "eval/worst")) == 1
+    version_tags = client.get_model_version(name, version).tags
+    assert float(version_tags["eval/mIoU"]) == pytest.approx(result.metrics["eval/mIoU"])
+    assert np.isfinite(result.latency.ms_per_image)
