@@ -1,0 +1,180 @@
+"""Serving latency: `mlflow models serve` with the PyTorch vs the ONNX backend, and the three in-process backends.
+
+Run once: ``python -m benchmarks.serving`` (about 3-5 minutes on 2 cores; the 1024x2048 part is the slow one).
+
+1. In-process forward latency of one image for eager PyTorch, PyTorch with BatchNorm fused, and onnxruntime
+   (CPUExecutionProvider), at 512x1024 and 1024x2048.
+2. A real ``mlflow models serve -m models:/<name>@production --env-manager local -w 1`` per backend (registry in
+   a temporary sqlite store), queried over HTTP with one 512x1024 PNG per request, one request at a time:
+   p50/p95 latency and requests/s. The client runs on the same machine, so it shares the cores with the server.
+
+The network is randomly initialised (latency does not depend on the weights) unless ``--model-uri`` is given.
+Prints a markdown table and writes ``benchmarks/results/serving.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
+
+SAMPLE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample" / "leftImg8bit" / "val"
+          / "frankfurt" / "frankfurt_000000_000294_leftImg8bit.png")
+
+
+def street_image(height: int, width: int) -> np.ndarray:
+    """The Cityscapes sample resized when present; otherwise a smooth synthetic scene (PNG-compressible)."""
+    if SAMPLE.is_file():
+        return cv2.resize(cv2.imread(str(SAMPLE)), (width, height), interpolation=cv2.INTER_AREA)
+    rng = np.random.default_rng(0)
+    return cv2.resize(rng.integers(0, 256, (height // 32, width // 32, 3), dtype=np.uint8), (width, height))
+
+
+def in_process(model: torch.nn.Module, plan: list[tuple[int, int, int]]) -> list[dict]:
+    """Median latency per backend for each ``(height, width, timed repeats)`` in ``plan``."""
+    import onnxruntime as ort
+
+    from segmentation.export import ONNX_PROVIDERS, export_onnx
+    from segmentation.models import fuse_bn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(model, Path(tmp) / "model.onnx")
+        session = ort.InferenceSession(str(onnx_path), providers=ONNX_PROVIDERS)
+        fused = fuse_bn(model)
+        rows = []
+        for height, width, repeats in plan:
+            x = torch.randn(1, 3, height, width)
+            backends = {
+                "eager": lambda x=x: model(x),
+                "fused BN": lambda x=x: fused(x),
+                "onnxruntime": lambda x=x: session.run(None, {"image": x.numpy()}),
+            }
+            for name, fn in backends.items():
+                with torch.inference_mode():
+                    timing = time_fn(fn, warmup=1, repeats=repeats)
+                rows.append({"what": f"in-process {name}", "size": f"{height}x{width}", **timing})
+                print(f"  {name} {height}x{width}: {timing['median_ms']:.0f} ms", flush=True)
+    return rows
+
+
+def register(model: torch.nn.Module, tracking_uri: str) -> str:
+    import mlflow
+
+    from segmentation.config import ModelConfig
+    from segmentation.data.classes import ClassInfo
+    from segmentation.export import log_pytorch_model, run_export
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    with mlflow.start_run():
+        info = log_pytorch_model(model, ClassInfo.cityscapes(), ModelConfig(), registered_model_name="bench")
+    client.set_registered_model_alias("bench", "production", info.registered_model_version)
+    exported = run_export("models:/bench@production", registered_model="bench-onnx", sizes=((128, 256),))
+    client.set_registered_model_alias("bench-onnx", "production", exported["registered_version"])
+    return "bench"
+
+
+def served(name: str, tracking_uri: str, body: bytes, requests: int, workdir: Path) -> dict:
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    log = workdir / f"{name}.log"
+    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{name}@production", "--env-manager",
+                             "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env, cwd=workdir,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(f"{url}/ping", proc, log)
+        _post(url, body)  # warm-up: first request pays lazy initialisation
+        latencies = []
+        start = time.perf_counter()
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            _post(url, body)
+            latencies.append((time.perf_counter() - t0) * 1000)
+        total = time.perf_counter() - start
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+    latencies.sort()
+    return {"p50_ms": statistics.median(latencies), "p95_ms": latencies[min(len(latencies) - 1,
+            int(round(0.95 * (len(latencies) - 1))))], "requests_per_s": requests / total, "runs": requests}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout} s:\n{log.read_text()[-2000:]}")
+
+
+def _post(url: str, body: bytes) -> None:
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}")
+        json.loads(resp.read())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-uri", default="", help="benchmark this model instead of a random FC-HarDNet")
+    parser.add_argument("--requests", type=int, default=20, help="HTTP requests per served backend")
+    parser.add_argument("--repeats", type=int, default=5, help="timed in-process runs at 512x1024")
+    args = parser.parse_args(argv)
+
+    from segmentation.export import load_model
+    from segmentation.models import FCHarDNet
+    from segmentation.serving import encode_image
+
+    torch.manual_seed(0)
+    model = load_model(args.model_uri)[0] if args.model_uri else FCHarDNet(num_classes=19).eval()
+    print(describe_machine(), flush=True)
+    # 1024x2048 takes seconds per forward on small CPUs: two timed runs after one warm-up.
+    rows = in_process(model, [(512, 1024, args.repeats), (1024, 2048, 2)])
+    image = encode_image(street_image(512, 1024))
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]]}}).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking_uri = f"sqlite:///{tmp}/mlflow.db"
+        name = register(model, tracking_uri)
+        for backend, model_name in (("PyTorch (fused BN)", name), ("onnxruntime", f"{name}-onnx")):
+            result = served(model_name, tracking_uri, body, args.requests, Path(tmp))
+            rows.append({"what": f"served {backend}", "size": "512x1024", **result,
+                         "median_ms": result["p50_ms"], "request_kb": round(len(body) / 1024)})
+            print(f"  served {backend}: p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms", flush=True)
+    print(markdown_table(rows, ["what", "size", "median_ms", "min_ms", "max_ms", "cpu_share", "p95_ms",
+                                "requests_per_s", "runs"]))
+    # The machine may be shared: the load average says how much of it this run had (cpu_share says it per row).
+    print(f"results: {write_results('serving', rows, {'load_average_at_end': os.getloadavg()})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""`mlflow run .` — the whole pipeline (preprocess -> train -> evaluate -> export -> promote) as child runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from segmentation.pipeline import PipelineParams, run_pipeline, start_parent_run
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    defaults = PipelineParams()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", default=defaults.dataset, help="synthetic | cityscapes | cvat")
+    parser.add_argument("--raw-dir", default=defaults.raw_dir, help="raw dataset folder (not for synthetic)")
+    parser.add_argument("--data-dir", default=defaults.data_dir, help="where preprocess writes masks and split table")
+    parser.add_argument("--config", default=defaults.config)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--registered-model", default=defaults.registered_model)
+    parser.add_argument("--num-processes", type=int, default=defaults.num_processes)
+    parser.add_argument("--reuse", type=_bool, default=defaults.reuse, help="reuse FINISHED steps with equal params")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    params = PipelineParams(
+        dataset=args.dataset,
+        raw_dir=args.raw_dir,
+        data_dir=args.data_dir,
+        config=args.config,
+        lr=args.lr,
+        registered_model=args.registered_model,
+        num_processes=args.num_processes,
+        reuse=args.reuse,
+    )
+    with start_parent_run():
+        steps = run_pipeline(params)
+    print(json.dumps(steps, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""A real `mlflow models serve` of registered models (alias `production`), PyTorch and ONNX, over real HTTP.
+
+The server is started with the command written in docs/serving.md and queried with the client commands written
+there; only the tracking URI, the model name and the port are substituted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, free_port, stop_process, wait_http
+from mlflow import MlflowClient
+
+from segmentation.config import ModelConfig
+from segmentation.data.classes import ClassInfo
+from segmentation.export import log_pytorch_model, run_export
+from segmentation.models import FCHarDNet
+from segmentation.serving import encode_image
+
+pytestmark = pytest.mark.e2e
+
+DOC = REPO / "docs" / "serving.md"
+DOC_TRACKING_URI, DOC_MODEL, DOC_PORT = "http://127.0.0.1:5000", "fchardnet-synthetic", "5001"
+IMAGES = {"70x90": (70, 90), "64x128": (64, 128), "tiny": (30, 40)}
+
+
+def doc_commands() -> tuple[str, str]:
+    """The serve command block and the client command block of docs/serving.md, in that order."""
+    blocks = re.findall(r"```bash\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert len(blocks) == 2, f"{DOC}: expected 2 bash blocks (serve, client), found {len(blocks)}"
+    return blocks[0], blocks[1]
+
+
+def _image(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _decode(text: str) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(base64.b64decode(text), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def post(url: str, body: dict | bytes) -> tuple[int, str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server) -> str:
+    """A randomly initialised model registered with alias `production`, and its ONNX export as `<name>-onnx`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(var, raising=False)
+        mlflow.set_tracking_uri(mlflow_server)
+        client = MlflowClient()
+        name = f"serve-e2e-{uuid.uuid4().hex[:8]}"
+        mp.setenv("MLFLOW_EXPERIMENT_ID", client.create_experiment(name))  # keep these runs out of Default
+        torch.manual_seed(0)
+        with mlflow.start_run():
+            info = log_pytorch_model(FCHarDNet(num_classes=19).eval(), ClassInfo.cityscapes(), ModelConfig(),
+                                     registered_model_name=name)
+        client.set_registered_model_alias(name, "production", info.registered_model_version)
+        exported = run_export(f"models:/{name}@production", registered_model=f"{name}-onnx", sizes=((64, 128),))
+        client.set_registered_model_alias(f"{name}-onnx", "production", exported["registered_version"])
+        yield name
+
+
+@pytest.fixture(scope="module", params=["pytorch", "onnx"])
+def server(request, registered, mlflow_server, tmp_path_factory):
+    """`mlflow models serve` started with the docs' command; yields its URL and the same model loaded in-process."""
+    name = registered if request.param == "pytorch" else f"{registered}-onnx"
+    port = free_port()
+    serve, _ = doc_commands()
+    serve = (serve.replace(DOC_TRACKING_URI, mlflow_server).replace(f"models:/{DOC_MODEL}@", f"models:/{name}@")
+             .replace(f"-p {DOC_PORT}", f"-p {port}"))
+    workdir = tmp_path_factory.mktemp(f"serve-{request.param}")
+    log = workdir / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.Popen(["bash", "-euc", serve], cwd=workdir, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=240, proc=proc, log=log)
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, backend=request.param, log=log,
+                              pyfunc=mlflow.pyfunc.load_model(f"models:/{name}@production"))
+    finally:
+        stop_process(proc)
+
+
+def _requests(b64: list[str]) -> dict[str, dict]:
+    return {
+        "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[b] for b in b64]}},
+        "dataframe_records": {"dataframe_records": [{"image": b} for b in b64]},
+        "instances": {"instances": [{"image": b} for b in b64]},
+        "inputs": {"inputs": {"image": b64}},
+    }
+
+
+def test_every_request_form_returns_the_in_process_masks(server):
+    images = [_image(*size, seed=i) for i, size in enumerate(IMAGES.values())]
+    b64 = [encode_image(image) for image in images]
+    expected = server.pyfunc.predict(pd.DataFrame({"image": b64}))
+    for form, body in _requests(b64).items():
+        status, text = post(server.url, body)
+        assert status == 200, f"{server.backend} {form}: {status} {text[:500]}"
+        predictions = json.loads(text)["predictions"]
+        assert len(predictions) == len(images)
+        for got, want, size in zip(predictions, expected.to_dict("records"), IMAGES.values(), strict=True):
+            mask = _decode(got["mask"])
+            assert mask.shape == size and (got["height"], got["width"]) == size, form
+            np.testing.assert_array_equal(mask, _decode(want["mask"]), err_msg=f"{server.backend} {form}")
+
+
+def test_colorize_param_adds_a_colour_image(server):
+    body = {**_requests([encode_image(_image(64, 96, seed=5))])["inputs"], "params": {"colorize": True}}
+    status, text = post(server.url, body)
+    assert status == 200, text[:500]
+    prediction = json.loads(text)["predictions"][0]
+    assert _decode(prediction["colorized"]).shape == (64, 96, 3)
+
+
+def _bomb() -> str:
+    """A PNG whose header announces 50000 x 50000 pixels (2.5 GP) in a few hundred bytes."""
+    ihdr = b"IHDR" + (50_000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    body = b"IDAT" + zlib.compress(b"\x00" * 5000)
+    chunks = b"".join(len(c[4:]).to_bytes(4, "big") + c + zlib.crc32(c).to_bytes(4, "big") for c in (ihdr, body))
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunks).decode()
+
+
+BAD_REQUESTS = {
+    "wrong column": ({"dataframe_split": {"columns": ["picture"], "data": [["abc"]]}}, "missing inputs ['image']"),
+    "not base64": ({"dataframe_records": [{"image": "%%% not base64 %%%"}]}, "not valid base64"),
+    "not an image": ({"inputs": {"image": [base64.b64encode(b"just some text").decode()]}}, "not a PNG or JPEG"),
+    "bomb": ({"instances": [{"image": _bomb()}]}, "more than the limit of 16777216 pixels"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_is_a_400_with_the_message_and_the_server_stays_up(server, case):
+    body, message = BAD_REQUESTS[case]
+    status, text = post(server.url, body)
+    assert status == 400, text[:500]
+    payload = json.loads(text)
+    assert message in payload["message"]
+    assert "stack_trace" not in payload and "Traceback" not in text
+    status, _ = post(server.url, _requests([encode_image(_image(64, 64, seed=9))])["dataframe_split"])
+    assert status == 200
+
+
+def test_docs_client_commands_write_the_mask(server, tmp_path):
+    _, client = doc_commands()
+    image = _image(80, 112, seed=11)
+    cv2.imwrite(str(tmp_path / "image.png"), image)
+    script = client.replace(f"127.0.0.1:{DOC_PORT}", f"127.0.0.1:{server.port}")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["80", "112"]
+    mask = cv2.imread(str(tmp_path / "mask.png"), cv2.IMREAD_UNCHANGED)
+    expected = server.pyfunc.predict(pd.DataFrame({"image": [encode_image(image)]}))["mask"][0]
+    np.testing.assert_array_equal(mask, _decode(expected))
+    assert cv2.imread(str(tmp_path / "mask_color.png")).shape == (80, 112, 3)

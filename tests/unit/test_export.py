@@ -1,0 +1,202 @@
+"""Model packages, load_model from every kind of reference, ONNX export parity, and the export step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import save_file
+
+from segmentation.config import ModelConfig
+from segmentation.data.classes import ClassInfo
+from segmentation.export import (
+    ParityError,
+    export_onnx,
+    load_model,
+    load_model_package,
+    log_pytorch_model,
+    run_export,
+    save_model_package,
+    verify_onnx,
+)
+from segmentation.models import FCHarDNet
+from segmentation.serving import decode_image, encode_image
+
+CLASSES = ClassInfo(("road", "car", "sky"), ((128, 64, 128), (0, 0, 142), (70, 130, 180)))
+CFG = ModelConfig(num_classes=3)
+SIZES = ((64, 128), (96, 160), (70, 90))
+
+
+@pytest.fixture(scope="module")
+def model() -> FCHarDNet:
+    torch.manual_seed(0)
+    net = FCHarDNet(num_classes=3)
+    for module in net.modules():  # BN statistics far from (0, 1) so that fusing is a real transformation
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.4, 1.6)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(model, tmp_path_factory):
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx", opset=17, fuse_bn=True)
+
+
+@pytest.fixture
+def sqlite_tracking(tmp_path, monkeypatch):
+    """A private sqlite store (registry included) for this test; no server needed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(previous)
+
+
+def _same_function(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+def test_package_round_trip(model, tmp_path):
+    directory = save_model_package(model, CLASSES, CFG, tmp_path / "pkg")
+    meta = json.loads((directory / "model.json").read_text())
+    assert meta["arch"] == "fchardnet70" and meta["num_classes"] == 3
+    assert meta["preprocessing"] == "bgr_imagenet_v1" and meta["backend"] == "pytorch"
+    assert ClassInfo.from_dict(meta["classes"]) == CLASSES
+    loaded, classes = load_model_package(directory)
+    assert classes == CLASSES and not loaded.training
+    _same_function(model, loaded)
+
+
+def test_package_refuses_mismatched_classes(model, tmp_path):
+    with pytest.raises(ValueError, match="3 names but model.num_classes is 19"):
+        save_model_package(model, CLASSES, ModelConfig(num_classes=19), tmp_path)
+
+
+def test_onnx_has_dynamic_axes_and_fused_batchnorm(onnx_file, model):
+    graph = onnx.load(str(onnx_file)).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    assert not any(node.op_type == "BatchNormalization" for node in graph.node)
+    assert not model.training  # export works on a copy and leaves the caller's model as it was
+
+
+def test_unfused_export_matches_too(model, tmp_path):
+    unfused = export_onnx(model, tmp_path / "unfused.onnx", fuse_bn=False)
+    assert verify_onnx(model, unfused, SIZES[:1], batch_size=1)["max_abs_diff"] <= 1e-3
+
+
+def test_onnx_matches_pytorch_at_several_sizes(onnx_file, model):
+    result = verify_onnx(model, onnx_file, SIZES, batch_size=2)
+    assert result["max_abs_diff"] <= 1e-3
+    assert result["argmax_agreement"] >= 0.999
+
+
+def test_parity_failure_raises_with_the_numbers(onnx_file, model):
+    changed = FCHarDNet(num_classes=3).eval()
+    changed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        changed.finalConv.bias[0] += 0.5  # the exported file no longer computes what this model computes
+    message = (r"\(seed 7\): max\|diff\| 0\.5 \(allowed 0\.001\d* = 0\.001 \+ 1e-05 x max\|logit\| [\d.e+-]+\), "
+               r"argmax agreement 0\.9")
+    with pytest.raises(ParityError, match=message) as info:
+        verify_onnx(changed, onnx_file, SIZES[:1], seed=7)
+    assert info.value.result["max_abs_diff"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_load_model_from_a_training_checkpoint_folder(model, tmp_path):
+    checkpoint = tmp_path / "out" / "checkpoints" / "step-0000004"
+    checkpoint.mkdir(parents=True)
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()},
+              str(checkpoint / "model.safetensors"))
+    CLASSES.write_csv(tmp_path / "out" / "classes.csv")
+    loaded, classes = load_model(str(checkpoint))
+    assert classes == CLASSES
+    _same_function(model, loaded)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty folder", "onnx only", "package deeper inside"])
+def test_load_model_says_what_it_tried(kind, tmp_path, onnx_file, model):
+    if kind == "missing":
+        with pytest.raises(FileNotFoundError, match="no such file or folder.*models:/<name>@<alias>"):
+            load_model(str(tmp_path / "nope"))
+        return
+    if kind == "package deeper inside":  # a parent folder (e.g. /tmp) must not be searched for any package
+        save_model_package(model, CLASSES, CFG, tmp_path / "some" / "where")
+    if kind == "onnx only":
+        (tmp_path / "model.onnx").write_bytes(onnx_file.read_bytes())
+        (tmp_path / "model.json").write_text(json.dumps({"arch": "fchardnet70", "num_classes": 3,
+                                                         "classes": CLASSES.to_dict(), "backend": "onnx"}))
+    with pytest.raises(ValueError, match="is not a segmentation model. Tried: .*Accepted: runs:/"):
+        load_model(str(tmp_path))
+
+
+def test_logged_model_loads_from_every_mlflow_uri_and_predicts(model, sqlite_tracking):
+    name = "unit-export-model"
+    with mlflow.start_run() as run:
+        info = log_pytorch_model(model, CLASSES, CFG, name="model", registered_model_name=name)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, "production", info.registered_model_version)
+    for uri in (f"runs:/{run.info.run_id}/model", f"models:/{name}/1", f"models:/{name}@production", info.model_uri):
+        loaded, classes = load_model(uri)
+        assert classes == CLASSES
+        _same_function(model, loaded)
+
+    local = mlflow.artifacts.download_artifacts(info.model_uri)
+    requirements = (Path(local) / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "numpy", "pandas", "opencv-python-headless"}
+    assert all("==" in r for r in requirements)
+    listing = {p.name for p in Path(local).rglob("*")}
+    assert "python_model.pkl" not in listing and "serving_model.py" in listing  # models-from-code, no pickle
+    assert {"input_example.json", "serving_input_example.json"} <= listing
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@production")
+    assert pyfunc.metadata.get_input_schema().input_names() == ["image"]
+    example = json.loads((Path(local) / "input_example.json").read_text())
+    out = pyfunc.predict(pd.DataFrame(example["data"], columns=example["columns"]), params={"colorize": True})
+    assert list(out.columns) == ["mask", "height", "width", "colorized"] and out["height"][0] == 64
+
+
+def test_export_step_logs_parity_and_registers_the_onnx_model(model, sqlite_tracking):
+    with mlflow.start_run():
+        info = log_pytorch_model(model, CLASSES, CFG, registered_model_name="unit-export-src")
+    result = run_export("models:/unit-export-src/1", registered_model="unit-export-src-onnx", sizes=SIZES[:2])
+    assert result["max_abs_diff"] <= 1e-3 and result["argmax_agreement"] >= 0.999
+    assert str(result["registered_version"]) == "1"
+    run = MlflowClient().get_run(MlflowClient().get_model_version("unit-export-src-onnx", "1").run_id)
+    assert run.data.metrics["export/max_abs_diff"] == pytest.approx(result["max_abs_diff"])
+    assert "export/argmax_agreement" in run.data.metrics
+    assert [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "onnx")] == ["onnx/model.onnx"]
+
+    torch_pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    onnx_pyfunc = mlflow.pyfunc.load_model("models:/unit-export-src-onnx/1")
+    assert onnx_pyfunc.metadata.metadata["onnx_execution_providers"] == ["CPUExecutionProvider"]
+    image = np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    request = pd.DataFrame({"image": [encode_image(image)]})
+    torch_mask = decode_image(torch_pyfunc.predict(request)["mask"][0])
+    onnx_mask = decode_image(onnx_pyfunc.predict(request)["mask"][0])
+    assert torch_mask.shape == (80, 120, 3) and (torch_mask == onnx_mask).mean() >= 0.999
+
+
+def test_export_entry_point_fails_on_a_uri_that_is_not_a_model(tmp_path, sqlite_tracking, repo, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo))  # entrypoints/ is not an installed package
+    from entrypoints.export import main as export_main
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert export_main(["--model-uri", str(tmp_path)]) == 1
+    assert export_main(["--model-uri", "models:/no-such-model/1"]) == 1
