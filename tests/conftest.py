@@ -123,3 +123,39 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+PG_START_HINT = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+
+
+def make_postgres_db(prefix: str = "mlflow_test", port: int = PG_PORT) -> str:
+    """Create a fresh database on the local PostgreSQL (trust auth, user postgres); returns its SQLAlchemy URI.
+
+    Fails the test (never skips) when PostgreSQL does not answer, saying how to start it. Drop the database
+    with ``drop_postgres_db(uri)`` once the servers using it are stopped.
+    """
+    import uuid
+
+    try:
+        socket.create_connection((PG_HOST, port), timeout=5).close()
+    except OSError as exc:
+        pytest.fail(f"PostgreSQL is not running on {PG_HOST}:{port} ({exc}). Start it with:\n  {PG_START_HINT}")
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}".lower()
+    cmd = ["createdb", "-h", PG_HOST, "-p", str(port), "-U", PG_USER, name]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except FileNotFoundError:
+        pytest.fail("`createdb` not found: install the PostgreSQL client (apt-get install postgresql-client)")
+    if proc.returncode != 0:
+        pytest.fail(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()}\nIs PostgreSQL running? {PG_START_HINT}")
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project's driver is psycopg2 (psycopg2-binary).
+    return f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{port}/{name}"
+
+
+def drop_postgres_db(uri: str) -> None:
+    """Drop a database made by ``make_postgres_db`` (closing any connection still open to it)."""
+    host_port, name = uri.rsplit("@", 1)[1].split("/", 1)
+    port = host_port.rsplit(":", 1)[1]
+    subprocess.run(["dropdb", "-h", PG_HOST, "-p", port, "-U", PG_USER, "--if-exists", "--force", name],
+                   capture_output=True, text=True, timeout=60, check=False)
