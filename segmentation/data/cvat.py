@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import colorsys
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -29,7 +30,7 @@ import numpy as np
 from defusedxml import DefusedXmlException
 
 from segmentation.data.classes import ClassInfo
-from segmentation.data.cvat_shapes import AREA_SHAPES, Shape, TrackShape, rasterize, shape_at
+from segmentation.data.cvat_shapes import AREA_SHAPES, MAX_PIXELS, MAX_SIDE, Shape, TrackShape, rasterize, shape_at
 from segmentation.data.samples import RawSample, read_image, seeded_split
 
 logger = logging.getLogger(__name__)
@@ -90,24 +91,48 @@ def build_classes(labels: list[tuple[str, tuple[int, int, int] | None]]) -> Clas
 
 def _floats(element: Element, names: tuple[str, ...], where: str) -> list[float]:
     try:
-        return [float(element.attrib.get(n, "0" if n == "rotation" else "")) for n in names]
+        values = [float(element.attrib.get(n, "0" if n == "rotation" else "")) for n in names]
     except ValueError:
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
         found = {n: element.attrib.get(n) for n in names}
-        raise ValueError(f"{where}: {element.tag} needs numeric attributes {list(names)}, found {found}") from None
+        raise ValueError(f"{where}: {element.tag} needs finite numeric attributes {list(names)}, found {found}")
+    return values
+
+
+def _int(text: str | None, what: str, where: str, low: int, high: int) -> int:
+    """``text`` as an integer in ``[low, high]`` (``"3.0"`` is accepted, as some exporters write it)."""
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value.is_integer() and low <= value <= high):
+        raise ValueError(f"{where}: {what} must be an integer in [{low}, {high}], found {text!r}")
+    return int(value)
+
+
+def _image_size(width: str | None, height: str | None, where: str) -> tuple[int, int]:
+    """Declared ``(height, width)``, refused before any mask is allocated when no readable image can have it."""
+    w = _int(width, "width", where, 1, MAX_SIDE)
+    h = _int(height, "height", where, 1, MAX_SIDE)
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{where}: declared size {w}x{h} (W x H) exceeds the {MAX_PIXELS} pixels allowed "
+                         "(OpenCV's image limit)")
+    return h, w
 
 
 def parse_shape(element: Element, order: int, where: str) -> Shape:
     """One area shape element (``polygon``, ``box``, ``ellipse``, ``mask``) as a :class:`Shape`."""
     kind, label = element.tag, element.attrib.get("label", "")
-    z_order = int(float(element.attrib.get("z_order", "0")))
     where = f"{where}: {kind} {label!r}"
+    z_order = _int(element.attrib.get("z_order", "0"), "z_order", where, -(2**31), 2**31 - 1)
     if kind == "polygon":
         try:
             points = np.array([[float(v) for v in p.split(",")] for p in element.attrib["points"].split(";")])
         except (KeyError, ValueError):
             points = np.zeros(0)
-        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
-            raise ValueError(f"{where}: points must be >= 3 'x,y' pairs joined by ';', found "
+        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
+            raise ValueError(f"{where}: points must be >= 3 finite 'x,y' pairs joined by ';', found "
                              f"{element.attrib.get('points')!r}")
         return Shape(kind, label, z_order, order, points=points)
     if kind == "box":
@@ -116,7 +141,8 @@ def parse_shape(element: Element, order: int, where: str) -> Shape:
     if kind == "ellipse":
         cx, cy, rx, ry, rotation = _floats(element, ("cx", "cy", "rx", "ry", "rotation"), where)
         return Shape(kind, label, z_order, order, box=(cx, cy, abs(rx - cx), abs(ry - cy), rotation))
-    left, top, width, height = (int(v) for v in _floats(element, ("left", "top", "width", "height"), where))
+    left, top = (_int(element.attrib.get(n), n, where, -MAX_SIDE, MAX_SIDE) for n in ("left", "top"))
+    width, height = (_int(element.attrib.get(n), n, where, 0, MAX_SIDE) for n in ("width", "height"))
     try:
         rle = tuple(int(v) for v in element.attrib["rle"].split(","))
     except (KeyError, ValueError):
@@ -167,8 +193,9 @@ def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skip
             else:
                 skipped[element.tag] += 1
             order += 1
+        height, width = _image_size(image.attrib.get("width"), image.attrib.get("height"), f"{xml}: {where}")
         frames.append({"name": name, "subset": subset, "image": _image_path(images_dir, subset, name, xml),
-                       "height": int(image.attrib["height"]), "width": int(image.attrib["width"]), "shapes": shapes})
+                       "height": height, "width": width, "shapes": shapes})
     tracks = root.findall("track")
     if not tracks:
         return frames
@@ -178,7 +205,10 @@ def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skip
     height = root.findtext("meta/task/original_size/height") or root.findtext("meta/job/original_size/height")
     width = root.findtext("meta/task/original_size/width") or root.findtext("meta/job/original_size/width")
     if not (height and width):
-        raise ValueError(f"{xml}: a video export needs meta/task/original_size/width and height")
+        raise ValueError(f"{xml}: a video export must declare meta/task/original_size/width and height")
+    height, width = _image_size(width, height, f"{xml}: meta original_size")
+    # Frame numbers only bound the loop below, which stops at the first frame without an image.
+    num_frames = _int(size, "meta size (frame count)", str(xml), 0, 10**9) if size else None
     parsed = []
     for track in tracks:
         where = f"track {track.attrib.get('id')!r}"
@@ -189,15 +219,16 @@ def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skip
             if element.tag not in AREA_SHAPES:
                 skipped[element.tag] += 1
                 continue
-            states.append(TrackShape(int(element.attrib["frame"]), element.attrib.get("outside") == "1",
+            frame = _int(element.attrib.get("frame"), "frame", f"{xml}: {where}", 0, 10**9)
+            states.append(TrackShape(frame, element.attrib.get("outside") == "1",
                                      parse_shape(element, order, f"{xml}: {where}")))
             order += 1
         parsed.append(states)
     last = max((s.frame for states in parsed for s in states), default=-1)
-    for frame in range(int(size) if size else last + 1):
+    for frame in range(last + 1 if num_frames is None else num_frames):
         shapes = [s for states in parsed if (s := shape_at(states, frame)) is not None]
         frames.append({"name": f"frame_{frame:06d}", "subset": default_subset,
-                       "image": _frame_image(images_dir, frame, xml), "height": int(height), "width": int(width),
+                       "image": _frame_image(images_dir, frame, xml), "height": height, "width": width,
                        "shapes": shapes})
     return frames
 

@@ -17,6 +17,10 @@ import numpy as np
 AREA_SHAPES = ("polygon", "box", "mask", "ellipse")
 # Shapes without an area: they cannot label pixels of a segmentation mask, so they are counted and skipped.
 SKIPPED_SHAPES = ("polyline", "points", "skeleton", "tag", "cuboid")
+# OpenCV refuses to decode larger images (its CV_IO_MAX_IMAGE_WIDTH/HEIGHT/PIXELS defaults), so a larger declared
+# size can never match a readable image: it is refused before any mask is allocated.
+MAX_SIDE = 1 << 20
+MAX_PIXELS = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -46,16 +50,19 @@ def decode_rle(rle: tuple[int, ...], width: int, height: int, where: str) -> np.
     """Decode CVAT mask runs (background first) into an ``height x width`` bool array.
 
     Raises:
-        ValueError: the runs do not add up to ``width * height`` or are negative.
+        ValueError: the box is negative or larger than ``MAX_PIXELS``, or the runs are negative or do not add up
+            to ``width * height``.
     """
-    runs = np.asarray(rle, dtype=np.int64)
-    if runs.size == 0 or (runs < 0).any() or int(runs.sum()) != width * height:
-        raise ValueError(
-            f"{where}: mask rle has runs summing to {int(runs.sum()) if runs.size else 0}, expected "
-            f"width*height = {width}*{height} = {width * height} non-negative counts"
-        )
-    values = np.arange(runs.size) % 2 == 1  # runs alternate background, foreground, background, ...
-    return np.repeat(values, runs).reshape(height, width)
+    if width < 0 or height < 0 or width * height > MAX_PIXELS:
+        raise ValueError(f"{where}: mask box is {width}x{height} (W x H); sides must be >= 0 and the area at most "
+                         f"{MAX_PIXELS} pixels")
+    # Sum in Python integers: a hostile count beyond int64 must be reported, not overflow numpy.
+    total = sum(rle)
+    if not rle or any(r < 0 for r in rle) or total != width * height:
+        raise ValueError(f"{where}: mask rle has runs summing to {total}, expected width*height = {width}*{height} "
+                         f"= {width * height} non-negative counts")
+    values = np.arange(len(rle)) % 2 == 1  # runs alternate background, foreground, background, ...
+    return np.repeat(values, np.asarray(rle, dtype=np.int64)).reshape(height, width)
 
 
 def box_corners(xtl: float, ytl: float, xbr: float, ybr: float, rotation: float) -> np.ndarray:
@@ -70,18 +77,42 @@ def box_corners(xtl: float, ytl: float, xbr: float, ybr: float, rotation: float)
     return corners
 
 
+def _check_extent(points: np.ndarray, mask: np.ndarray, where: str) -> None:
+    # CVAT keeps shapes on (or just beside) the frame. Far-away vertices are refused: OpenCV's fill time grows
+    # with the polygon's extent (seconds at 10^9 px) and rounding beyond int32 would wrap around.
+    height, width = mask.shape
+    margin = max(height, width)
+    inside = ((points[:, 0] >= -margin) & (points[:, 0] <= width + margin) & (points[:, 1] >= -margin)
+              & (points[:, 1] <= height + margin))
+    if not inside.all():
+        x, y = points[~inside][0]
+        raise ValueError(f"{where}: point ({x:g}, {y:g}) lies far outside the {width}x{height} (W x H) image; "
+                         f"coordinates must be within {margin} px of it")
+
+
 def draw_shape(mask: np.ndarray, shape: Shape, value: int, where: str) -> None:
-    """Paint ``shape`` into ``mask`` (in place) with ``value``; parts outside the image are clipped."""
+    """Paint ``shape`` into ``mask`` (in place) with ``value``; parts outside the image are clipped.
+
+    Raises:
+        ValueError: the shape reaches far outside the image, or a mask shape's box or runs are invalid.
+    """
     if shape.kind == "polygon":
+        _check_extent(shape.points, mask, where)
         cv2.fillPoly(mask, [np.rint(shape.points).astype(np.int32)], value)
     elif shape.kind == "box":
-        cv2.fillPoly(mask, [np.rint(box_corners(*shape.box)).astype(np.int32)], value)
+        corners = box_corners(*shape.box)
+        _check_extent(corners, mask, where)
+        cv2.fillPoly(mask, [np.rint(corners).astype(np.int32)], value)
     elif shape.kind == "ellipse":
         cx, cy, rx, ry, rotation = shape.box
+        _check_extent(np.array([[cx - rx, cy - ry], [cx + rx, cy + ry]]), mask, where)
         cv2.ellipse(mask, (round(cx), round(cy)), (max(round(rx), 0), max(round(ry), 0)), rotation, 0, 360,
                     value, thickness=-1)
     elif shape.kind == "mask":
         left, top, width, height = shape.mask_box
+        if width > mask.shape[1] or height > mask.shape[0]:
+            raise ValueError(f"{where}: mask box {width}x{height} (W x H) is larger than its {mask.shape[1]}x"
+                             f"{mask.shape[0]} image; CVAT mask boxes lie inside the image")
         region = decode_rle(shape.rle, width, height, where)
         x0, y0 = max(left, 0), max(top, 0)
         x1, y1 = min(left + width, mask.shape[1]), min(top + height, mask.shape[0])
