@@ -6,6 +6,11 @@
 
 ``--lr/--epochs/--batch-size`` override the config unless they equal the MLproject defaults (those of
 ``configs/hardnet_cityscapes.yaml``); ``--overrides "train.max_steps=100 loss.min_k=512"`` sets any key.
+
+Exit codes: 0 trained and fully tracked; 2 bad input or unreachable server at start (nothing trained);
+3 (``EXIT_TRACKING_INCOMPLETE``) trained, checkpoints and model saved locally, but the tracking server did not get
+everything before ``--tracking-timeout``: the message names the journal to upload with
+``python -m entrypoints.sync_tracking <journal dir>``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 from segmentation.config import CONFIG_DIR, Config, load_config
 
 DEFAULT_CONFIG = "configs/hardnet_cityscapes.yaml"
+EXIT_TRACKING_INCOMPLETE = 3
 FLAG_KEYS = {"lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size"}
 
 
@@ -34,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default="", help="MLflow run id to continue from its last checkpoint")
     parser.add_argument("--registered-model", default="fchardnet", help="registered model name; empty: none")
     parser.add_argument("--experiment", default=None, help="experiment name (ignored under `mlflow run`)")
+    parser.add_argument("--tracking-timeout", type=float, default=120.0,
+                        help="seconds to wait at the end for a slow or down tracking server (then exit code 3)")
     return parser
 
 
@@ -87,13 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_processes > 1 and not _inside_launch():
         return relaunch(args.num_processes, argv, cpu=cfg.system.cpu)
     from segmentation.engine import fit
+    from segmentation.tracking import TrackingIncompleteError
 
     try:
         result = fit(cfg, resume_run_id=args.resume or None, experiment=args.experiment,
-                     registered_model=args.registered_model or None)
+                     registered_model=args.registered_model or None, tracking_timeout=args.tracking_timeout)
     except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError) as exc:
         print(f"train failed: {exc}", file=sys.stderr)
         return 2
+    except TrackingIncompleteError as exc:
+        print(f"train: tracking incomplete: {exc}", file=sys.stderr)
+        return EXIT_TRACKING_INCOMPLETE
     logging.getLogger(__name__).info("run %s finished at step %d: %s", result.run_id, result.global_step,
                                      {k: round(v, 4) for k, v in result.metrics.items() if "/IoU/" not in k})
     return 0

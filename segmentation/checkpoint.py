@@ -3,8 +3,9 @@
 Layout: ``<directory>/step-0000042/`` holds what ``accelerator.save_state`` writes (model weights as
 safetensors, optimizer, scheduler, RNG state of every rank) plus ``trainer_state.json``. A folder is first written
 as ``.tmp-step-…`` and renamed when complete, so a process killed during a save leaves the previous checkpoint
-as the last complete one. The same folders are uploaded as run artifacts under ``checkpoints/``; when the local
-folder is gone, resume downloads the last complete one from the run.
+as the last complete one (resume ignores ``.tmp-*`` folders). The same folders are uploaded as run artifacts under
+``checkpoints/`` in the background (through the tracker's journal, so a tracking outage does not stop the saves);
+when the local folder is gone, resume downloads the last complete one from the run.
 
 The ``accelerator`` arguments are duck-typed (``save_state``, ``load_state``, ``wait_for_everyone``,
 ``is_main_process``) so that Accelerate itself stays inside ``engine.py``.
@@ -103,7 +104,6 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.monitor, self.mode, self.top_k = monitor, mode, top_k
         self.tracker = tracker
-        self._pending: list[Path] = []  # saved locally, upload failed (tracking outage): retried on the next save
 
     def save(self, accelerator: Any, state: TrainerState) -> Path:
         """Write a checkpoint of the current step on every rank; the main rank commits, prunes and uploads it."""
@@ -119,9 +119,9 @@ class CheckpointManager:
             if final.exists():  # the same step saved again after a resume
                 shutil.rmtree(final)
             tmp.rename(final)
-            self._pending.append(final)
+            # Queued: uploaded in the background, the state file last (see fetch_last).
+            self.tracker.log_artifacts(final, f"{ARTIFACT_DIR}/{final.name}", last=STATE_FILE)
             self._prune(state)
-            self.upload_pending()
         accelerator.wait_for_everyone()
         return final
 
@@ -135,20 +135,8 @@ class CheckpointManager:
         for path in checkpoints:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
-                if path in self._pending:
-                    self._pending.remove(path)
-                else:
-                    self.tracker.delete_artifacts(f"{ARTIFACT_DIR}/{path.name}")
-
-    def upload_pending(self) -> bool:
-        """Upload checkpoints not yet on the tracking server; returns False if some are still only local."""
-        for path in list(self._pending):
-            try:
-                self.tracker.log_artifacts(path, f"{ARTIFACT_DIR}/{path.name}")
-                self._pending.remove(path)
-            except Exception as exc:  # noqa: BLE001 - any tracking failure must not stop training
-                logger.warning("checkpoint %s kept locally, upload failed (retried later): %s", path.name, exc)
-        return not self._pending
+                # Queued after its upload; an upload whose folder is gone by then is skipped.
+                self.tracker.delete_artifacts(f"{ARTIFACT_DIR}/{path.name}")
 
     def best(self) -> Path | None:
         """The best kept checkpoint by the monitored metric, else the last one."""

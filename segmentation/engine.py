@@ -35,6 +35,8 @@ from segmentation.visualize import render_confusion_matrix, render_panel
 
 logger = logging.getLogger(__name__)
 
+MODEL_PACKAGE_DIR = "model"  # <output_dir>/<run_id>/model: the best weights as logged (kept for a later sync)
+
 
 @dataclass
 class FitResult:
@@ -274,28 +276,26 @@ def _start(run: _Run, resume_run_id: str | None, table: Any) -> None:
     logger.info("resumed run %s from %s at step %d", resume_run_id, path, run.state.global_step)
 
 
-def _log_best_model(run: _Run, registered_model: str | None) -> str | None:
-    """Log the best checkpoint's weights as the run's model (and register a version); main process only."""
-    from segmentation.export import log_pytorch_model
+def _log_best_model(run: _Run, registered_model: str | None) -> None:
+    """Save the best checkpoint's weights as a model package and queue it as the run's model; main process only."""
+    from segmentation.export import save_model_package
 
     best = run.checkpoints.best()
     if best is None:
-        return None
+        return
     best_state = TrainerState.read(best / STATE_FILE)
     net = run.accelerator.unwrap_model(run.model)
     net.load_state_dict(load_weights(best))
-    info = log_pytorch_model(net.eval(), run.classes, run.cfg.model, name="model",
-                             registered_model_name=registered_model or None, step=best_state.global_step)
-    version = getattr(info, "registered_model_version", None)
-    if version is not None:
-        run.tracker.tag_model_version(registered_model, version, {
-            "val/mIoU": best_state.metrics.get("val/mIoU"), "run_id": run.tracker.run_id,
-            "step": best_state.global_step, "data_digest": run.tracker.dataset_digest})
-    return None if version is None else str(version)
+    package = save_model_package(net.eval(), run.classes, run.cfg.model,
+                                 run.checkpoints.directory.parent / MODEL_PACKAGE_DIR)
+    run.tracker.log_model(package, best_state.global_step, registered_model or None, {
+        "val/mIoU": best_state.metrics.get("val/mIoU"), "run_id": run.tracker.run_id,
+        "step": best_state.global_step, "data_digest": run.tracker.dataset_digest})
 
 
 def fit(cfg: Config, resume_run_id: str | None = None, experiment: str | None = None,
-        registered_model: str | None = None, run_name: str | None = None, log_model: bool = True) -> FitResult:
+        registered_model: str | None = None, run_name: str | None = None, log_model: bool = True,
+        track: bool = True, tracking_timeout: float = 120.0) -> FitResult:
     """Train ``cfg`` and track everything in one MLflow run; every process of a launch calls this.
 
     Args:
@@ -305,6 +305,8 @@ def fit(cfg: Config, resume_run_id: str | None = None, experiment: str | None = 
         registered_model: register the best weights as a new version of this model (empty: do not register).
         run_name: name of a new run.
         log_model: log the best weights as the run's model (False skips it and the registration).
+        track: False trains without MLflow at all (no server needed; checkpoints under ``<output_dir>/untracked``).
+        tracking_timeout: seconds to wait at the end for the tracking journal to reach the server.
 
     Returns:
         A :class:`FitResult` (run id, final step, last validation metrics, best checkpoint, model version).
@@ -314,9 +316,13 @@ def fit(cfg: Config, resume_run_id: str | None = None, experiment: str | None = 
         FileNotFoundError: no split table at ``cfg.data.root`` (the message says to run preprocess).
         ValueError: bad config/data combination, fp16 on CPU, or a resume id without run or checkpoint.
         FloatingPointError: the loss became non-finite (the message names the step).
+        segmentation.tracking.TrackingIncompleteError: training finished (checkpoints and model saved locally) but
+            the tracking server did not receive everything; ``exc.result`` is the FitResult and the message gives
+            the command that uploads the rest.
     """
     accelerator = build_accelerator(cfg)
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main and track:
         tracking.check_tracking_server()
     table, classes, _ = load_split(cfg.data.root, cfg.data.split_id)
     _check_classes(cfg, classes)
@@ -328,9 +334,12 @@ def fit(cfg: Config, resume_run_id: str | None = None, experiment: str | None = 
     scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
-    tracker = tracking.start_run(experiment, resume_run_id, run_name, enabled=accelerator.is_main_process)
+    tracker = tracking.start_run(experiment, resume_run_id, run_name, enabled=main and track, durable=True)
     run_id = broadcast_object_list([tracker.run_id])[0]
-    checkpoints = CheckpointManager(Path(cfg.train.output_dir) / run_id / "checkpoints",
+    folder = broadcast_object_list([run_id or time.strftime("untracked-%Y%m%d-%H%M%S")])[0]
+    out = Path(cfg.train.output_dir) / folder
+    tracker.open_journal(out / tracking.JOURNAL_DIR)
+    checkpoints = CheckpointManager(out / "checkpoints",
                                     cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode,
                                     cfg.callbacks.checkpoint.top_k, tracker)
     run = _Run(cfg, accelerator, model, build_loss(cfg.loss, cfg.model.num_classes), optimizer, scheduler,
@@ -356,16 +365,22 @@ def fit(cfg: Config, resume_run_id: str | None = None, experiment: str | None = 
         run.progress.close()
         if not state.history or state.history[-1]["step"] != state.global_step:
             _validate(run)  # the loop ended off the validation schedule (early stop keeps its last one)
-        main = accelerator.is_main_process
-        version = _log_best_model(run, registered_model) if main and log_model else None
-        uploaded = checkpoints.upload_pending() if main else True
-        if not uploaded:
-            logger.warning("some checkpoints are only in %s (upload failed)", checkpoints.directory)
-        tracker.end("FINISHED")
+        if main and log_model:
+            _log_best_model(run, registered_model)
+        delivered = tracker.end("FINISHED", tracking_timeout)
     except KeyboardInterrupt:
-        tracker.end("KILLED")
+        tracker.end("KILLED", tracking_timeout)
         raise
     except BaseException:
-        tracker.end("FAILED")
+        tracker.end("FAILED", tracking_timeout)
         raise
-    return FitResult(run_id, state.global_step, state.metrics, checkpoints.best(), version)
+    result = FitResult(run_id, state.global_step, state.metrics, checkpoints.best(), tracker.model_version)
+    if not delivered:
+        error = tracking.TrackingIncompleteError(
+            f"training finished (checkpoints in {checkpoints.directory}) but the tracking server "
+            f"{tracker.tracking_uri} did not receive everything: {tracker.journal.pending} record(s) left, "
+            f"{tracker.journal.rejected} rejected (see rejected.jsonl). Upload the rest with "
+            f"`{tracking.SYNC_COMMAND} {tracker.journal.directory}`")
+        error.result = result
+        raise error
+    return result

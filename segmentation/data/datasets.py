@@ -69,6 +69,9 @@ class SegmentationDataset(Dataset):
         root: folder the table's relative paths start from.
         num_classes: masks may hold ``0..num_classes-1`` and ``ignore_index`` only.
         ignore_index: the ignore value.
+        seed: when set, item ``i`` of epoch ``e`` is augmented with a generator seeded from ``(seed, e, i)``
+            (see :meth:`set_epoch`), so its crop and flip do not depend on the worker count, on which worker
+            drew it, or on whether the epoch was resumed in the middle. ``None`` keeps the transforms' own stream.
 
     Shape:
         ``image``: float32 ``3 x H x W`` normalised by the model's contract; ``mask``: int64 ``H x W``.
@@ -78,13 +81,26 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(self, table: pd.DataFrame, split: str, transforms: A.Compose | None, root: str | Path,
-                 num_classes: int = 19, ignore_index: int = 255) -> None:
+                 num_classes: int = 19, ignore_index: int = 255, seed: int | None = None) -> None:
         rows = table[table["split"] == split]
         if rows.empty:
             raise ValueError(f"split {split!r} has no rows; the table has splits {sorted(table['split'].unique())}")
         self.images = [Path(root) / p for p in rows["image"]]
         self.masks = [Path(root) / p for p in rows["mask"]]
         self.transforms, self.num_classes, self.ignore_index = transforms, num_classes, ignore_index
+        self.seed = seed
+        # Persistent workers hold their own copy of the dataset, made when they started; a plain int set later in
+        # the main process would never reach them. A shared-memory tensor does (fork and spawn alike), and the
+        # loader only hands the workers an epoch's indices after `iter()`, i.e. after `set_epoch`.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch`` (call before iterating; the training loop does)."""
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -99,6 +115,9 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.read_raw(index)
         if self.transforms is not None:
+            if self.seed is not None:
+                key = np.random.SeedSequence([self.seed, int(self._epoch), index]).generate_state(1)[0]
+                self.transforms.set_random_seed(int(key))
             out = self.transforms(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         image = torch.from_numpy(np.ascontiguousarray(normalize(image).transpose(2, 0, 1)))
@@ -132,7 +151,8 @@ def build_dataloader(cfg: Config, split: str, train: bool, batch_size: int | Non
         shuffle: defaults to ``train``.
 
     Returns:
-        A loader seeded from ``cfg.system.seed``: the same config and worker count give the same batches.
+        A loader seeded from ``cfg.system.seed``: the same config gives the same batches whatever the worker
+        count (training items are augmented from ``(seed, epoch, index)``; call ``loader.dataset.set_epoch``).
         Workers persist across epochs; memory is pinned when training on a GPU.
     """
     table, classes, root = load_split(cfg.data.root, cfg.data.split_id)
@@ -142,7 +162,8 @@ def build_dataloader(cfg: Config, split: str, train: bool, batch_size: int | Non
     ignore_index = cfg.data.ignore_index
     transforms = (build_train_transforms(cfg.augmentation, ignore_index, seed=cfg.system.seed) if train
                   else build_val_transforms(cfg.augmentation))
-    dataset = SegmentationDataset(table, split, transforms, root, classes.num_classes, ignore_index)
+    dataset = SegmentationDataset(table, split, transforms, root, classes.num_classes, ignore_index,
+                                  seed=cfg.system.seed if train else None)
     batch_size = batch_size or (cfg.train.batch_size if train else cfg.eval.batch_size)
     num_workers = cfg.system.num_workers if num_workers is None else num_workers
     generator = torch.Generator()
