@@ -27,7 +27,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=defaults.config)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--registered-model", default=defaults.registered_model)
+    parser.add_argument("--num-images", type=int, default=defaults.num_images, help="synthetic dataset size")
     parser.add_argument("--num-processes", type=int, default=defaults.num_processes)
+    parser.add_argument("--overrides", default=defaults.overrides, help="dotted key=value config overrides for train")
     parser.add_argument("--reuse", type=_bool, default=defaults.reuse, help="reuse FINISHED steps with equal params")
     return parser
 

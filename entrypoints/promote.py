@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{args.model_name} version {outcome.version}: {'PROMOTED' if outcome.promoted else 'not promoted'} "
           f"({outcome.alias}) - {outcome.reason}")
+    for companion, aliases in outcome.companions.items():
+        print(f"  {companion}: " + ", ".join(f"{alias} -> version {v}" for alias, v in sorted(aliases.items())))
     return 0
 
 

@@ -179,6 +179,12 @@ def _incumbent_evaluator(model_name: str, protocol: Protocol):
     return evaluate_incumbent
 
 
+def _promotion_tags(promotion: registry.Promotion) -> dict[str, str]:
+    # promotion/companions: where the companion models' aliases (the ONNX export's production) now point.
+    return {"promotion/promoted": str(promotion.promoted), "promotion/reason": promotion.reason,
+            "promotion/companions": json.dumps(promotion.companions, sort_keys=True)}
+
+
 def run_evaluation(model_uri: str, protocol: Protocol, promote: bool = False, force: bool = False,
                    alias: str = registry.PRODUCTION) -> tuple[EvalResult, registry.Promotion | None]:
     """Evaluate ``model_uri`` on ``protocol.data`` inside an MLflow run, log everything and optionally promote.
@@ -205,7 +211,7 @@ def run_evaluation(model_uri: str, protocol: Protocol, promote: bool = False, fo
             promotion = registry.promote(ref.name, ref.version, alias=alias, candidate_value=result.metrics[
                 "eval/mIoU"], data_key=key, evaluate_incumbent=_incumbent_evaluator(ref.name, protocol),
                 force=force, run_id=run_id)
-            mlflow.set_tags({"promotion/promoted": str(promotion.promoted), "promotion/reason": promotion.reason})
+            mlflow.set_tags(_promotion_tags(promotion))
     return result, promotion
 
 
@@ -222,6 +228,5 @@ def run_promotion(model_name: str, version: str, alias: str = registry.PRODUCTIO
         promotion = registry.promote(model_name, version, alias=alias, force=force, evaluate_incumbent=evaluator,
                                      run_id=run_id or candidate.tags.get(registry.RUN_TAG))
         if run_id:
-            mlflow.set_tags({"promotion/promoted": str(promotion.promoted), "promotion/reason": promotion.reason,
-                             "model_name": model_name, "model_version": str(version)})
+            mlflow.set_tags({**_promotion_tags(promotion), "model_name": model_name, "model_version": str(version)})
     return promotion

@@ -27,6 +27,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from torch import nn
 
+from segmentation import registry
 from segmentation.data.classes import ClassInfo
 from segmentation.io import atomic_path, write_text_atomic
 from segmentation.models import build_model
@@ -39,8 +40,9 @@ PREPROCESSING = "bgr_imagenet_v1"  # segmentation.models.preprocessing: BGR uint
 PACKAGE_ARTIFACT = "package"
 SERVING_MODEL_FILE = Path(__file__).with_name("serving_model.py")
 CODE_DIR = Path(__file__).resolve().parent
-# Distributions the pyfunc imports when served (segmentation itself travels as code_paths).
-SERVING_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "opencv-python-headless")
+# Distributions the pyfunc imports when served (segmentation itself travels as code_paths); the PyTorch model
+# runs on onnxruntime too when its parity probe passes (segmentation.inference.Predictor).
+SERVING_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "opencv-python-headless", "onnxruntime")
 ONNX_PROVIDERS = ["CPUExecutionProvider"]
 DEFAULT_VERIFY_SIZES = ((64, 128), (96, 160), (200, 328))
 
@@ -107,10 +109,9 @@ def load_model_package(directory: str | Path) -> tuple[nn.Module, ClassInfo]:
     return model.eval(), ClassInfo.from_dict(meta["classes"])
 
 
-def pip_requirements(backend: str = "pytorch") -> list[str]:
+def pip_requirements() -> list[str]:
     """Exact pins (installed versions) of what the served pyfunc imports."""
-    names = list(SERVING_REQUIREMENTS) + (["onnxruntime"] if backend == "onnx" else [])
-    return [f"{name}=={metadata.version(name)}" for name in names]
+    return [f"{name}=={metadata.version(name)}" for name in SERVING_REQUIREMENTS]
 
 
 def serving_signature() -> ModelSignature:
@@ -156,7 +157,7 @@ def _log_package(
             code_paths=[str(code)],
             signature=serving_signature(),
             input_example=example_request(),
-            pip_requirements=pip_requirements(backend),
+            pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name or None,
             step=step or 0,
             metadata={"backend": backend, "preprocessing": PREPROCESSING, **(extra_metadata or {})},
@@ -442,8 +443,12 @@ def run_export(
 ) -> dict:
     """The ``export`` step: ONNX file, parity metrics and the onnxruntime serving model, in the active run.
 
+    When ``model_uri`` names a registered version and ``registered_model`` is set, the ONNX version is linked to it
+    (:func:`segmentation.registry.link_companion`): it takes the aliases its source holds now, and follows it
+    whenever promotion or rollback moves ``production``/``previous`` on the source model.
+
     Returns:
-        ``{"max_abs_diff", "argmax_agreement", "model_uri", "registered_version"}``.
+        ``{"max_abs_diff", "argmax_agreement", "model_uri", "registered_version", "aliases"}``.
 
     Raises:
         ValueError: unknown ``fmt`` or a ``model_uri`` that is not a segmentation model.
@@ -453,6 +458,8 @@ def run_export(
         raise ValueError(f"format '{fmt}' is not supported; available: ['onnx']")
     model, classes, meta = load_model_with_meta(model_uri)
     model_cfg = SimpleNamespace(arch=meta["arch"], num_classes=int(meta["num_classes"]))
+    source = registry.describe_model_uri(model_uri)
+    aliases: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run():
         onnx_path = export_onnx(model, Path(tmp) / ONNX_FILE, opset=opset, fuse_bn=fuse_bn)
         try:
@@ -465,4 +472,10 @@ def run_export(
         info = log_onnx_model(
             onnx_path, classes, model_cfg, name="onnx_model", registered_model_name=registered_model or None
         )
-    return {**parity, "model_uri": info.model_uri, "registered_version": info.registered_model_version}
+        if source.name and source.version:
+            mlflow.set_tags({registry.SOURCE_NAME_TAG: source.name, registry.SOURCE_VERSION_TAG: source.version})
+            if registered_model:
+                aliases = registry.link_companion(registered_model, info.registered_model_version, source.name,
+                                                  source.version)
+    return {**parity, "model_uri": info.model_uri, "registered_version": info.registered_model_version,
+            "aliases": aliases}

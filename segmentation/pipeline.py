@@ -31,26 +31,42 @@ class PipelineParams:
     config: str = "configs/synthetic.yaml"
     lr: float = 0.02
     registered_model: str = "fchardnet-synthetic"
+    num_images: int = 200  # synthetic dataset only
     num_processes: int = 1
+    overrides: str = ""
     reuse: bool = True
 
 
 def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """A string literal for MLflow's search filter (which has no escapes: pick the quote the value lacks)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot search for a parameter value containing both quote characters: {value}")
+
+
+EMPTY_AS_LOGGED = ("", "''")  # MLflow records an empty project parameter as the shell-quoted ``''``
 
 
 def find_finished_run(
     client: MlflowClient, experiment_id: str, entry_point: str, parameters: dict[str, str], git_commit: str | None
 ) -> Run | None:
-    """The newest FINISHED run of ``entry_point`` with exactly these parameter values (and code version)."""
+    """The newest FINISHED run of ``entry_point`` with exactly these parameter values (and code version).
+
+    Non-empty values are matched by the server's search; empty ones are compared here, because how an empty
+    value is stored (``''`` or nothing) is not something a search filter can rely on.
+    """
     clauses = [f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = {_quote(entry_point)}", "attributes.status = 'FINISHED'"]
-    clauses += [f"params.`{key}` = {_quote(str(value))}" for key, value in parameters.items()]
+    clauses += [f"params.`{key}` = {_quote(str(value))}" for key, value in parameters.items() if str(value) != ""]
     if git_commit:
         clauses.append(f"tags.`{MLFLOW_GIT_COMMIT}` = {_quote(git_commit)}")
-    runs = client.search_runs(
-        [experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
-    )
-    return runs[0] if runs else None
+    empty = [key for key, value in parameters.items() if str(value) == ""]
+    runs = client.search_runs([experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if all(run.data.params.get(key, "") in EMPTY_AS_LOGGED for key in empty):
+            return run
+    return None
 
 
 def _git_commit() -> str | None:
@@ -101,15 +117,11 @@ def run_pipeline(params: PipelineParams) -> dict[str, str]:
     data_dir = str(Path(params.data_dir).resolve())
     steps: dict[str, str] = {}
 
-    prep = run_step(
-        "preprocess", {"dataset": params.dataset, "raw_dir": params.raw_dir, "out_dir": data_dir}, params.reuse
-    )
+    preprocess_params = {"dataset": params.dataset, "raw_dir": params.raw_dir, "out_dir": data_dir}
+    if params.dataset == "synthetic":
+        preprocess_params["num_images"] = params.num_images
+    prep = run_step("preprocess", preprocess_params, params.reuse and (Path(data_dir) / "split").is_dir())
     steps["preprocess"] = prep.info.run_id
-    if not (Path(data_dir) / "split").is_dir():  # a reused run whose output was deleted since
-        prep = run_step(
-            "preprocess", {"dataset": params.dataset, "raw_dir": params.raw_dir, "out_dir": data_dir}, reuse=False
-        )
-        steps["preprocess"] = prep.info.run_id
 
     train = run_step(
         "train",
@@ -119,6 +131,7 @@ def run_pipeline(params: PipelineParams) -> dict[str, str]:
             "lr": params.lr,
             "num_processes": params.num_processes,
             "registered_model": params.registered_model,
+            "overrides": params.overrides,
         },
         params.reuse,
     )
@@ -135,6 +148,10 @@ def run_pipeline(params: PipelineParams) -> dict[str, str]:
         "export", {"model_uri": model_uri, "registered_model": f"{params.registered_model}-onnx"}, params.reuse
     )
     steps["export"] = export.info.run_id
+    # The export is linked to its source version (tags source_model_name/version), so promoting that version
+    # below also moves `production` on the ONNX model.
+    onnx_version = registered_version_of(client, f"{params.registered_model}-onnx", export.info.run_id)
+    steps["onnx_model_uri"] = f"models:/{params.registered_model}-onnx/{onnx_version}"
 
     # Promotion depends on the registry's current state, so it always runs.
     promote = run_step("promote", {"model_name": params.registered_model, "version": version}, reuse=False)

@@ -5,14 +5,21 @@ Stages are deprecated in MLflow 3 and the registry UI no longer shows them, so o
 Every decision is written into the version's tags (``promotion_reason``, ``compared_with``, ...), so the registry
 itself says why a version holds its alias. Scores are compared only when they were measured on the same data and
 split (the ``eval/data`` key written by evaluation).
+
+*Companions* are versions of other registered models made from a version of this one (the ONNX export registered
+as ``<name>-onnx``), marked by the tags ``source_model_name`` / ``source_model_version``. Whenever ``production`` or
+``previous`` moves here (promotion, rollback), each companion model's alias moves to its version made from the
+new holder, so ``models:/<name>-onnx@production`` serves the same network as ``models:/<name>@production`` (when
+the new holder was never exported, the companion keeps its alias and a warning says so).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -24,6 +31,10 @@ METRIC = "eval/mIoU"
 DATA_TAG = "eval/data"
 RUN_TAG = "eval/run_id"
 PROTOCOL_TAG = "eval/protocol"  # JSON: data path, split, TTA; lets promote re-run the evaluation on an incumbent
+SOURCE_NAME_TAG = "source_model_name"  # on a companion version (the ONNX export): the model it was made from
+SOURCE_VERSION_TAG = "source_model_version"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,8 @@ class Promotion:
     incumbent: str | None = None
     incumbent_value: float | None = None
     forced: bool = False
+    # Companion model -> {alias: its version that now holds the alias}; see sync_companions.
+    companions: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def describe_model_uri(model_uri: str, client: MlflowClient | None = None) -> ModelRef:
@@ -91,8 +104,14 @@ def get_version(model_name: str, version: str | int, client: MlflowClient | None
     raise ValueError(f"model {model_name!r} has no version {str(version)!r}; existing versions: {existing}") from None
 
 
+def aliases_of(model_name: str, client: MlflowClient | None = None) -> dict[str, str]:
+    """``{alias: version}`` of a registered model, versions as strings (a sqlite store returns ints)."""
+    client = client or MlflowClient()
+    return {alias: str(version) for alias, version in client.get_registered_model(model_name).aliases.items()}
+
+
 def _alias_holder(client: MlflowClient, model_name: str, alias: str) -> str | None:
-    return client.get_registered_model(model_name).aliases.get(alias)
+    return aliases_of(model_name, client).get(alias)
 
 
 def record_evaluation(model_name: str, version: str | int, value: float, data_key: str, run_id: str | None = None,
@@ -122,6 +141,77 @@ def find_evaluation(model_name: str, version: str | int, data_key: str | None, m
                        f"and tags.`{DATA_TAG}` = '{data_key}'"),
     )
     return next((run.data.metrics[metric] for run in runs if metric in run.data.metrics), None)
+
+
+def _quote(value: str) -> str:
+    # MLflow's search filters have no escape sequences: use the quote character the value does not contain.
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot search the registry for a model name containing both quote characters: {value}")
+
+
+def link_companion(name: str, version: str | int, source_name: str, source_version: str | int,
+                   client: MlflowClient | None = None) -> dict[str, str]:
+    """Mark a version of ``name`` as made from ``source_name`` version ``source_version`` (e.g. its ONNX export).
+
+    The version is tagged ``source_model_name`` / ``source_model_version`` and gets every alias the source
+    version holds now, so exporting the ``production`` version makes its export the companion's ``production``.
+
+    Returns:
+        The aliases given to the version, ``{alias: version}``.
+    """
+    client = client or MlflowClient()
+    version, source_version = str(version), str(source_version)
+    client.set_model_version_tag(name, version, SOURCE_NAME_TAG, source_name)
+    client.set_model_version_tag(name, version, SOURCE_VERSION_TAG, source_version)
+    held = sorted(alias for alias, v in aliases_of(source_name, client).items() if v == source_version)
+    for alias in held:
+        client.set_registered_model_alias(name, alias, version)
+    return dict.fromkeys(held, version)
+
+
+def companion_versions(source_name: str, client: MlflowClient | None = None) -> dict[str, dict[str, str]]:
+    """``{companion model: {source version: its newest version made from that source version}}``."""
+    client = client or MlflowClient()
+    found: dict[str, dict[str, str]] = {}
+    for mv in client.search_model_versions(f"tags.`{SOURCE_NAME_TAG}` = {_quote(source_name)}"):
+        made_from, source_version = found.setdefault(mv.name, {}), mv.tags.get(SOURCE_VERSION_TAG)
+        if source_version and int(mv.version) > int(made_from.get(source_version, 0)):
+            made_from[source_version] = str(mv.version)
+    return found
+
+
+def sync_companions(source_name: str, aliases: Sequence[str] = (PRODUCTION, PREVIOUS),
+                    client: MlflowClient | None = None) -> dict[str, dict[str, str]]:
+    """Give each companion model's ``aliases`` to its version made from the source version holding that alias.
+
+    A companion with no version made from the new holder keeps its alias where it was (a warning names the
+    version to export); removing it would break the next restart of a server that loads ``@production``.
+
+    Returns:
+        ``{companion model: {alias: version now holding it}}`` for the aliases that point at the right version.
+    """
+    client = client or MlflowClient()
+    holders = aliases_of(source_name, client)
+    synced: dict[str, dict[str, str]] = {}
+    for companion, made_from in companion_versions(source_name, client).items():
+        current = aliases_of(companion, client)
+        for alias in dict.fromkeys(aliases):
+            holder = holders.get(alias)
+            if holder is None:
+                continue
+            target = made_from.get(holder)
+            if target is None:
+                logger.warning("%r has no version made from %r version %s, so its alias %r stays on version %s; "
+                               "export that version to move it", companion, source_name, holder, alias,
+                               current.get(alias))
+                continue
+            if current.get(alias) != target:
+                client.set_registered_model_alias(companion, alias, target)
+            synced.setdefault(companion, {})[alias] = target
+    return synced
 
 
 def _fmt(value: float | None) -> str:
@@ -165,9 +255,10 @@ def promote(model_name: str, version: str | int, *, alias: str = PRODUCTION, met
         raise ValueError(f"version {version} of {model_name!r} has no {metric} on data {data_key!r}: evaluate it "
                          "first (evaluate entry point with promote=true) or pass force=true")
     incumbent = _alias_holder(client, model_name, alias)
-    if incumbent == version:
+    if incumbent == version:  # still bring companions exported since the promotion in line
         return Promotion(False, model_name, version, alias, f"version {version} already holds alias {alias!r}",
-                         candidate_value, incumbent, candidate_value, force)
+                         candidate_value, incumbent, candidate_value, force,
+                         sync_companions(model_name, (alias, PREVIOUS), client))
     incumbent_value = None
     if incumbent is not None:
         incumbent_value = find_evaluation(model_name, incumbent, data_key, metric, client)
@@ -190,10 +281,12 @@ def promote(model_name: str, version: str | int, *, alias: str = PRODUCTION, met
     else:
         reason = f"not promoted: {metric} {_fmt(candidate_value)} < {compared}"
     promoted = better or force
+    companions = {}
     if promoted:
         if incumbent is not None:
             client.set_registered_model_alias(model_name, PREVIOUS, incumbent)
         client.set_registered_model_alias(model_name, alias, version)
+        companions = sync_companions(model_name, (alias, PREVIOUS), client)
     tags = {"promotion_reason": reason, "compared_with": compared, "promotion_forced": str(force and not better)}
     if promoted and run_id:
         tags["promoted_by_run"] = run_id
@@ -204,18 +297,20 @@ def promote(model_name: str, version: str | int, *, alias: str = PRODUCTION, met
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
     return Promotion(promoted, model_name, version, alias, reason, candidate_value, incumbent, incumbent_value,
-                     force and not better)
+                     force and not better, companions)
 
 
 def rollback(model_name: str, *, alias: str = PRODUCTION, client: MlflowClient | None = None) -> Promotion:
     """Swap ``alias`` and ``previous``: the version that held ``alias`` before the last promotion gets it back.
+
+    Companion models (the ONNX export) follow, as in :func:`promote`.
 
     Raises:
         ValueError: the model does not exist, or no version holds ``previous``.
     """
     client = client or MlflowClient()
     try:
-        aliases = client.get_registered_model(model_name).aliases
+        aliases = aliases_of(model_name, client)
     except MlflowException:
         models = sorted(m.name for m in client.search_registered_models())
         raise ValueError(f"registered model {model_name!r} does not exist; registered models: {models}") from None
@@ -227,4 +322,5 @@ def rollback(model_name: str, *, alias: str = PRODUCTION, client: MlflowClient |
         client.set_registered_model_alias(model_name, PREVIOUS, current)
     reason = f"rollback: restored {alias!r} from version {current}"
     client.set_model_version_tag(model_name, previous, "promotion_reason", reason)
-    return Promotion(True, model_name, str(previous), alias, reason, incumbent=current)
+    companions = sync_companions(model_name, (alias, PREVIOUS), client)
+    return Promotion(True, model_name, str(previous), alias, reason, incumbent=current, companions=companions)

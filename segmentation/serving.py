@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 
 from segmentation.data.classes import ClassInfo, colorize
 from segmentation.export import ONNX_FILE, load_model_package, read_package_meta
-from segmentation.models import fuse_bn
+from segmentation.inference import Predictor, create_session
 from segmentation.models.preprocessing import to_input_tensor
 
 IMAGE_COLUMN = "image"
@@ -36,6 +36,12 @@ IMAGE_COLUMN = "image"
 # megapixels would let one request take several GB. Override per deployment with SEGMENTATION_MAX_PIXELS.
 DEFAULT_MAX_PIXELS = 4096 * 4096
 MAX_PIXELS_ENV = "SEGMENTATION_MAX_PIXELS"
+# Base64 image data one request may carry: one 4096 x 4096 PNG of pure noise takes 67 MB. MLflow's scoring server
+# has already read and parsed the whole body when this is checked (it offers no body limit; see docs/serving.md),
+# so it bounds the decoding and inference work of a request, not the upload: cap that in a proxy in front.
+DEFAULT_MAX_REQUEST_BYTES = 100 * 2**20
+MAX_REQUEST_BYTES_ENV = "SEGMENTATION_MAX_REQUEST_BYTES"
+BACKEND_ENV = "SEGMENTATION_INFERENCE_BACKEND"  # auto | eager | channels_last | onnxruntime (PyTorch packages)
 # The network pools five times; smaller inputs are padded up to this side and the mask is cropped back.
 MIN_SIDE = 64
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -120,25 +126,22 @@ def decode_image(text: Any, max_pixels: int = DEFAULT_MAX_PIXELS, row: int = 0) 
 
 
 class TorchBackend:
-    """Class-id prediction with a PyTorch module (BatchNorm fused when the model supports it)."""
+    """Class-id prediction for a PyTorch network through the deployed inference path
+    (:class:`segmentation.inference.Predictor`): BatchNorm folded, and with ``"auto"`` the fastest backend whose
+    logits match eager PyTorch on a parity probe (ONNX Runtime on a CPU, else channels_last eager)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model.eval()
+    def __init__(self, model: torch.nn.Module, backend: str = "auto") -> None:
+        self.predictor = Predictor(model, backend=backend)
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return self.model(batch).argmax(1).to(torch.uint8).numpy()
+        return self.predictor.predict(batch).to(torch.uint8).numpy()
 
 
 class OnnxBackend:
-    """Class-id prediction with onnxruntime on the CPU."""
-
-    providers = ("CPUExecutionProvider",)
+    """Class-id prediction with onnxruntime on the CPU (the session options of the deployed inference path)."""
 
     def __init__(self, path: str | Path) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=list(self.providers))
+        self.session = create_session(Path(path))
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
@@ -146,13 +149,14 @@ class OnnxBackend:
         return logits.argmax(1).astype(np.uint8)
 
 
-def load_backend(package: str | Path) -> tuple[TorchBackend | OnnxBackend, ClassInfo]:
-    """Open a model package written by ``segmentation.export`` with the backend its ``model.json`` names."""
+def load_backend(package: str | Path, inference_backend: str = "auto") -> tuple[TorchBackend | OnnxBackend, ClassInfo]:
+    """Open a model package written by ``segmentation.export`` with the backend its ``model.json`` names;
+    ``inference_backend`` picks the :class:`~segmentation.inference.Predictor` backend of a PyTorch package."""
     meta = read_package_meta(package)
     if meta.get("backend") == "onnx":
         return OnnxBackend(Path(package) / ONNX_FILE), ClassInfo.from_dict(meta["classes"])
     model, classes = load_model_package(package)
-    return TorchBackend(fuse_bn(model)), classes
+    return TorchBackend(model, inference_backend), classes
 
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
@@ -160,12 +164,17 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = context.model_config or {}
-        self.setup(context.artifacts["package"], config.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self.setup(context.artifacts["package"], config.get("max_pixels", DEFAULT_MAX_PIXELS),
+                   config.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), config.get("backend", "auto"))
 
-    def setup(self, package: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> SegmentationModel:
-        """Load a package directly (tests, benchmarks); ``SEGMENTATION_MAX_PIXELS`` overrides ``max_pixels``."""
-        self.backend, self.classes = load_backend(package)
+    def setup(self, package: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, backend: str = "auto") -> SegmentationModel:
+        """Load a package directly (tests, benchmarks). ``SEGMENTATION_MAX_PIXELS``,
+        ``SEGMENTATION_MAX_REQUEST_BYTES`` and ``SEGMENTATION_INFERENCE_BACKEND`` in the environment override
+        ``max_pixels``, ``max_request_bytes`` and ``backend`` (a PyTorch package's Predictor backend)."""
+        self.backend, self.classes = load_backend(package, os.environ.get(BACKEND_ENV, backend))
         self.max_pixels = int(os.environ.get(MAX_PIXELS_ENV, max_pixels))
+        self.max_request_bytes = int(os.environ.get(MAX_REQUEST_BYTES_ENV, max_request_bytes))
         return self
 
     def predict_mask(self, image_bgr: np.ndarray) -> np.ndarray:
@@ -183,8 +192,14 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             raise _bad_request(f"expected a column '{IMAGE_COLUMN}' of base64-encoded PNG/JPEG strings, "
                                f"found columns {found}")
         want_color = str((params or {}).get("colorize", False)).lower() in ("true", "1")
+        texts = model_input[IMAGE_COLUMN].tolist()
+        size = sum(len(text) for text in texts if isinstance(text, str))
+        if size > self.max_request_bytes:  # checked before any image is decoded
+            raise _bad_request(f"the request carries {size} bytes of base64 image data in {len(texts)} row(s), "
+                               f"more than the limit of {self.max_request_bytes} bytes; send fewer or smaller "
+                               f"images per request ({MAX_REQUEST_BYTES_ENV} sets the limit)")
         rows = []
-        for i, text in enumerate(model_input[IMAGE_COLUMN].tolist()):
+        for i, text in enumerate(texts):
             mask = self.predict_mask(decode_image(text, self.max_pixels, row=i))
             row = {"mask": encode_image(mask), "height": mask.shape[0], "width": mask.shape[1]}
             if want_color:

@@ -83,7 +83,9 @@ def registered(mlflow_server) -> str:
                                      registered_model_name=name)
         client.set_registered_model_alias(name, "production", info.registered_model_version)
         exported = run_export(f"models:/{name}@production", registered_model=f"{name}-onnx", sizes=((64, 128),))
-        client.set_registered_model_alias(f"{name}-onnx", "production", exported["registered_version"])
+        # The export of the production version takes the ONNX model's production alias itself (registry companions).
+        onnx_aliases = client.get_registered_model(f"{name}-onnx").aliases
+        assert onnx_aliases == {"production": str(exported["registered_version"])}
         yield name
 
 
@@ -103,7 +105,7 @@ def server(request, registered, mlflow_server, tmp_path_factory):
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=240, proc=proc, log=log)
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, backend=request.param, log=log,
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, backend=request.param, log=log, proc=proc,
                               pyfunc=mlflow.pyfunc.load_model(f"models:/{name}@production"))
     finally:
         stop_process(proc)
@@ -149,11 +151,26 @@ def _bomb() -> str:
     return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunks).decode()
 
 
+def _jpeg_bomb() -> str:
+    """A 30-byte JPEG whose frame header (SOF0) announces 60000 x 60000 pixels."""
+    sof = bytes([8]) + (60_000).to_bytes(2, "big") * 2 + bytes([3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1])
+    return base64.b64encode(b"\xff\xd8\xff\xc0" + (len(sof) + 2).to_bytes(2, "big") + sof + b"\xff\xd9").decode()
+
+
+def _truncated_png() -> str:
+    """The first half of a valid 64 x 64 PNG: the header is intact, the pixel data cut off."""
+    data = base64.b64decode(encode_image(_image(64, 64, seed=1)))
+    return base64.b64encode(data[: len(data) // 2]).decode()
+
+
 BAD_REQUESTS = {
     "wrong column": ({"dataframe_split": {"columns": ["picture"], "data": [["abc"]]}}, "missing inputs ['image']"),
     "not base64": ({"dataframe_records": [{"image": "%%% not base64 %%%"}]}, "not valid base64"),
     "not an image": ({"inputs": {"image": [base64.b64encode(b"just some text").decode()]}}, "not a PNG or JPEG"),
     "bomb": ({"instances": [{"image": _bomb()}]}, "more than the limit of 16777216 pixels"),
+    "jpeg bomb": ({"inputs": {"image": [_jpeg_bomb()]}}, "60000x60000 = 3600000000 pixels, more than the limit"),
+    "truncated": ({"inputs": {"image": [_truncated_png()]}}, "corrupt or truncated and could not be decoded"),
+    "empty": ({"dataframe_records": [{"image": ""}]}, "not a PNG or JPEG image (0 bytes"),
 }
 
 
@@ -183,3 +200,17 @@ def test_docs_client_commands_write_the_mask(server, tmp_path):
     expected = server.pyfunc.predict(pd.DataFrame({"image": [encode_image(image)]}))["mask"][0]
     np.testing.assert_array_equal(mask, _decode(expected))
     assert cv2.imread(str(tmp_path / "mask_color.png")).shape == (80, 112, 3)
+
+
+def test_oversized_body_is_a_400_and_the_server_survives(server):
+    # 120 MiB of base64 in two rows: over the 100 MiB per-request limit. MLflow's scoring server reads and parses
+    # the whole body before the model sees it (it has no body limit), so this also shows it survives doing so.
+    blob = "A" * (60 * 2**20)
+    status, text = post(server.url, {"dataframe_split": {"columns": ["image"], "data": [[blob], [blob]]}})
+    assert status == 400, text[:500]
+    message = json.loads(text)["message"]
+    assert "125829120 bytes of base64 image data in 2 row(s), more than the limit of 104857600 bytes" in message
+    assert "stack_trace" not in text
+    assert server.proc.poll() is None, f"the server died:\n{server.log.read_text()[-2000:]}"
+    status, _ = post(server.url, _requests([encode_image(_image(64, 64, seed=9))])["dataframe_split"])
+    assert status == 200

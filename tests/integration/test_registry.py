@@ -8,6 +8,7 @@ import warnings
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from segmentation import registry
@@ -147,3 +148,110 @@ def test_evaluation_run_is_logged_linked_and_promotes(client, tmp_path):
     version_tags = client.get_model_version(name, version).tags
     assert float(version_tags["eval/mIoU"]) == pytest.approx(result.metrics["eval/mIoU"])
     assert np.isfinite(result.latency.ms_per_image)
+
+
+def _exports(client: MlflowClient, source: str, source_versions: list[str]) -> str:
+    """A companion model `<source>-onnx` with one version linked to each of ``source_versions``, in that order."""
+    name = f"{source}-onnx"
+    client.create_registered_model(name)
+    for source_version in source_versions:
+        with mlflow.start_run() as run:
+            mlflow.log_text("placeholder", "onnx_model/README.txt")
+        mv = client.create_model_version(name, f"{run.info.artifact_uri}/onnx_model", run_id=run.info.run_id)
+        registry.link_companion(name, mv.version, source, source_version, client=client)
+    return name
+
+
+def test_export_aliases_follow_promotion_and_rollback_of_their_source(client):
+    name = _registered_model(client, 3)
+    onnx = _exports(client, name, ["1", "2", "3"])  # onnx version n was made from version n
+    unrelated = _registered_model(client, 1)
+    client.set_registered_model_alias(unrelated, "production", "1")
+
+    first = registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    assert first.companions == {onnx: {"production": "1"}} and _aliases(client, onnx) == {"production": "1"}
+
+    worse = registry.promote(name, 2, candidate_value=0.4, data_key=DATA, client=client)
+    assert not worse.promoted and worse.companions == {} and _aliases(client, onnx) == {"production": "1"}
+
+    better = registry.promote(name, 3, candidate_value=0.6, data_key=DATA, client=client)
+    assert better.companions == {onnx: {"production": "3", "previous": "1"}}
+    assert _aliases(client, onnx) == {"production": "3", "previous": "1"}
+
+    back = registry.rollback(name, client=client)
+    assert back.companions == {onnx: {"production": "1", "previous": "3"}}
+    assert _aliases(client, onnx) == {"production": "1", "previous": "3"}
+    assert _aliases(client, unrelated) == {"production": "1"}  # only models linked by the tags move
+
+
+def test_newest_export_of_a_version_wins_and_an_unexported_version_leaves_the_alias(client, caplog):
+    name = _registered_model(client, 2)
+    onnx = _exports(client, name, ["1", "1"])  # version 1 exported twice; version 2 never
+    registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    assert _aliases(client, onnx) == {"production": "2"}
+
+    with caplog.at_level("WARNING", logger="segmentation.registry"):
+        outcome = registry.promote(name, 2, candidate_value=0.7, data_key=DATA, client=client)
+    assert outcome.promoted and outcome.companions == {onnx: {"previous": "2"}}
+    assert _aliases(client, onnx) == {"production": "2", "previous": "2"}
+    assert f"has no version made from '{name}' version 2" in caplog.text and "export that version" in caplog.text
+
+
+def test_exporting_the_production_version_gives_the_export_production(client):
+    name = _registered_model(client, 2)
+    registry.promote(name, 2, candidate_value=0.5, data_key=DATA, client=client)
+    onnx = _exports(client, name, ["1"])
+    assert _aliases(client, onnx) == {}  # made from a version that holds no alias
+    with mlflow.start_run() as run:
+        mlflow.log_text("placeholder", "onnx_model/README.txt")
+    mv = client.create_model_version(onnx, f"{run.info.artifact_uri}/onnx_model", run_id=run.info.run_id)
+    assert registry.link_companion(onnx, mv.version, name, "2", client=client) == {"production": "2"}
+    tags = client.get_model_version(onnx, "2").tags
+    assert tags["source_model_name"] == name and tags["source_model_version"] == "2"
+    assert _aliases(client, onnx) == {"production": "2"}
+
+
+def test_pipeline_export_then_promote_moves_the_onnx_production(client):
+    from segmentation.eval_logging import run_promotion
+    from segmentation.export import run_export
+
+    name = f"seg-{uuid.uuid4().hex[:8]}"
+    versions = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with mlflow.start_run():
+            info = log_pytorch_model(FCHarDNet(num_classes=19), ClassInfo.cityscapes(), ModelConfig(),
+                                     registered_model_name=name)
+        versions.append(str(info.registered_model_version))
+        registry.record_evaluation(name, versions[-1], 0.1 * (seed + 1), DATA, client=client)
+    registry.promote(name, versions[0], client=client)
+    # As the pipeline does it: export the candidate by version, then promote it.
+    first = run_export(f"models:/{name}@production", registered_model=f"{name}-onnx", sizes=((64, 128),))
+    assert first["aliases"] == {"production": "1"}
+    second = run_export(f"models:/{name}/{versions[1]}", registered_model=f"{name}-onnx", sizes=((64, 128),))
+    assert second["aliases"] == {} and _aliases(client, f"{name}-onnx") == {"production": "1"}
+    run = client.get_run(client.get_model_version(f"{name}-onnx", "2").run_id)
+    assert run.data.tags["source_model_version"] == versions[1]
+
+    promotion = run_promotion(name, versions[1])
+    assert promotion.promoted and _aliases(client, f"{name}-onnx") == {"production": "2", "previous": "1"}
+    served = mlflow.pyfunc.load_model(f"models:/{name}-onnx@production")
+    assert served.metadata.metadata["backend"] == "onnx"
+
+
+def test_a_sqlite_store_works_too(tmp_path, monkeypatch):
+    # A sqlite store hands alias versions back as ints where the server gives strings; both must compare equal.
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    name = _registered_model(client, 2)
+    onnx = _exports(client, name, ["1", "2"])
+    registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    again = registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    assert not again.promoted and "already holds" in again.reason
+    assert registry.aliases_of(name, client) == {"production": "1"}
+    registry.promote(name, 2, candidate_value=0.6, data_key=DATA, client=client)
+    assert registry.aliases_of(onnx, client) == {"production": "2", "previous": "1"}
