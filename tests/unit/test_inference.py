@@ -1,0 +1,67 @@
+"""The deployed inference path: every backend matches eager fp32 of the unfused model, at any size >= 64."""
+
+import pytest
+import torch
+from torch import nn
+
+from segmentation.inference import BACKENDS, ParityError, Predictor, check_parity
+from segmentation.models import FCHarDNet
+
+
+@pytest.fixture(scope="module")
+def model() -> FCHarDNet:
+    torch.manual_seed(0)
+    net = FCHarDNet(num_classes=5)
+    # Non-trivial BatchNorm statistics, so that a wrong fusion shows up in the logits.
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return net.train()  # the Predictor must not depend on the caller having called eval()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def predictor(request, model) -> Predictor:
+    return Predictor(model, backend=request.param)
+
+
+def test_backend_matches_eager_at_odd_sizes(predictor, model):
+    result = check_parity(predictor, model, sizes=((64, 128), (65, 97)), batch=2)
+    assert result["max_abs_diff"] <= 1e-3
+    assert result["argmax_agreement"] >= 0.999
+    assert model.training, "check_parity must restore the reference's train mode"
+
+
+def test_logits_and_mask_shapes(predictor, model):
+    x = torch.randn(2, 3, 65, 97)
+    logits = predictor.logits(x)
+    assert logits.shape == (2, 5, 65, 97) and logits.dtype == torch.float32 and logits.is_contiguous()
+    mask = predictor.predict(x)
+    assert mask.shape == (2, 65, 97) and mask.dtype == torch.int64
+    assert torch.equal(mask, logits.argmax(1))
+
+
+def test_auto_picks_onnxruntime_on_cpu(model):
+    assert Predictor(model).backend == "onnxruntime"
+
+
+def test_too_small_input_is_rejected_with_the_model_message(predictor):
+    with pytest.raises(ValueError, match="too small"):
+        predictor.predict(torch.zeros(1, 3, 32, 128))
+
+
+def test_unknown_backend_lists_allowed():
+    with pytest.raises(ValueError, match="channels_last"):
+        Predictor(FCHarDNet(num_classes=2), backend="tensorrt")
+
+
+def test_parity_check_fails_loudly_on_a_wrong_path(model):
+    class Shifted:
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return model.eval()(x) + 0.01
+
+    with pytest.raises(ParityError, match="max\\|diff\\|"):
+        check_parity(Shifted(), model, sizes=((64, 64),), batch=1)
