@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="window side (px) for larger inputs; 0 = whole image")
     parser.add_argument("--num-worst", type=int, default=defaults.num_worst, help="lowest-mIoU images to log")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--backend", default="eager", choices=BACKENDS,
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="eager: the module as trained; others: the deployed path (BN folded) of "
                              "segmentation.inference")
     parser.add_argument("--promote", type=_bool, default=False,

@@ -19,7 +19,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     parser.add_argument("--tta", default="none", choices=TTA_MODES)
     parser.add_argument("--sliding-window", type=int, default=0, help="window side (px) for large images; 0 = off")
-    parser.add_argument("--backend", default="eager", choices=("eager", "auto", "channels_last", "onnxruntime"),
+    parser.add_argument("--backend", default="auto", choices=("eager", "auto", "channels_last", "onnxruntime"),
                         help="eager: the module as trained; others: the deployed path (BN folded)")
     parser.add_argument("--num-logged", type=int, default=4, help="overlays logged into the active MLflow run")
     return parser
