@@ -1,14 +1,15 @@
 """Screenshots of the MLflow UI for the README: the compare view of an ``lr`` sweep and a run's prediction images.
 
     python -m scripts.screenshots                                   # own server, synthetic data, 3-run sweep
-    python -m scripts.screenshots --lrs 0.01,0.05 --overrides "train.max_steps=2" --output-dir /tmp/shots
+    python -m scripts.screenshots --lrs 0.01,0.05 --overrides "train.max_steps=2" --jobs 2 --output-dir /tmp/shots
     python -m scripts.screenshots --tracking-uri http://127.0.0.1:5000 --experiment lr-sweep --no-sweep
 
 Without ``--tracking-uri`` it starts its own ``mlflow server`` on 127.0.0.1 at a free port (sqlite and artifacts in
 a temporary folder, or ``--backend-store-uri``/``--artifacts-destination``), generates a small synthetic dataset,
-trains one run per learning rate with ``entrypoints.train`` (same config, so the runs share metric keys and steps),
-then drives headless Chromium over the DevTools protocol (``scripts/cdp.py``) and writes ``compare_runs.png`` and
-``run_images.png`` to ``--output-dir`` (default ``docs/images``). Exit code 2: Chromium is not installed.
+trains one run per learning rate with ``entrypoints.train`` (same config, so the runs share metric keys and steps;
+``--jobs`` of them at once), then drives headless Chromium over the DevTools protocol (``scripts/cdp.py``) and
+writes ``compare_runs.png`` and ``run_images.png`` to ``--output-dir`` (default ``docs/images``). Exit code 2:
+Chromium is not installed.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="configs/tiny.yaml", help="training config of the sweep")
     parser.add_argument("--data", default="", help="preprocessed data; default: generate a synthetic set")
     parser.add_argument("--overrides", default="", help="dotted overrides for every sweep run")
+    parser.add_argument("--jobs", type=int, default=1, help="sweep trainings run at once (tiny configs: all)")
     parser.add_argument("--chromium", default=None, help="Chromium executable (default: $CHROMIUM or PATH)")
     parser.add_argument("--window-size", default="1600,1200", help="viewport WIDTH,HEIGHT in CSS pixels")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for each page to render")
@@ -113,9 +115,20 @@ def mlflow_server(workdir: Path, backend_uri: str = "", artifacts: str = ""):
                 proc.wait()
 
 
+def ensure_experiment(uri: str, experiment: str) -> str:
+    """The id of ``experiment``, created when missing (before trainings that start at once could race to)."""
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    try:
+        return _http_json(uri, f"/api/2.0/mlflow/experiments/get-by-name?{query}")["experiment"]["experiment_id"]
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise
+    return _http_json(uri, "/api/2.0/mlflow/experiments/create", {"name": experiment})["experiment_id"]
+
+
 def run_sweep(uri: str, lrs: list[float], config: str, data: str, experiment: str, overrides: str,
-              workdir: Path) -> None:
-    """Train one run per learning rate with ``entrypoints.train`` (no model registration).
+              workdir: Path, jobs: int = 1) -> None:
+    """Train one run per learning rate with ``entrypoints.train`` (no model registration), ``jobs`` at a time.
 
     Raises:
         RuntimeError: a training failed; the message holds the tail of its output.
@@ -123,14 +136,26 @@ def run_sweep(uri: str, lrs: list[float], config: str, data: str, experiment: st
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(var, None)  # a caller's active run must not swallow the sweep
-    for lr in lrs:
-        cmd = [sys.executable, "-m", "entrypoints.train", "--config", str(REPO / config), "--data", data,
-               "--lr", str(lr), "--registered-model", "", "--experiment", experiment,
-               "--overrides", f"train.output_dir={workdir / 'outputs'} {overrides}".strip()]
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"training with lr={lr} failed ({done.returncode}):\n{done.stdout[-2000:]}"
-                               f"{done.stderr[-3000:]}")
+    if jobs > 1:  # share the cores: N trainings with all threads each run several times slower than one by one
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    ensure_experiment(uri, experiment)
+    pending, running = list(lrs), []
+    while pending or running:
+        while pending and len(running) < max(jobs, 1):
+            lr = pending.pop(0)
+            log = workdir / f"train-lr{lr}.log"
+            cmd = [sys.executable, "-m", "entrypoints.train", "--config", str(REPO / config), "--data", data,
+                   "--lr", str(lr), "--registered-model", "", "--experiment", experiment,
+                   "--overrides", f"train.output_dir={workdir / 'outputs'} {overrides}".strip()]
+            with log.open("w") as out:
+                running.append((lr, log, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
+                                                          stderr=subprocess.STDOUT)))
+        lr, log, proc = running.pop(0)
+        if proc.wait() != 0:
+            for *_, other in running:
+                other.kill()
+                other.wait()
+            raise RuntimeError(f"training with lr={lr} failed ({proc.returncode}):\n{log.read_text()[-5000:]}")
 
 
 def find_runs(uri: str, experiment: str) -> tuple[str, list[dict]]:
@@ -255,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_sweep:
                 data = args.data or _synthetic_data(workdir / "data")
                 lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
-                run_sweep(uri, lrs, args.config, data, args.experiment, args.overrides, workdir)
+                run_sweep(uri, lrs, args.config, data, args.experiment, args.overrides, workdir, args.jobs)
             experiment_id, runs = find_runs(uri, args.experiment)
             paths = capture(uri, experiment_id, runs, Path(args.output_dir), chromium, size, args.timeout)
     for path in paths:
@@ -272,7 +297,7 @@ def _existing(uri: str):
 def _synthetic_data(out_dir: Path) -> str:
     from segmentation.data.preprocess import run_preprocess
 
-    run_preprocess("synthetic", "", out_dir, num_images=12, height=128, width=256)
+    run_preprocess("synthetic", "", out_dir, num_images=6, height=128, width=256)  # 5 train, 1 val
     return str(out_dir)
 
 

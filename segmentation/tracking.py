@@ -378,6 +378,19 @@ def sync_journal(directory: str | Path, tracking_uri: str | None = None, timeout
     return tracker
 
 
+def _get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created when missing; safe when several trainings start at once."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another training created it first
+
+
 def start_run(experiment: str | None = None, resume_run_id: str | None = None, run_name: str | None = None,
               log_system_metrics: bool = True, enabled: bool = True, durable: bool = False) -> Tracker:
     """Start, attach to or resume the MLflow run of this training.
@@ -420,8 +433,7 @@ def start_run(experiment: str | None = None, resume_run_id: str | None = None, r
         run_id = launcher_run  # attach; set_experiment would break it
     else:
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        found = client.get_experiment_by_name(name)
-        experiment_id = found.experiment_id if found else client.create_experiment(name)
+        experiment_id = _get_or_create_experiment(client, name)
         tags = resolve_tags({MLFLOW_RUN_NAME: run_name} if run_name else {})
         run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     if durable:

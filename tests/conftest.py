@@ -40,11 +40,47 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{tail}")
 
 
-def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra: list[str] | None = None):
-    """Start ``mlflow server`` on 127.0.0.1 at a free port; returns (process, uri, log path)."""
+_SQLITE_TEMPLATE: list[Path] = []  # the migrated empty store of this session, once made
+
+
+def copy_migrated_sqlite(db: Path) -> None:
+    """Write an empty MLflow sqlite store with every schema migration applied to ``db``.
+
+    Migrating a fresh store is most of a server's start-up (5-10 s of CPU here, 20+ s under load). The migrations
+    run once per session, into a template beside the first store's folder; every later store is a copy of it, and
+    the server adds its Default experiment at start as it does on a store it migrated itself.
+    """
+    if not _SQLITE_TEMPLATE or not _SQLITE_TEMPLATE[0].is_file():
+        from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
+
+        template = db.parent.parent / f"mlflow-template-{os.getpid()}.db"
+        partial = template.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        engine = create_sqlalchemy_engine(f"sqlite:///{partial}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        partial.replace(template)
+        _SQLITE_TEMPLATE[:] = [template]
+    shutil.copyfile(_SQLITE_TEMPLATE[0], db)
+
+
+def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra: list[str] | None = None,
+                        port: int | None = None, wait: bool = True):
+    """Start ``mlflow server`` on 127.0.0.1 at ``port`` (default: a free one); returns (process, uri, log path).
+
+    Without ``backend_uri`` the store is ``workdir/mlflow.db`` (an existing one is reused, a new one is a copy of
+    the session's migrated template). ``wait=False`` returns at once: call ``wait_http(uri + "/health", ...)``
+    before using it, so that the caller can prepare other things while the server boots.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    backend_uri = backend_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    port = port or free_port()
+    if backend_uri is None:
+        db = workdir / "mlflow.db"
+        if not db.exists():
+            copy_migrated_sqlite(db)
+        backend_uri = f"sqlite:///{db}"
     log = workdir / "server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -67,6 +103,8 @@ def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra: li
         cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
     )
     uri = f"http://127.0.0.1:{port}"
+    if not wait:
+        return proc, uri, log
     try:
         wait_http(f"{uri}/health", timeout=120, proc=proc, log=log)
     except BaseException:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -19,7 +20,6 @@ from conftest import REPO, start_mlflow_server, stop_process
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
-from test_train_e2e import mlflow_run
 
 from segmentation.data.preprocess import run_preprocess
 
@@ -51,6 +51,27 @@ def auth_server(tmp_path_factory):
     stop_process(proc)
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("auth_data")
+    run_preprocess("synthetic", "", out, num_images=5, height=64, width=128, val_fraction=0.2)
+    return out
+
+
+def train(uri: str, data: Path, out: Path, experiment: str, registered_model: str = "") -> subprocess.Popen:
+    """A 1-step ``python -m entrypoints.train`` with this process's environment (credentials included).
+
+    One step and one validation (what the auth tests need: a run, metrics, artifacts, a model, a registration).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT"))}
+    cmd = [sys.executable, "-m", "entrypoints.train", "--config", "configs/tiny.yaml", "--data", str(data),
+           "--registered-model", registered_model, "--experiment", experiment,
+           "--overrides", f"train.epochs=0 train.max_steps=1 train.val_every_n_steps=1 train.sanity_val_batches=0 "
+                          f"train.output_dir={out}"]
+    return subprocess.Popen(cmd, cwd=REPO, env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def status_of(url: str, credentials: tuple[str, str] | None = None) -> int:
     request = urllib.request.Request(url)
     if credentials:
@@ -73,38 +94,34 @@ def use_credentials(monkeypatch, credentials: tuple[str, str] | None) -> None:
             monkeypatch.setenv(var, value)
 
 
-def test_unauthenticated_clients_are_refused(auth_server, monkeypatch, tmp_path):
+def test_unauthenticated_clients_are_refused(auth_server, data, monkeypatch, tmp_path):
     uri, _ = auth_server
+    use_credentials(monkeypatch, None)
+    proc = train(uri, data, tmp_path, "auth-refused")  # checked last: it runs while the requests below are made
     assert status_of(uri + "/health") == 200  # load balancers may probe without credentials
     assert status_of(uri + SEARCH) == 401
     assert status_of(uri + SEARCH, (ADMIN[0], "wrong-password-123")) == 401
     assert status_of(uri + SEARCH, ADMIN) == 200
 
-    use_credentials(monkeypatch, None)
     with pytest.raises(MlflowException, match="401"):
         MlflowClient(uri).search_experiments()
-    data = tmp_path / "data"
-    run_preprocess("synthetic", "", data, num_images=5, height=64, width=128, val_fraction=0.2)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT"))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "entrypoints.train", "--config", "configs/tiny.yaml", "--data", str(data),
-         "--registered-model", "", "--experiment", "auth-refused", "--overrides", f"train.output_dir={tmp_path}"],
-        cwd=REPO, env={**env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode != 0 and "401" in proc.stderr, proc.stderr[-3000:]
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "401" in stderr, stderr[-3000:]
     use_credentials(monkeypatch, ADMIN)
     assert MlflowClient(uri).get_experiment_by_name("auth-refused") is None  # nothing was written
 
 
-def test_pipeline_with_credentials_is_tracked_and_registered(auth_server, monkeypatch, tmp_path):
+def test_pipeline_with_credentials_is_tracked_and_registered(auth_server, data, monkeypatch, tmp_path):
     uri, _ = auth_server
     use_credentials(monkeypatch, ADMIN)
     AuthServiceClient(uri).create_user(*ALICE)
 
+    # A plain training makes every call `mlflow run` would (run, metrics, artifacts, model, registration) with
+    # the credentials from the environment; `mlflow run` itself is covered by test_train_e2e.
     use_credentials(monkeypatch, ALICE)
-    data = tmp_path / "data"
-    run_preprocess("synthetic", "", data, num_images=5, height=64, width=128, val_fraction=0.2)
-    mlflow_run(uri, "auth-team", {"config": "configs/tiny.yaml", "data": str(data), "registered_model": "auth-m",
-                                  "overrides": f"train.output_dir={tmp_path / 'out'}"})
+    proc = train(uri, data, tmp_path / "out", "auth-team", registered_model="auth-m")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("auth-team").experiment_id])

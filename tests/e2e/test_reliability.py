@@ -1,8 +1,9 @@
 """Faults during training, with real processes: kill -9 and resume, a torn checkpoint, a tracking server that goes
 away for a while, and one that stays away until the journal is synced by hand.
 
-One dedicated ``mlflow server`` (sqlite) serves the module; the outage tests stop it and start it again on the same
-port and backend. Trainings are ``python -m entrypoints.train`` subprocesses on configs/tiny.yaml.
+The kill -9 test needs no server of its own and uses the session's. The outage tests share one dedicated ``mlflow
+server`` (sqlite), which they stop and start again on the same port and backend; it boots in the background while the
+kill -9 test runs. Trainings are ``python -m entrypoints.train`` subprocesses on configs/tiny.yaml.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ import sys
 import time
 from pathlib import Path
 
-import conftest
 import pytest
 import torch
-from conftest import REPO, start_mlflow_server, stop_process
+from conftest import REPO, start_mlflow_server, stop_process, wait_http
 from mlflow import MlflowClient
 
+from entrypoints import sync_tracking
 from segmentation.checkpoint import list_checkpoints, load_weights
 from segmentation.data.preprocess import run_preprocess
 from segmentation.spool import JOURNAL_FILE
 
 pytestmark = pytest.mark.e2e
+
+EXPERIMENT = "reliability"
 
 
 class Server:
@@ -33,28 +36,32 @@ class Server:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.proc, self.uri, self.log = start_mlflow_server(workdir)
-        self.port = self.uri.rsplit(":", 1)[1]
+        self.proc, self.uri, self.log = start_mlflow_server(workdir, wait=False)
+        self.port = int(self.uri.rsplit(":", 1)[1])
+
+    def wait(self) -> Server:
+        wait_http(f"{self.uri}/health", timeout=120, proc=self.proc, log=self.log)
+        return self
 
     def stop(self) -> None:
         stop_process(self.proc)
 
     def start(self) -> None:
-        # Same port: start_mlflow_server takes its port from conftest.free_port, pinned here for one call.
-        pick = conftest.free_port
-        conftest.free_port = lambda: int(self.port)
-        try:
-            self.proc, uri, self.log = start_mlflow_server(self.workdir)
-        finally:
-            conftest.free_port = pick
+        self.proc, uri, self.log = start_mlflow_server(self.workdir, port=self.port)
         assert uri == self.uri
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def booting_server(tmp_path_factory):
+    """The outage tests' server, started (not awaited) with the module, so that it boots during the kill -9 test."""
     srv = Server(tmp_path_factory.mktemp("reliability_server"))
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def server(booting_server) -> Server:
+    return booting_server.wait()
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +72,14 @@ def data(tmp_path_factory) -> Path:
 
 
 def train(uri: str, data: Path, out: Path, overrides: str, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # One thread each: the kill -9 test runs up to three trainings at once on 2 cores (the same count everywhere
+    # also keeps float reductions, hence the weights compared bit for bit, identical between runs).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(var, None)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "entrypoints.train", "--config", "configs/tiny.yaml", "--data", str(data),
-           "--registered-model", "", "--experiment", "reliability",
+           "--registered-model", "", "--experiment", EXPERIMENT,
            "--overrides", f"train.epochs=0 train.output_dir={out} {overrides}", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=(out / "log.txt").open("w"), stderr=subprocess.STDOUT)
 
@@ -83,15 +92,18 @@ def log_tail(out: Path) -> str:
     return (out / "log.txt").read_text()[-4000:]
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, freeze: bool = False):
+    """Poll ``predicate`` every 50 ms (a tiny step takes ~0.2 s here); ``freeze`` SIGSTOPs ``proc`` once it holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = predicate()
         if found:
+            if freeze:
+                proc.send_signal(signal.SIGSTOP)
             return found
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"training exited ({proc.returncode}) before {what}")
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise TimeoutError(f"no {what} within {timeout} s")
 
 
@@ -104,12 +116,15 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_kill_9_then_resume_continues_the_run_exactly(server, data, tmp_path):
+def test_kill_9_then_resume_continues_the_run_exactly(mlflow_server, data, tmp_path):
     # Batch 1: 4 steps per epoch, so the checkpoint at step 6 is mid-epoch; augmentation stays random.
     overrides = "train.max_steps=8 train.val_every_n_steps=3 train.batch_size=1"
     full_out, killed_out = tmp_path / "full", tmp_path / "killed"
-    full = train(server.uri, data, full_out, overrides)
-    killed = train(server.uri, data, killed_out, overrides)
+    client = MlflowClient(mlflow_server)
+    if client.get_experiment_by_name(EXPERIMENT) is None:  # not left to two trainings starting at the same instant
+        client.create_experiment(EXPERIMENT)
+    full = train(mlflow_server, data, full_out, overrides)
+    killed = train(mlflow_server, data, killed_out, overrides)
     second = wait_for(lambda: (d := run_dir(killed_out)) and (d / "checkpoints" / "step-0000006").is_dir() and d,
                       timeout=240, what="2nd checkpoint", proc=killed)
     killed.send_signal(signal.SIGKILL)
@@ -123,11 +138,10 @@ def test_kill_9_then_resume_continues_the_run_exactly(server, data, tmp_path):
         fh.write('{"kind": "metrics", "step": 99, "values": {"train/lo')
     assert [p.name for p in list_checkpoints(second / "checkpoints")][-1] == "step-0000006"
 
-    resumed = train(server.uri, data, killed_out, overrides, "--resume", run_id)
+    resumed = train(mlflow_server, data, killed_out, overrides, "--resume", run_id)
     assert finish(resumed, killed_out) == 0, log_tail(killed_out)
     assert finish(full, full_out) == 0, log_tail(full_out)
 
-    client = MlflowClient(server.uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     full_id = run_dir(full_out).name
     assert steps(client, run_id, "train/loss") == list(range(1, 9)), "a step is missing or logged twice"
@@ -144,22 +158,35 @@ def journal_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def written_after(run: Path, moment: float) -> list[Path]:
+    return [p for p in list_checkpoints(run / "checkpoints") if p.stat().st_mtime > moment]
+
+
 def test_server_outage_loses_nothing_and_does_not_stop_training(server, data, tmp_path):
     out = tmp_path / "outage"
-    proc = train(server.uri, data, out, "train.max_steps=24 train.val_every_n_steps=2 callbacks.checkpoint.top_k=30")
+    proc = train(server.uri, data, out, "train.max_steps=12 train.val_every_n_steps=2 callbacks.checkpoint.top_k=30")
+    # Frozen (SIGSTOP) at its first checkpoint while the server goes down, so that the outage starts at step 2
+    # however fast the machine is.
     run = wait_for(lambda: (d := run_dir(out)) and list_checkpoints(d / "checkpoints") and d, timeout=240,
-                   what="first checkpoint", proc=proc)
-    server.stop()
-    down = time.time()
-    time.sleep(15)
-    server.start()  # the restart itself takes 15-45 s here: the outage lasts 30-60 s
+                   what="first checkpoint", proc=proc, freeze=True)
+    try:
+        server.stop()
+        down = time.time()
+        proc.send_signal(signal.SIGCONT)
+        # Training goes on while the server is down: two more checkpoints, so that at least one whole step (its
+        # metrics and its checkpoint) falls inside the outage. A training that waits for the server never gets there.
+        wait_for(lambda: len(written_after(run, down)) >= 2, timeout=90, what="2 checkpoints during the outage",
+                 proc=proc)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        server.start()
     up = time.time()
     assert finish(proc, out) == 0, log_tail(out)
 
     client = MlflowClient(server.uri)
     run_id = run.name
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert steps(client, run_id, "train/loss") == list(range(1, 25))
+    assert steps(client, run_id, "train/loss") == list(range(1, 13))
     during = [r for r in journal_records(run) if r["kind"] == "metrics" and down < r["timestamp"] / 1000 < up]
     assert during, "no metric was logged while the server was down: the outage missed the training"
     for record in during:
@@ -174,17 +201,20 @@ def test_server_outage_loses_nothing_and_does_not_stop_training(server, data, tm
 
 def test_server_down_for_good_exit_code_and_later_sync(server, data, tmp_path):
     out = tmp_path / "down"
-    proc = train(server.uri, data, out, "train.max_steps=8 train.val_every_n_steps=2",
+    proc = train(server.uri, data, out, "train.max_steps=6 train.val_every_n_steps=2",
                  "--tracking-timeout", "5", "--registered-model", "reliability-sync")
     run = wait_for(lambda: (d := run_dir(out)) and list_checkpoints(d / "checkpoints") and d, timeout=240,
-                   what="first checkpoint", proc=proc)
-    server.stop()
+                   what="first checkpoint", proc=proc, freeze=True)  # frozen until the server is gone
+    try:
+        server.stop()
+    finally:
+        proc.send_signal(signal.SIGCONT)
     try:
         code = finish(proc, out)
         log = log_tail(out)
         assert code == 3, log  # entrypoints.train: EXIT_TRACKING_INCOMPLETE
         assert "python -m entrypoints.sync_tracking" in log and str(run / "tracking") in log
-        assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] == "step-0000008"
+        assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] == "step-0000006"
         assert (run / "model" / "model.json").is_file()  # the model waits on disk too
     finally:
         server.start()
@@ -194,10 +224,9 @@ def test_server_down_for_good_exit_code_and_later_sync(server, data, tmp_path):
                           capture_output=True, text=True, timeout=180, check=False)
     assert sync.returncode == 0, sync.stdout + sync.stderr[-3000:]
     assert client.get_run(run.name).info.status == "FINISHED"
-    assert steps(client, run.name, "train/loss") == list(range(1, 9))
-    assert steps(client, run.name, "val/mIoU") == [2, 4, 6, 8]
+    assert steps(client, run.name, "train/loss") == list(range(1, 7))
+    assert steps(client, run.name, "val/mIoU") == [2, 4, 6]
     (version,) = client.search_model_versions("name='reliability-sync'")
     assert version.run_id == run.name
-    again = subprocess.run([sys.executable, "-m", "entrypoints.sync_tracking", str(run)], cwd=REPO,
-                           capture_output=True, text=True, timeout=120, check=False)
-    assert again.returncode == 0 and steps(client, run.name, "train/loss") == list(range(1, 9))  # idempotent
+    # Idempotent: a second sync (in this process: the same code without another interpreter start-up) adds nothing.
+    assert sync_tracking.main([str(run)]) == 0 and steps(client, run.name, "train/loss") == list(range(1, 7))

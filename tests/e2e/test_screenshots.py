@@ -1,5 +1,6 @@
 """The README's UI screenshots are reproducible: ``python -m scripts.screenshots`` starts its own server, runs a
-two-run sweep, and writes two PNGs that show a rendered page (not a blank page or a spinner)."""
+two-run sweep (both trainings at once), and writes two PNGs that show a rendered page (not a blank page or a spinner).
+The server's sqlite store is a copy of the session's migrated template (the migrations are most of its start-up)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import copy_migrated_sqlite
 
 from scripts.cdp import find_chromium
 
@@ -32,12 +34,15 @@ def test_screenshot_script_writes_rendered_pngs(tmp_path, repo):
     if chromium is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the screenshot script needs it")
     out = tmp_path / "images"
+    store = tmp_path / "store" / "mlflow.db"
+    store.parent.mkdir()
+    copy_migrated_sqlite(store)
     env = {**os.environ, "PYTHONPATH": str(repo)}
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(
         [sys.executable, "-m", "scripts.screenshots", "--output-dir", str(out), "--lrs", "0.01,0.05",
-         "--overrides", "train.max_steps=2", "--window-size", "1200,700", "--chromium", chromium,
-         "--timeout", "120"],
+         "--overrides", "train.max_steps=2", "--jobs", "2", "--backend-store-uri", f"sqlite:///{store}",
+         "--window-size", "1200,700", "--chromium", chromium, "--timeout", "120"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["compare_runs.png", "run_images.png"]
