@@ -6,19 +6,12 @@ import argparse
 import logging
 import sys
 
+from entrypoints._cli import str2bool
 from segmentation.config import EvalConfig
 from segmentation.eval_logging import Protocol, format_summary, run_evaluation
 from segmentation.evaluate import TTA_MODES
 
 BACKENDS = ("eager", "auto", "channels_last", "onnxruntime")
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _scales(text: str) -> tuple[float, ...]:
@@ -47,9 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="eager: the module as trained; others: the deployed path (BN folded) of "
                              "segmentation.inference")
-    parser.add_argument("--promote", type=_bool, default=False,
+    parser.add_argument("--promote", type=str2bool, default=False,
                         help="give alias production to this version if it scores >= the current holder")
-    parser.add_argument("--force", type=_bool, default=False, help="with --promote: promote whatever the scores")
+    parser.add_argument("--force", type=str2bool, default=False, help="with --promote: promote whatever the scores")
     return parser
 
 

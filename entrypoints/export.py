@@ -7,15 +7,8 @@ import json
 import logging
 import sys
 
+from entrypoints._cli import str2bool
 from segmentation.export import ParityError, run_export
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -24,7 +17,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> or a folder")
     parser.add_argument("--format", default="onnx", choices=["onnx"])
     parser.add_argument("--opset", type=int, default=17)
-    parser.add_argument("--fuse-bn", type=_bool, default=True, help="fold BatchNorm into the convs before export")
+    parser.add_argument("--fuse-bn", type=str2bool, default=True, help="fold BatchNorm into the convs before export")
     parser.add_argument("--registered-model", default="", help="register the ONNX serving model under this name")
     return parser
 

@@ -7,15 +7,8 @@ import json
 import logging
 import sys
 
+from entrypoints._cli import str2bool
 from segmentation.pipeline import PipelineParams, run_pipeline, start_parent_run
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,7 +23,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=defaults.num_images, help="synthetic dataset size")
     parser.add_argument("--num-processes", type=int, default=defaults.num_processes)
     parser.add_argument("--overrides", default=defaults.overrides, help="dotted key=value config overrides for train")
-    parser.add_argument("--reuse", type=_bool, default=defaults.reuse, help="reuse FINISHED steps with equal params")
+    parser.add_argument("--reuse", type=str2bool, default=defaults.reuse, help="reuse FINISHED steps")
     return parser
 
 

@@ -6,16 +6,9 @@ import argparse
 import logging
 import sys
 
+from entrypoints._cli import str2bool
 from segmentation.eval_logging import run_promotion
 from segmentation.registry import PRODUCTION, rollback
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,8 +16,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", required=True, help="registered model name")
     parser.add_argument("--version", default="", help="version to promote (evaluated first); empty with --rollback")
     parser.add_argument("--alias", default=PRODUCTION)
-    parser.add_argument("--force", type=_bool, default=False, help="promote even if it scores lower (recorded)")
-    parser.add_argument("--rollback", type=_bool, default=False, help="give the alias back to alias 'previous'")
+    parser.add_argument("--force", type=str2bool, default=False, help="promote even if it scores lower (recorded)")
+    parser.add_argument("--rollback", type=str2bool, default=False, help="give the alias back to alias 'previous'")
     return parser
 
 

@@ -18,6 +18,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
+from segmentation.registry import filter_literal
+
 logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -37,15 +39,6 @@ class PipelineParams:
     reuse: bool = True
 
 
-def _quote(value: str) -> str:
-    """A string literal for MLflow's search filter (which has no escapes: pick the quote the value lacks)."""
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    raise ValueError(f"cannot search for a parameter value containing both quote characters: {value}")
-
-
 EMPTY_AS_LOGGED = ("", "''")  # MLflow records an empty project parameter as the shell-quoted ``''``
 
 
@@ -57,10 +50,15 @@ def find_finished_run(
     Non-empty values are matched by the server's search; empty ones are compared here, because how an empty
     value is stored (``''`` or nothing) is not something a search filter can rely on.
     """
-    clauses = [f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = {_quote(entry_point)}", "attributes.status = 'FINISHED'"]
-    clauses += [f"params.`{key}` = {_quote(str(value))}" for key, value in parameters.items() if str(value) != ""]
+    clauses = [
+        f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = {filter_literal(entry_point)}",
+        "attributes.status = 'FINISHED'",
+    ]
+    clauses += [
+        f"params.`{key}` = {filter_literal(str(value))}" for key, value in parameters.items() if str(value) != ""
+    ]
     if git_commit:
-        clauses.append(f"tags.`{MLFLOW_GIT_COMMIT}` = {_quote(git_commit)}")
+        clauses.append(f"tags.`{MLFLOW_GIT_COMMIT}` = {filter_literal(git_commit)}")
     empty = [key for key, value in parameters.items() if str(value) == ""]
     runs = client.search_runs([experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"])
     for run in runs:
@@ -105,7 +103,9 @@ def run_step(entry_point: str, parameters: dict[str, str], reuse: bool = True) -
 
 def registered_version_of(client: MlflowClient, model_name: str, run_id: str) -> str:
     """The registry version that ``run_id`` created under ``model_name``."""
-    versions = client.search_model_versions(f"name = {_quote(model_name)} and run_id = {_quote(run_id)}")
+    versions = client.search_model_versions(
+        f"name = {filter_literal(model_name)} and run_id = {filter_literal(run_id)}"
+    )
     if not versions:
         raise RuntimeError(f"run {run_id} registered no version of model '{model_name}'")
     return max(versions, key=lambda v: int(v.version)).version

@@ -143,13 +143,13 @@ def find_evaluation(model_name: str, version: str | int, data_key: str | None, m
     return next((run.data.metrics[metric] for run in runs if metric in run.data.metrics), None)
 
 
-def _quote(value: str) -> str:
+def filter_literal(value: str) -> str:
     # MLflow's search filters have no escape sequences: use the quote character the value does not contain.
     if "'" not in value:
         return f"'{value}'"
     if '"' not in value:
         return f'"{value}"'
-    raise ValueError(f"cannot search the registry for a model name containing both quote characters: {value}")
+    raise ValueError(f"cannot search for a value containing both quote characters: {value}")
 
 
 def link_companion(name: str, version: str | int, source_name: str, source_version: str | int,
@@ -176,7 +176,7 @@ def companion_versions(source_name: str, client: MlflowClient | None = None) -> 
     """``{companion model: {source version: its newest version made from that source version}}``."""
     client = client or MlflowClient()
     found: dict[str, dict[str, str]] = {}
-    for mv in client.search_model_versions(f"tags.`{SOURCE_NAME_TAG}` = {_quote(source_name)}"):
+    for mv in client.search_model_versions(f"tags.`{SOURCE_NAME_TAG}` = {filter_literal(source_name)}"):
         made_from, source_version = found.setdefault(mv.name, {}), mv.tags.get(SOURCE_VERSION_TAG)
         if source_version and int(mv.version) > int(made_from.get(source_version, 0)):
             made_from[source_version] = str(mv.version)
