@@ -9,6 +9,7 @@ import sys
 
 from entrypoints._cli import str2bool
 from segmentation.pipeline import PipelineParams, run_pipeline, start_parent_run
+from segmentation.tracking import check_tracking_server
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         num_processes=args.num_processes,
         reuse=args.reuse,
     )
+    try:
+        check_tracking_server()
+    except ConnectionError as exc:
+        print(f"pipeline failed: {exc}", file=sys.stderr)
+        return 2
     with start_parent_run():
         steps = run_pipeline(params)
     print(json.dumps(steps, indent=2))
