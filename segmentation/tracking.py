@@ -165,8 +165,19 @@ class Tracker:
         if self.enabled:
             dataset = mlflow.data.from_pandas(table, source=source, name=name)
             self._digest = dataset.digest
-            self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                              [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+            inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+            for attempt in range(3):
+                try:
+                    self.client.log_inputs(self.run_id, inputs)
+                    return
+                except MlflowException as exc:
+                    # The server inserts a new dataset row after checking that none exists; when several trainings
+                    # of one experiment start together, the losers hit the unique constraint (sqlite and
+                    # PostgreSQL). The row exists by then, so the retry links it to this run.
+                    duplicate = "UNIQUE constraint" in str(exc) or "duplicate key" in str(exc)
+                    if not duplicate or attempt == 2:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
 
     @property
     def dataset_digest(self) -> str | None:
