@@ -6,6 +6,11 @@ Training appends each write (a batch of metrics, an image, a checkpoint folder t
 capped backoff, so an outage only delays the records; if it outlasts the run, the journal stays on disk and
 ``python -m entrypoints.sync_tracking <directory>`` delivers the rest later.
 
+Metric records are coalesced: the sender starts a metrics request at most once every ``min_interval_s`` and sends
+everything queued by then as one batch, so a training that logs every step costs the server (and the CPU it shares
+with training) one request per interval instead of one per step. Images, uploads and the final status are sent as
+soon as they are queued; :meth:`Journal.drain` and :meth:`Journal.close` flush without waiting.
+
 Guarantees: a process killed at any point (``kill -9``) loses nothing already appended (every line is flushed to
 the OS before ``append`` returns; a half-written last line is cut off on reopen). A record delivered but not yet
 acknowledged in ``sent`` when the process dies is delivered again: metric batches are idempotent on the server
@@ -17,8 +22,10 @@ This module knows nothing about MLflow: :mod:`segmentation.tracking` provides ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +39,18 @@ JOURNAL_FILE = "journal.jsonl"
 CURSOR_FILE = "sent"
 REJECTED_FILE = "rejected.jsonl"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+SENDER_NICE = 10  # how much nicer than training the sender thread runs (Linux): training's threads come first
+
+
+def lower_thread_priority(increment: int = SENDER_NICE) -> None:
+    """Make the calling thread yield the CPU to the process's other threads (Linux; a no-op elsewhere).
+
+    On Linux ``setpriority(PRIO_PROCESS, tid)`` applies to one thread: training's compute threads keep their
+    priority while background delivery takes the CPU time they leave (niceness + ``increment``, at most 19).
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -61,13 +80,19 @@ class Journal:
             raises on failure.
         is_transient: whether a failure of ``send`` is worth retrying (server down, 5xx) rather than final.
         max_backoff_s: longest wait between two attempts while the server is unreachable.
+        min_interval_s: shortest time between the start of a request and the next metrics request; metric records
+            queued meanwhile go out together. 0 sends each one as soon as the previous request is done.
     """
 
     def __init__(self, directory: str | Path, send: Callable[[list[dict]], None],
-                 is_transient: Callable[[BaseException], bool], max_backoff_s: float = 5.0) -> None:
+                 is_transient: Callable[[BaseException], bool], max_backoff_s: float = 5.0,
+                 min_interval_s: float = 0.0) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._send, self._is_transient, self._max_backoff = send, is_transient, max_backoff_s
+        self._min_interval = min_interval_s
+        self._flushing = 0  # callers inside drain(): send what is queued without waiting for the interval
+        self.requests = 0  # send attempts made by this session
         self._path = self.directory / JOURNAL_FILE
         self._records = _read_records(self._path)
         cursor = self.directory / CURSOR_FILE
@@ -108,12 +133,17 @@ class Journal:
         """Wait up to ``timeout`` seconds for every appended record to be delivered; True when none is left."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._sent < len(self._records) and self._thread.is_alive():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return self._sent >= len(self._records)
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                while self._sent < len(self._records) and self._thread.is_alive():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return self._sent >= len(self._records)
+            finally:
+                self._flushing -= 1
 
     def close(self, timeout: float) -> bool:
         """Drain for up to ``timeout`` seconds, then stop the sender; True when everything was delivered.
@@ -142,15 +172,34 @@ class Journal:
             count += len(record["values"])
         return batch
 
+    def _wait_to_coalesce(self, not_before: float) -> None:
+        """Hold a metrics request until ``not_before`` (monotonic) so that later metric records join it.
+
+        Called with the lock held; returns early when a non-metric record is queued, on drain or on close.
+        """
+        while not (self._stop or self._flushing):
+            remaining = not_before - time.monotonic()
+            if remaining <= 0 or any(r.get("kind") != "metrics" for r in self._records[self._sent:]):
+                return
+            self._cond.wait(remaining)
+
     def _run(self) -> None:
+        lower_thread_priority()
         backoff = initial = min(0.5, self._max_backoff)
+        not_before = 0.0
         while True:
             with self._cond:
                 while self._sent >= len(self._records) and not self._stop:
                     self._cond.wait()
                 if self._stop:
                     return
+                if self._records[self._sent].get("kind") == "metrics":
+                    self._wait_to_coalesce(not_before)
+                    if self._stop:
+                        return
                 batch = self._next_batch()
+            not_before = time.monotonic() + self._min_interval
+            self.requests += 1
             try:
                 self._send(batch)
             except Exception as exc:  # noqa: BLE001 - classified below; the sender must survive anything

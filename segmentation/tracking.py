@@ -50,6 +50,9 @@ MAX_PARAM_CHARS = 6000  # the server silently truncates longer values
 JOURNAL_DIR = "tracking"  # beside checkpoints/ in <output_dir>/<run_id>/
 META_FILE = "run.json"
 SYNC_COMMAND = "python -m entrypoints.sync_tracking"
+# Metric records logged within this many seconds travel in one request (see segmentation.spool): the server and the
+# sender then cost a training that logs every step a request every 2 s rather than one per step.
+METRICS_INTERVAL_S = 2.0
 # With the journal retrying for as long as it takes, a single request need not retry for minutes (MLflow's default:
 # 7 retries with exponential backoff): that would only delay noticing that the server is back. Users' values win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -143,14 +146,18 @@ class Tracker:
         existing = self.client.get_run(self.run_id).data.params
         flat = flatten(cfg, CONFIG_PARAM_PREFIX)
         resumed = any(key in existing for key in flat)
-        self.log_params(flat)  # a resumed run already holds them: MLflow refuses to change a logged value
+        self.log_params(flat, existing)  # a resumed run already holds them: MLflow refuses to change a value
         self.client.log_text(self.run_id, to_yaml(cfg), "config/resolved-resume.yaml" if resumed else CONFIG_ARTIFACT)
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params that are not on the run yet (never re-log a key, e.g. one MLflow logged from ``-P``)."""
+    def log_params(self, params: Mapping[str, Any], existing: Mapping[str, str] | None = None) -> None:
+        """Log params that are not on the run yet (never re-log a key, e.g. one MLflow logged from ``-P``).
+
+        ``existing``: the run's params when the caller has just read them (saves a request).
+        """
         if not self.enabled:
             return
-        existing = self.client.get_run(self.run_id).data.params
+        if existing is None:
+            existing = self.client.get_run(self.run_id).data.params
         new = {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items() if k not in existing}
         items = [mlflow.entities.Param(k, v) for k, v in new.items()]
         for i in range(0, len(items), 100):
@@ -207,8 +214,15 @@ class Tracker:
         return Path(self.client.download_artifacts(self.run_id, path, str(dst_dir)))
 
     # -- during training (journaled) -------------------------------------------------------------------------------
-    def open_journal(self, directory: str | Path, system_metrics_interval: float = 10.0) -> None:
-        """Route every later write through a journal in ``directory`` (reopened as is after a kill or a resume)."""
+    def open_journal(self, directory: str | Path, system_metrics_interval: float = 10.0,
+                     metrics_interval: float = METRICS_INTERVAL_S) -> None:
+        """Route every later write through a journal in ``directory`` (reopened as is after a kill or a resume).
+
+        Args:
+            directory: the journal folder (``<output_dir>/<run_id>/tracking``).
+            system_metrics_interval: seconds between two ``system/*`` samples; 0 turns sampling off.
+            metrics_interval: seconds during which metric records are gathered into one request.
+        """
         if not self.enabled:
             return
         for key, value in HTTP_DEFAULTS.items():
@@ -218,7 +232,7 @@ class Tracker:
         meta = {"run_id": self.run_id, "tracking_uri": self.tracking_uri}
         write_text_atomic(directory / META_FILE, json.dumps(meta))
         self._journal_dir = directory  # before the Journal: its thread may send a backlog at once
-        self.journal = Journal(directory, self._send, is_transient)
+        self.journal = Journal(directory, self._send, is_transient, min_interval_s=metrics_interval)
         for record in self.journal.records:
             if record["kind"] in ("metrics", "image"):
                 for key in record["values"] if record["kind"] == "metrics" else [record["key"]]:
@@ -384,7 +398,7 @@ def sync_journal(directory: str | Path, tracking_uri: str | None = None, timeout
     tracking_uri = tracking_uri or meta["tracking_uri"]
     mlflow.set_tracking_uri(tracking_uri)  # the model record logs through MLflow's fluent API
     tracker = Tracker(meta["run_id"], tracking_uri=tracking_uri)
-    tracker.open_journal(directory, system_metrics_interval=0)
+    tracker.open_journal(directory, system_metrics_interval=0, metrics_interval=0)
     tracker.journal.close(timeout)
     return tracker
 
@@ -446,9 +460,10 @@ def start_run(experiment: str | None = None, resume_run_id: str | None = None, r
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         experiment_id = _get_or_create_experiment(client, name)
         tags = resolve_tags({MLFLOW_RUN_NAME: run_name} if run_name else {})
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id  # RUNNING already
     if durable:
-        client.update_run(run_id, status="RUNNING")
+        if resume_run_id:  # it had ended; new runs and the runs `mlflow run` creates are RUNNING already
+            client.update_run(run_id, status="RUNNING")
     else:
         mlflow.config.enable_async_logging(True)
         mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
