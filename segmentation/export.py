@@ -29,6 +29,7 @@ from torch import nn
 
 from segmentation import registry
 from segmentation.data.classes import ClassInfo
+from segmentation.inference import ParityError, check_parity
 from segmentation.io import atomic_path, write_text_atomic
 from segmentation.models import build_model
 from segmentation.models import fuse_bn as fold_batchnorm
@@ -249,12 +250,21 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = 17, fuse_bn: bo
     return Path(path)
 
 
-class ParityError(ValueError):
-    """The exported model does not compute what the PyTorch model computes; ``result`` holds the numbers."""
+class _OnnxFile:
+    """An ONNX file run by onnxruntime (CPU) as a logits callable, for :func:`check_parity`."""
 
-    def __init__(self, message: str, result: dict[str, float] | None = None) -> None:
-        super().__init__(message)
-        self.result = result or {}
+    def __init__(self, path: str | Path) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), providers=ONNX_PROVIDERS)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.cpu().numpy()})[0])
+
+    def __repr__(self) -> str:
+        return f"ONNX file {self.path}"
 
 
 def verify_onnx(
@@ -269,54 +279,18 @@ def verify_onnx(
 ) -> dict[str, float]:
     """Compare onnxruntime (CPU) with the PyTorch model (eval mode) on fresh random inputs of several sizes.
 
-    The logit tolerance is ``atol + rtol * max|logit|``: fp32 sums over thousands of products differ in the last
-    bits between two correct implementations, so a barely trained model whose logits reach the hundreds can show
-    a 1e-3 absolute difference that is a 1e-6 relative one. For a trained model (|logits| < ~50) it is ``atol``.
+    The rule is :func:`segmentation.inference.check_parity`'s: max |logit diff| <= ``atol + rtol * max|logit|`` and
+    argmax agreement >= ``min_agreement`` at every size.
 
     Returns:
-        ``{"max_abs_diff": worst |logit difference|, "argmax_agreement": share of pixels with equal argmax}``.
+        ``{"max_abs_diff", "argmax_agreement", "max_abs_logit"}`` (worst over ``sizes``).
 
     Raises:
-        ParityError: ``max_abs_diff > atol`` or ``argmax_agreement < min_agreement``; the message gives the
-            numbers per size and the seed that reproduces them.
+        ParityError: either tolerance is exceeded or a shape differs; the message gives the numbers per size and the
+            seed that reproduces them.
     """
-    import onnxruntime as ort
-
     seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
-    generator = torch.Generator().manual_seed(seed)
-    session = ort.InferenceSession(str(onnx_path), providers=ONNX_PROVIDERS)
-    was_training = model.training
-    model.eval()
-    per_size, worst, equal, total, scale = [], 0.0, 0, 0, 0.0
-    try:
-        for height, width in sizes:
-            x = torch.randn(batch_size, 3, height, width, generator=generator)
-            with torch.no_grad():
-                expected = model(x).numpy()
-            got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-            if got.shape != expected.shape:
-                raise ParityError(
-                    f"{onnx_path}: output shape {got.shape} for input {tuple(x.shape)}; "
-                    f"PyTorch gives {expected.shape} (were the dynamic axes exported?)"
-                )
-            diff = float(np.abs(got - expected).max())
-            same, pixels = int((got.argmax(1) == expected.argmax(1)).sum()), expected[:, 0].size
-            worst, equal, total = max(worst, diff), equal + same, total + pixels
-            scale = max(scale, float(np.abs(expected).max()))
-            per_size.append(f"{height}x{width}: max|diff| {diff:.3g}, argmax agreement {same / pixels:.5f}")
-    finally:
-        model.train(was_training)
-    result = {"max_abs_diff": worst, "argmax_agreement": equal / total, "max_abs_logit": scale}
-    allowed = atol + rtol * scale
-    if worst > allowed or result["argmax_agreement"] < min_agreement:
-        raise ParityError(
-            f"ONNX parity check failed for {onnx_path} (seed {seed}): max|diff| {worst:.3g} "
-            f"(allowed {allowed:.3g} = {atol:g} + {rtol:g} x max|logit| {scale:.3g}), "
-            f"argmax agreement {result['argmax_agreement']:.5f} (required "
-            f"{min_agreement:g}); per size: " + "; ".join(per_size),
-            result,
-        )
-    return result
+    return check_parity(_OnnxFile(onnx_path), model, sizes, batch_size, atol, min_agreement, seed, rtol)
 
 
 CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -52,8 +52,12 @@ _PROBE_SIZE = (64, 128)  # the size of the parity probe run when "auto" builds a
 _DIMS = {0: "batch", 2: "height", 3: "width"}
 
 
-class ParityError(RuntimeError):
-    """An optimised path disagrees with eager fp32 beyond the tolerance."""
+class ParityError(ValueError):
+    """An optimised or exported path disagrees with eager fp32 beyond the tolerance; ``result`` holds the numbers."""
+
+    def __init__(self, message: str, result: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.result = result or {}
 
 
 def _export_onnx(model: nn.Module, opset: int = 17) -> bytes:
@@ -186,34 +190,37 @@ class Predictor:
         return f"Predictor(backend={self.backend!r}, device={self.device})"
 
 
-def check_parity(predictor: Predictor, reference: nn.Module, sizes: Sequence[tuple[int, int]] = PARITY_SIZES,
-                 batch: int = 2, atol: float = PARITY_ATOL, min_agreement: float = PARITY_MIN_AGREEMENT,
-                 seed: int = 0, rtol: float = 1e-5) -> dict:
+def check_parity(predictor: Callable[[torch.Tensor], torch.Tensor], reference: nn.Module,
+                 sizes: Sequence[tuple[int, int]] = PARITY_SIZES, batch: int = 2, atol: float = PARITY_ATOL,
+                 min_agreement: float = PARITY_MIN_AGREEMENT, seed: int = 0, rtol: float = 1e-5) -> dict:
     """Compare ``predictor`` with eager fp32 ``reference`` (in eval mode) on seeded random inputs.
 
-    The logit tolerance is ``atol + rtol * max|logit|``, the rule of :func:`segmentation.export.verify_onnx`: a barely
-    trained model with logits in the hundreds differs by more than 1e-3 in absolute terms between two correct fp32
-    implementations.
+    The logit tolerance is ``atol + rtol * max|logit|``: fp32 sums over thousands of products differ in the last
+    bits between two correct implementations, so a barely trained model whose logits reach the hundreds can show a
+    1e-3 absolute difference that is a 1e-6 relative one. For a trained model (|logits| < ~50) it is ``atol``.
+    :func:`segmentation.export.verify_onnx` applies the same check to an exported ONNX file.
 
     Args:
-        predictor: the path under test (anything callable returning logits, e.g. a :class:`Predictor`).
+        predictor: the path under test (anything callable returning logits, e.g. a :class:`Predictor`); its
+            ``repr`` names it in the error message.
         reference: the original, unfused module; its train/eval mode is restored afterwards.
         sizes: ``(H, W)`` input sizes to try.
         batch: batch size of each input.
-        atol: largest allowed max |diff| on logits.
-        min_agreement: smallest allowed fraction of pixels with the same argmax.
-        seed: seed of the random inputs.
+        atol: largest allowed max |diff| on logits (plus ``rtol`` x the largest |logit|).
+        min_agreement: smallest allowed fraction of pixels with the same argmax, at every size.
+        seed: seed of the random inputs (given in the error message, to reproduce a failure).
+        rtol: relative part of the logit tolerance.
 
     Returns:
-        ``{"max_abs_diff": float, "argmax_agreement": float}``, the worst over ``sizes``.
+        ``{"max_abs_diff", "argmax_agreement", "max_abs_logit"}``, the worst over ``sizes``.
 
     Raises:
-        ParityError: a shape differs, or either tolerance is exceeded.
+        ParityError: a shape differs, or either tolerance is exceeded; the message gives the numbers per size.
     """
     generator = torch.Generator().manual_seed(seed)
     was_training = reference.training
     reference.eval()
-    worst_diff, worst_agreement, scale = 0.0, 1.0, 0.0
+    worst_diff, worst_agreement, scale, per_size = 0.0, 1.0, 0.0, []
     try:
         for height, width in sizes:
             x = torch.randn(batch, 3, height, width, generator=generator).to(_device(reference))
@@ -222,17 +229,19 @@ def check_parity(predictor: Predictor, reference: nn.Module, sizes: Sequence[tup
                 got = predictor(x).float().cpu()
             if got.shape != expected.shape:
                 raise ParityError(f"{predictor!r}: output shape {tuple(got.shape)} for input {tuple(x.shape)}, "
-                                  f"eager gives {tuple(expected.shape)}")
-            worst_diff = max(worst_diff, (got - expected).abs().max().item())
+                                  f"eager gives {tuple(expected.shape)} (were the dynamic axes exported?)")
+            diff = (got - expected).abs().max().item()
+            agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+            worst_diff, worst_agreement = max(worst_diff, diff), min(worst_agreement, agreement)
             scale = max(scale, expected.abs().max().item())
-            worst_agreement = min(worst_agreement, (got.argmax(1) == expected.argmax(1)).float().mean().item())
+            per_size.append(f"{height}x{width}: max|diff| {diff:.3g}, argmax agreement {agreement:.5f}")
     finally:
         reference.train(was_training)
-    result = {"max_abs_diff": worst_diff, "argmax_agreement": worst_agreement}
+    result = {"max_abs_diff": worst_diff, "argmax_agreement": worst_agreement, "max_abs_logit": scale}
     allowed = atol + rtol * scale
     if not worst_diff <= allowed or worst_agreement < min_agreement:  # "not <=" also catches NaN
-        raise ParityError(f"{predictor!r} disagrees with eager fp32 on sizes {list(sizes)}: max|diff| "
-                          f"{worst_diff:.3g} (allowed {allowed:.3g} = {atol} + {rtol} x max|logit| {scale:.3g}), "
-                          f"argmax agreement {worst_agreement:.5f} "
-                          f"(required {min_agreement})")
+        raise ParityError(f"{predictor!r} disagrees with eager fp32 (seed {seed}): max|diff| {worst_diff:.3g} "
+                          f"(allowed {allowed:.3g} = {atol:g} + {rtol:g} x max|logit| {scale:.3g}), argmax agreement "
+                          f"{worst_agreement:.5f} (required {min_agreement:g}); per size: " + "; ".join(per_size),
+                          result)
     return result
