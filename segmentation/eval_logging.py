@@ -195,8 +195,8 @@ def run_evaluation(model_uri: str, protocol: Protocol, promote: bool = False, fo
     """
     ref = registry.describe_model_uri(model_uri)
     if promote and not (ref.name and ref.version):
-        raise ValueError(f"promote=true needs a registered model (models:/<name>/<version> or models:/<name>@alias)"
-                         f", got model_uri={model_uri!r}")
+        raise ValueError(f"promote=true needs a registered model (models:/<name>/<version>, models:/<name>/latest "
+                         f"or models:/<name>@alias), got model_uri={model_uri!r}")
     protocol = Protocol(**{**asdict(protocol), "data": str(Path(protocol.data).resolve())})
     with attached_run(run_name="evaluate") as run_id:
         result, key = _evaluate(model_uri, protocol, protocol.num_worst)

@@ -71,17 +71,23 @@ class Promotion:
 
 
 def describe_model_uri(model_uri: str, client: MlflowClient | None = None) -> ModelRef:
-    """Resolve ``models:/name/version``, ``models:/name@alias`` and ``runs:/id/...`` to name, version and run id.
+    """Resolve ``models:/name/version``, ``models:/name/latest``, ``models:/name@alias`` and ``runs:/id/...`` to
+    name, version and run id (``latest``: the highest version number, as MLflow resolves it).
 
     Local paths and URIs the registry does not know come back with ``uri`` only.
     """
     client = client or MlflowClient()
-    if match := re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/]+))/?", model_uri):
+    if match := re.fullmatch(r"models:/([^/@]+)(?:/(\d+|latest)|@([^/]+))/?", model_uri):
         name, version, alias = match.groups()
         try:
-            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        except MlflowException:
-            return ModelRef(model_uri, name, version)
+            if alias:
+                mv = client.get_model_version_by_alias(name, alias)
+            elif version == "latest":
+                mv = max(client.search_model_versions(f"name = {filter_literal(name)}"), key=lambda v: int(v.version))
+            else:
+                mv = client.get_model_version(name, version)
+        except (MlflowException, ValueError):  # ValueError: max() of a model without versions
+            return ModelRef(model_uri, name, None if version == "latest" else version)
         return ModelRef(model_uri, name, str(mv.version), mv.run_id)
     if match := re.fullmatch(r"runs:/([^/]+)(/.*)?", model_uri):
         return ModelRef(model_uri, run_id=match.group(1))
@@ -100,7 +106,7 @@ def get_version(model_name: str, version: str | int, client: MlflowClient | None
     except MlflowException:
         models = sorted(m.name for m in client.search_registered_models())
         raise ValueError(f"registered model {model_name!r} does not exist; registered models: {models}") from None
-    existing = sorted(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
+    existing = sorted(int(v.version) for v in client.search_model_versions(f"name = {filter_literal(model_name)}"))
     raise ValueError(f"model {model_name!r} has no version {str(version)!r}; existing versions: {existing}") from None
 
 

@@ -42,6 +42,18 @@ def client(tracking_uri) -> MlflowClient:
     return MlflowClient(tracking_uri)
 
 
+def test_model_uris_resolve_to_name_version_and_run(client):
+    name = _registered_model(client, 3)
+    client.set_registered_model_alias(name, "production", "2")
+    runs = {str(v.version): v.run_id for v in client.search_model_versions(f"name = '{name}'")}
+    for uri, version in [(f"models:/{name}/1", "1"), (f"models:/{name}/latest", "3"),
+                         (f"models:/{name}@production", "2")]:
+        ref = registry.describe_model_uri(uri, client)
+        assert (ref.name, ref.version, ref.run_id) == (name, version, runs[version]), uri
+    missing = registry.describe_model_uri("models:/no-such-model/latest", client)
+    assert (missing.name, missing.version, missing.run_id) == ("no-such-model", None, None)
+
+
 def test_alias_moves_only_when_at_least_as_good_and_previous_allows_rollback(client):
     name = _registered_model(client, 4)
     first = registry.promote(name, 1, candidate_value=0.50, data_key=DATA, run_id="run-a", client=client)
