@@ -92,7 +92,6 @@ class Journal:
         self._send, self._is_transient, self._max_backoff = send, is_transient, max_backoff_s
         self._min_interval = min_interval_s
         self._flushing = 0  # callers inside drain(): send what is queued without waiting for the interval
-        self.requests = 0  # send attempts made by this session
         self._path = self.directory / JOURNAL_FILE
         self._records = _read_records(self._path)
         cursor = self.directory / CURSOR_FILE
@@ -199,7 +198,6 @@ class Journal:
                         return
                 batch = self._next_batch()
             not_before = time.monotonic() + self._min_interval
-            self.requests += 1
             try:
                 self._send(batch)
             except Exception as exc:  # noqa: BLE001 - classified below; the sender must survive anything
