@@ -159,6 +159,16 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """5 synthetic 64x128 images (4 train, 1 val) for trainings that only read them; shared by the session."""
+    from segmentation.data.preprocess import run_preprocess
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    run_preprocess("synthetic", "", out, num_images=5, height=64, width=128, val_fraction=0.2)
+    return out
+
+
+@pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
 

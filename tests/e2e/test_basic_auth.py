@@ -21,8 +21,6 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
 
-from segmentation.data.preprocess import run_preprocess
-
 pytestmark = pytest.mark.e2e
 
 ADMIN = ("admin", "admin-password-for-tests")  # the auth app rejects passwords shorter than 12 characters
@@ -52,10 +50,8 @@ def auth_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("auth_data")
-    run_preprocess("synthetic", "", out, num_images=5, height=64, width=128, val_fraction=0.2)
-    return out
+def data(tiny_data) -> Path:
+    return tiny_data
 
 
 def train(uri: str, data: Path, out: Path, experiment: str, registered_model: str = "") -> subprocess.Popen:

@@ -23,8 +23,6 @@ import pytest
 from conftest import REPO, drop_postgres_db, make_postgres_db, start_mlflow_server, stop_process, wait_http
 from mlflow import MlflowClient
 
-from segmentation.data.preprocess import run_preprocess
-
 pytestmark = pytest.mark.e2e
 
 RUNS = 4
@@ -62,10 +60,8 @@ def servers(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("concurrency_data")
-    run_preprocess("synthetic", "", out, num_images=5, height=64, width=128, val_fraction=0.2)
-    return out
+def data(tiny_data) -> Path:
+    return tiny_data
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
