@@ -16,12 +16,21 @@ from pathlib import Path
 
 from benchmarks.common import describe_machine, markdown_table, peak_rss_mib, write_results
 from segmentation.config import load_config
-from segmentation.data import build_dataloader, run_preprocess
+from segmentation.data.datasets import build_dataloader
+from segmentation.data.preprocess import run_preprocess
 
 
 def measure(root: Path, num_workers: int, num_samples: int, batch_size: int) -> dict:
-    cfg = load_config(None, [f"data.root={root}", "augmentation.crop_height=1024", "augmentation.crop_width=1024",
-                             f"system.num_workers={num_workers}", "system.cpu=true"])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "augmentation.crop_height=1024",
+            "augmentation.crop_width=1024",
+            f"system.num_workers={num_workers}",
+            "system.cpu=true",
+        ],
+    )
     loader = build_dataloader(cfg, "train", train=True, batch_size=batch_size, shuffle=True)
     seen, start, epochs = 0, None, 0
     while seen < num_samples:
@@ -34,8 +43,15 @@ def measure(root: Path, num_workers: int, num_samples: int, batch_size: int) -> 
                 break
         epochs += 1
     elapsed = time.perf_counter() - start
-    return {"workers": num_workers, "batch_size": batch_size, "samples": seen, "seconds": elapsed,
-            "samples_per_s": seen / elapsed, "ms_per_sample": 1000 * elapsed / seen, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "workers": num_workers,
+        "batch_size": batch_size,
+        "samples": seen,
+        "seconds": elapsed,
+        "samples_per_s": seen / elapsed,
+        "ms_per_sample": 1000 * elapsed / seen,
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         run_preprocess("synthetic", "", tmp, num_images=args.images, height=1024, width=2048, val_fraction=0.0)
         rows = [measure(Path(tmp), w, args.samples, args.batch_size) for w in args.workers]
     print(describe_machine())
-    print(markdown_table(rows, ["workers", "batch_size", "samples", "samples_per_s", "ms_per_sample",
-                                "peak_rss_mib"]))
+    print(markdown_table(rows, ["workers", "batch_size", "samples", "samples_per_s", "ms_per_sample", "peak_rss_mib"]))
     print(f"results: {write_results('data_loading', rows, {'input': '1024x2048 PNG', 'crop': '1024x1024'})}")
     return 0
 

@@ -24,8 +24,10 @@ from torch import nn
 
 from benchmarks import ceilings
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
-from segmentation.inference import Predictor, check_parity, create_session
-from segmentation.inference import _export_onnx as export_onnx_bytes
+from segmentation.inference.onnx import create_session
+from segmentation.inference.parity import check_parity
+from segmentation.inference.predictor import Predictor
+from segmentation.inference.predictor import _export_onnx as export_onnx_bytes
 from segmentation.models import FCHarDNet, fuse_bn
 
 SIZES = ((512, 1024), (1024, 2048))
@@ -34,8 +36,23 @@ REPEATS = {(512, 1024): 5, (1024, 2048): 3}
 COMPILE_SIZES = {(512, 1024)}
 MIN_CPU_SHARE = 0.85
 RETRIES = 2
-COLUMNS = ["model", "path", "input", "median_ms", "min_ms", "max_ms", "img/s", "cpu_share", "conv GFLOP/s",
-           "% of GEMM", "speedup vs eager", "large/small time", "mem MiB", "max|diff|", "argmax agree"]
+COLUMNS = [
+    "model",
+    "path",
+    "input",
+    "median_ms",
+    "min_ms",
+    "max_ms",
+    "img/s",
+    "cpu_share",
+    "conv GFLOP/s",
+    "% of GEMM",
+    "speedup vs eager",
+    "large/small time",
+    "mem MiB",
+    "max|diff|",
+    "argmax agree",
+]
 
 
 class PeakRss:
@@ -152,8 +169,9 @@ def measure(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats
     return best, out
 
 
-def bench_model(name: str, model: nn.Module, paths: dict[str, Callable[[], Callable]], sizes, gemm: float,
-                failures: list[str]) -> list[dict]:
+def bench_model(
+    name: str, model: nn.Module, paths: dict[str, Callable[[], Callable]], sizes, gemm: float, failures: list[str]
+) -> list[dict]:
     rows = []
     for height, width in sizes:
         x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
@@ -166,9 +184,16 @@ def bench_model(name: str, model: nn.Module, paths: dict[str, Callable[[], Calla
             fn = build()
             build_s = time.perf_counter() - start
             timing, out = measure(fn, x, REPEATS.get((height, width), 3))
-            row = {"model": name, "path": path, "input": f"{height}x{width}", **timing, "build_s": build_s,
-                   "img/s": 1000 / timing["median_ms"], "conv GMACs": macs / 1e9,
-                   "conv GFLOP/s": 2 * macs / timing["median_ms"] / 1e6}
+            row = {
+                "model": name,
+                "path": path,
+                "input": f"{height}x{width}",
+                **timing,
+                "build_s": build_s,
+                "img/s": 1000 / timing["median_ms"],
+                "conv GMACs": macs / 1e9,
+                "conv GFLOP/s": 2 * macs / timing["median_ms"] / 1e6,
+            }
             row["% of GEMM"] = 100 * row["conv GFLOP/s"] / gemm
             if reference is None:
                 reference, eager_ms = out.float(), timing["median_ms"]
@@ -178,8 +203,11 @@ def bench_model(name: str, model: nn.Module, paths: dict[str, Callable[[], Calla
             if not diff <= 1e-3 or agree < 0.999:
                 failures.append(f"{name} {path} {height}x{width}: max|diff| {diff:.3g}, argmax agreement {agree:.5f}")
             rows.append(row)
-            print(f"  {name:<24} {path:<38} {height}x{width}: {timing['median_ms']:.0f} ms "
-                  f"(cpu_share {timing['cpu_share']:.2f}, build {build_s:.1f} s)", flush=True)
+            print(
+                f"  {name:<24} {path:<38} {height}x{width}: {timing['median_ms']:.0f} ms "
+                f"(cpu_share {timing['cpu_share']:.2f}, build {build_s:.1f} s)",
+                flush=True,
+            )
             del fn, out
     return rows
 
@@ -199,15 +227,30 @@ def targets(rows: list[dict], gemm: float) -> list[dict]:
     eager = get.get(("FC-HarDNet", "eager NCHW", "512x1024"))
     if all(deployed):
         ratio = deployed[1]["median_ms"] / deployed[0]["median_ms"]
-        out.append({"target": "deployed: time(1024x2048) <= 4.2 x time(512x1024)", "value": f"{ratio:.2f}x",
-                    "met": ratio <= 4.2})
+        out.append(
+            {
+                "target": "deployed: time(1024x2048) <= 4.2 x time(512x1024)",
+                "value": f"{ratio:.2f}x",
+                "met": ratio <= 4.2,
+            }
+        )
     if deployed[0] and eager:
         speedup = eager["median_ms"] / deployed[0]["median_ms"]
-        out.append({"target": "deployed >= 1.3x faster than unfused NCHW eager at 512x1024",
-                    "value": f"{speedup:.2f}x", "met": speedup >= 1.3})
+        out.append(
+            {
+                "target": "deployed >= 1.3x faster than unfused NCHW eager at 512x1024",
+                "value": f"{speedup:.2f}x",
+                "met": speedup >= 1.3,
+            }
+        )
     for row in filter(None, deployed):
-        out.append({"target": f"deployed conv FLOP rate >= 50% of GEMM ({gemm:.0f} GFLOP/s) at {row['input']}",
-                    "value": f"{row['% of GEMM']:.0f}%", "met": row["% of GEMM"] >= 50})
+        out.append(
+            {
+                "target": f"deployed conv FLOP rate >= 50% of GEMM ({gemm:.0f} GFLOP/s) at {row['input']}",
+                "value": f"{row['% of GEMM']:.0f}%",
+                "met": row["% of GEMM"] >= 50,
+            }
+        )
     for item in out:
         item["met"] = "met" if item["met"] else "NOT met"
     return out
@@ -235,12 +278,16 @@ def run(sizes=SIZES, compile_model: bool = True) -> tuple[list[dict], list[dict]
     hardnet = FCHarDNet(num_classes=19).eval()
     check_parity(Predictor(hardnet), hardnet)  # odd sizes, batch 2: fails loudly before anything is timed
     rows = bench_model("FC-HarDNet", hardnet, hardnet_paths(hardnet, compile_model), sizes, gemm, failures)
-    peers = {"LR-ASPP MobileNetV3-L": lraspp_mobilenet_v3_large,
-             "DeepLabV3 MobileNetV3-L": deeplabv3_mobilenet_v3_large}
+    peers = {
+        "LR-ASPP MobileNetV3-L": lraspp_mobilenet_v3_large,
+        "DeepLabV3 MobileNetV3-L": deeplabv3_mobilenet_v3_large,
+    }
     for name, factory in peers.items():
         peer = Logits(factory(weights=None, weights_backbone=None, num_classes=19)).eval()
-        paths = {"eager NCHW": lambda peer=peer: peer,
-                 "eager channels_last": lambda peer=peer: channels_last(copy.deepcopy(peer))}
+        paths = {
+            "eager NCHW": lambda peer=peer: peer,
+            "eager channels_last": lambda peer=peer: channels_last(copy.deepcopy(peer)),
+        }
         rows += bench_model(name, peer, paths, sizes, gemm, failures)
     add_scaling(rows)
     # Measured again at the end: the higher of the two is the ceiling (a busy neighbour can only lower it).
@@ -303,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     rows, goals, extra = run(sizes, compile_model=not args.no_compile)
-    print(f"fp32 GEMM ceiling in this run: {extra['gemm']['GFLOP/s (median)']:.0f} GFLOP/s "
-          f"({extra['gemm']['threads']} threads)")
+    print(
+        f"fp32 GEMM ceiling in this run: {extra['gemm']['GFLOP/s (median)']:.0f} GFLOP/s "
+        f"({extra['gemm']['threads']} threads)"
+    )
     print(markdown_table(rows, COLUMNS))
     print()
     print(markdown_table(goals, ["target", "value", "met"]))

@@ -35,8 +35,16 @@ import torch
 
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
 
-SAMPLE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample" / "leftImg8bit" / "val"
-          / "frankfurt" / "frankfurt_000000_000294_leftImg8bit.png")
+SAMPLE = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "cityscapes_sample"
+    / "leftImg8bit"
+    / "val"
+    / "frankfurt"
+    / "frankfurt_000000_000294_leftImg8bit.png"
+)
 
 
 def street_image(height: int, width: int) -> np.ndarray:
@@ -50,7 +58,7 @@ def street_image(height: int, width: int) -> np.ndarray:
 def in_process(model: torch.nn.Module, plan: list[tuple[int, int, int]]) -> list[dict]:
     """Median forward latency per inference path for each ``(height, width, timed repeats)`` in ``plan``: the
     unfused eager module and the three :class:`segmentation.inference.Predictor` backends (all BatchNorm-fused)."""
-    from segmentation.inference import BACKENDS, Predictor
+    from segmentation.inference.predictor import BACKENDS, Predictor
 
     paths = {"eager (unfused)": lambda x: model(x)}
     for backend in BACKENDS:
@@ -72,16 +80,16 @@ def in_process_request(model: torch.nn.Module, frame, repeats: int) -> dict:
 
     from segmentation.config import ModelConfig
     from segmentation.data.classes import ClassInfo
-    from segmentation.export import save_model_package
-    from segmentation.serving import SegmentationModel
+    from segmentation.mlops.serving import SegmentationModel
+    from segmentation.models.package import save_model_package
 
     with tempfile.TemporaryDirectory() as tmp:
         save_model_package(model, ClassInfo.cityscapes(), ModelConfig(), tmp)
         pyfunc = SegmentationModel().setup(tmp)
     request = pd.DataFrame(frame)
     timing = time_fn(lambda: pyfunc.predict(None, request), warmup=1, repeats=repeats)
-    print(f"  pyfunc predict ({pyfunc.backend.predictor.backend}): {timing['median_ms']:.0f} ms", flush=True)
-    return {"what": f"in-process pyfunc predict ({pyfunc.backend.predictor.backend})", "size": "512x1024", **timing}
+    print(f"  pyfunc predict ({pyfunc.predictor.backend}): {timing['median_ms']:.0f} ms", flush=True)
+    return {"what": f"in-process pyfunc predict ({pyfunc.predictor.backend})", "size": "512x1024", **timing}
 
 
 def register(model: torch.nn.Module, tracking_uri: str) -> str:
@@ -89,7 +97,8 @@ def register(model: torch.nn.Module, tracking_uri: str) -> str:
 
     from segmentation.config import ModelConfig
     from segmentation.data.classes import ClassInfo
-    from segmentation.export import log_pytorch_model, run_export
+    from segmentation.mlops.model_store import log_pytorch_model
+    from segmentation.steps.export import export_step as run_export
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
@@ -102,17 +111,37 @@ def register(model: torch.nn.Module, tracking_uri: str) -> str:
     return "bench"
 
 
-def served(name: str, tracking_uri: str, body: bytes, requests: int, workdir: Path,
-           forward: Callable[[], object]) -> dict:
+def served(
+    name: str, tracking_uri: str, body: bytes, requests: int, workdir: Path, forward: Callable[[], object]
+) -> dict:
     """p50/p95 and requests/s of ``mlflow models serve``, with ``forward`` (the in-process forward the server runs)
     timed between requests: on a shared machine only measurements taken under the same load can be compared."""
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     log = workdir / f"{name}.log"
-    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{name}@production", "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env, cwd=workdir,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            mlflow_bin,
+            "models",
+            "serve",
+            "-m",
+            f"models:/{name}@production",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        env=env,
+        cwd=workdir,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(f"{url}/ping", proc, log)
@@ -131,8 +160,13 @@ def served(name: str, tracking_uri: str, body: bytes, requests: int, workdir: Pa
         proc.wait(timeout=30)
     latencies.sort()
     p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
-    return {"p50_ms": statistics.median(latencies), "p95_ms": p95, "requests_per_s": requests / serving_s,
-            "runs": requests, "in_process_forward_p50_ms": statistics.median(forwards)}
+    return {
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": p95,
+        "requests_per_s": requests / serving_s,
+        "runs": requests,
+        "in_process_forward_p50_ms": statistics.median(forwards),
+    }
 
 
 def _free_port() -> int:
@@ -171,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed in-process runs at 512x1024")
     args = parser.parse_args(argv)
 
-    from segmentation.export import load_model
-    from segmentation.inference import Predictor
+    from segmentation.inference.predictor import Predictor
+    from segmentation.mlops.model_store import load_model
+    from segmentation.mlops.serving import encode_image
     from segmentation.models import FCHarDNet
     from segmentation.models.preprocessing import to_input_tensor
-    from segmentation.serving import encode_image
 
     torch.manual_seed(0)
     model = load_model(args.model_uri)[0] if args.model_uri else FCHarDNet(num_classes=19).eval()
@@ -192,22 +226,51 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = f"sqlite:///{tmp}/mlflow.db"
         name = register(model, tracking_uri)
         for backend, model_name in (("PyTorch model (Predictor auto)", name), ("ONNX model", f"{name}-onnx")):
-            result = served(model_name, tracking_uri, body, args.requests, Path(tmp), lambda: predictor.predict(x))
-            rows.append({"what": f"served {backend}", "size": "512x1024", **result,
-                         "median_ms": result["p50_ms"], "request_kb": round(len(body) / 1024)})
-            print(f"  served {backend}: p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms; in-process "
-                  f"forward ({predictor.backend}) between requests: {result['in_process_forward_p50_ms']:.0f} ms",
-                  flush=True)
-    print(markdown_table(rows, ["what", "size", "median_ms", "min_ms", "max_ms", "cpu_share", "p95_ms",
-                                "requests_per_s", "in_process_forward_p50_ms", "runs"]))
+            result = served(model_name, tracking_uri, body, args.requests, Path(tmp), lambda: predictor.logits(x))
+            rows.append(
+                {
+                    "what": f"served {backend}",
+                    "size": "512x1024",
+                    **result,
+                    "median_ms": result["p50_ms"],
+                    "request_kb": round(len(body) / 1024),
+                }
+            )
+            print(
+                f"  served {backend}: p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms; in-process "
+                f"forward ({predictor.backend}) between requests: {result['in_process_forward_p50_ms']:.0f} ms",
+                flush=True,
+            )
+    print(
+        markdown_table(
+            rows,
+            [
+                "what",
+                "size",
+                "median_ms",
+                "min_ms",
+                "max_ms",
+                "cpu_share",
+                "p95_ms",
+                "requests_per_s",
+                "in_process_forward_p50_ms",
+                "runs",
+            ],
+        )
+    )
     # Target: served p50 <= 1.25 x the in-process forward of the path serving uses, measured under the same load.
     served_row = next(r for r in rows if r["what"].startswith("served PyTorch"))
     ratio = served_row["p50_ms"] / served_row["in_process_forward_p50_ms"]
-    print(f"served PyTorch p50 / in-process forward p50 at 512x1024 (interleaved): {served_row['p50_ms']:.0f} / "
-          f"{served_row['in_process_forward_p50_ms']:.0f} ms = {ratio:.2f} (target <= 1.25)")
+    print(
+        f"served PyTorch p50 / in-process forward p50 at 512x1024 (interleaved): {served_row['p50_ms']:.0f} / "
+        f"{served_row['in_process_forward_p50_ms']:.0f} ms = {ratio:.2f} (target <= 1.25)"
+    )
     # The machine may be shared: the load average says how much of it this run had (cpu_share says it per row).
-    extra = {"served_over_in_process": ratio, "load_average_at_start": load_at_start,
-             "load_average_at_end": os.getloadavg()}
+    extra = {
+        "served_over_in_process": ratio,
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": os.getloadavg(),
+    }
     print(f"results: {write_results('serving', rows, extra)}")
     return 0
 

@@ -38,8 +38,19 @@ from pathlib import Path
 
 from benchmarks.common import describe_machine, markdown_table, peak_rss_mib, write_results
 
-TIMED = ("log_config", "log_params", "set_tags", "log_dataset", "skip_logged_steps", "open_journal", "log_metrics",
-         "log_image", "log_artifacts", "delete_artifacts", "end")
+TIMED = (
+    "log_config",
+    "log_params",
+    "set_tags",
+    "log_dataset",
+    "skip_logged_steps",
+    "open_journal",
+    "log_metrics",
+    "log_image",
+    "log_artifacts",
+    "delete_artifacts",
+    "end",
+)
 TARGET_PCT = 2.0
 
 
@@ -47,9 +58,14 @@ def cadences() -> dict[str, dict[str, int]]:
     from segmentation.config import TrainConfig
 
     recipe = TrainConfig()
-    return {"recipe": {"steps": recipe.val_every_n_steps, "log_every": recipe.log_every_n_steps,
-                       "val_every": recipe.val_every_n_steps},
-            "stress": {"steps": 300, "log_every": 1, "val_every": 100}}
+    return {
+        "recipe": {
+            "steps": recipe.val_every_n_steps,
+            "log_every": recipe.log_every_n_steps,
+            "val_every": recipe.val_every_n_steps,
+        },
+        "stress": {"steps": 300, "log_every": 1, "val_every": 100},
+    }
 
 
 def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -58,11 +74,27 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
         port = sock.getsockname()[1]
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([mlflow, "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-                             "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], cwd=workdir, env=env,
-                            stdout=(workdir / "server.log").open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=workdir,
+        env=env,
+        stdout=(workdir / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -88,6 +120,7 @@ def instrument(tracker_cls, journal_cls) -> dict[str, float]:
                 return method(self, *args, **kwargs)
             finally:
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+
         return wrapper
 
     def counted(method):
@@ -95,6 +128,7 @@ def instrument(tracker_cls, journal_cls) -> dict[str, float]:
         def wrapper(self, *args, **kwargs):
             spent["requests"] = spent.get("requests", 0) + 1
             return method(self, *args, **kwargs)
+
         return wrapper
 
     def thread_cpu(key, method):
@@ -104,6 +138,7 @@ def instrument(tracker_cls, journal_cls) -> dict[str, float]:
                 return method(self, *args, **kwargs)
             finally:
                 spent[key] = spent.get(key, 0.0) + time.thread_time()  # this thread's CPU seconds, at its end
+
         return wrapper
 
     for name in TIMED:
@@ -131,8 +166,15 @@ def process_cpu(pid: int | None) -> float:
     return total
 
 
-def measure(name: str, cadence: dict[str, int], uris: dict[str, str], work: Path, repeats: int,
-            spent: dict[str, float], server_pid: int | None) -> list[dict]:
+def measure(
+    name: str,
+    cadence: dict[str, int],
+    uris: dict[str, str],
+    work: Path,
+    repeats: int,
+    spent: dict[str, float],
+    server_pid: int | None,
+) -> list[dict]:
     """Alternate untracked and tracked runs (rotating their order every repeat) and summarise one cadence.
 
     The machine's speed drifts by several % within a minute (a shared VM), as much as the effect measured, so the
@@ -141,12 +183,19 @@ def measure(name: str, cadence: dict[str, int], uris: dict[str, str], work: Path
     Between runs the page cache is flushed (``os.sync``) so that one run's disk writes do not land in the next.
     """
     from segmentation.config import CONFIG_DIR, load_config
-    from segmentation.engine import fit
+    from segmentation.training.engine import fit
 
-    cfg = load_config(CONFIG_DIR / "tiny.yaml", [
-        f"data.root={work / 'data'}", "train.epochs=0", f"train.max_steps={cadence['steps']}",
-        f"train.val_every_n_steps={cadence['val_every']}", f"train.log_every_n_steps={cadence['log_every']}",
-        f"train.output_dir={work / 'out'}"])
+    cfg = load_config(
+        CONFIG_DIR / "tiny.yaml",
+        [
+            f"data.root={work / 'data'}",
+            "train.epochs=0",
+            f"train.max_steps={cadence['steps']}",
+            f"train.val_every_n_steps={cadence['val_every']}",
+            f"train.log_every_n_steps={cadence['log_every']}",
+            f"train.output_dir={work / 'out'}",
+        ],
+    )
     modes = ["off", "off again", *uris]
 
     def run(mode: str) -> float:
@@ -163,7 +212,7 @@ def measure(name: str, cadence: dict[str, int], uris: dict[str, str], work: Path
     walls: dict[str, list[float]] = {mode: [] for mode in modes}
     shares: dict[str, list[dict]] = {mode: [] for mode in uris}
     for rep in range(repeats):
-        for mode in modes[rep % len(modes):] + modes[:rep % len(modes)]:
+        for mode in modes[rep % len(modes) :] + modes[: rep % len(modes)]:
             spent.clear()
             server_before = process_cpu(server_pid if mode == "server" else None)
             wall = run(mode)
@@ -171,25 +220,49 @@ def measure(name: str, cadence: dict[str, int], uris: dict[str, str], work: Path
             if mode in uris:
                 background = spent.get("sender_cpu", 0.0) + spent.get("sampler_cpu", 0.0)
                 server = process_cpu(server_pid if mode == "server" else None) - server_before
-                shares[mode].append({"loop": sum(v for k, v in spent.items() if k in TIMED and k != "end"),
-                                     "end": spent.get("end", 0.0), "wall": wall, "requests": spent.get("requests", 0),
-                                     "cpu": background + server})
-    rows = [{"cadence": name, "tracking": "off", "median_s": statistics.median(walls["off"]),
-             "min_s": min(walls["off"]), "max_s": max(walls["off"]), "walls": walls["off"]}]
+                shares[mode].append(
+                    {
+                        "loop": sum(v for k, v in spent.items() if k in TIMED and k != "end"),
+                        "end": spent.get("end", 0.0),
+                        "wall": wall,
+                        "requests": spent.get("requests", 0),
+                        "cpu": background + server,
+                    }
+                )
+    rows = [
+        {
+            "cadence": name,
+            "tracking": "off",
+            "median_s": statistics.median(walls["off"]),
+            "min_s": min(walls["off"]),
+            "max_s": max(walls["off"]),
+            "walls": walls["off"],
+        }
+    ]
     for mode in modes[1:]:
         paired = [(on / base - 1) * 100 for on, base in zip(walls[mode], walls["off"], strict=True)]
-        row = {"cadence": name, "tracking": mode if mode not in uris else f"on ({mode})",
-               "median_s": statistics.median(walls[mode]), "min_s": min(walls[mode]), "max_s": max(walls[mode]),
-               "overhead_%": statistics.median(paired), "overhead_range_%": f"{min(paired):.1f} .. {max(paired):.1f}",
-               "walls": walls[mode]}
+        row = {
+            "cadence": name,
+            "tracking": mode if mode not in uris else f"on ({mode})",
+            "median_s": statistics.median(walls[mode]),
+            "min_s": min(walls[mode]),
+            "max_s": max(walls[mode]),
+            "overhead_%": statistics.median(paired),
+            "overhead_range_%": f"{min(paired):.1f} .. {max(paired):.1f}",
+            "walls": walls[mode],
+        }
         if mode in uris:
             loop = statistics.median(x["loop"] / x["wall"] for x in shares[mode]) * 100
             end = statistics.median(x["end"] / x["wall"] for x in shares[mode]) * 100
             cpu = statistics.median(x["cpu"] for x in shares[mode])
-            row |= {"in_tracker_loop_%": loop, "in_tracker_end_%": end,
-                    "requests": statistics.median(x["requests"] for x in shares[mode]), "background_cpu_s": cpu,
-                    # upper bound: the training thread's tracker time plus every background CPU second stalling it
-                    "accounted_%": loop + end + cpu / statistics.median(walls["off"]) * 100}
+            row |= {
+                "in_tracker_loop_%": loop,
+                "in_tracker_end_%": end,
+                "requests": statistics.median(x["requests"] for x in shares[mode]),
+                "background_cpu_s": cpu,
+                # upper bound: the training thread's tracker time plus every background CPU second stalling it
+                "accounted_%": loop + end + cpu / statistics.median(walls["off"]) * 100,
+            }
         rows.append(row)
     return rows
 
@@ -200,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stores", nargs="+", choices=("server", "sqlite"), default=["server", "sqlite"])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    from segmentation import engine, spool, tracking
     from segmentation.data.preprocess import run_preprocess
+    from segmentation.mlops import journal as spool
+    from segmentation.mlops import tracker as tracking
+    from segmentation.training import engine
 
     # A progress bar redrawn 25 times a second is a cost of its own, the same with tracking on or off.
     progress = engine.tqdm
@@ -221,40 +296,67 @@ def main(argv: list[str] | None = None) -> int:
         run_preprocess("synthetic", "", work / "data", num_images=5, height=64, width=128, val_fraction=0.2)
         rows = []
         for name in args.cadence:
-            rows += measure(name, cadences()[name], uris, work, args.repeats, spent,
-                            proc.pid if proc is not None else None)
+            rows += measure(
+                name, cadences()[name], uris, work, args.repeats, spent, proc.pid if proc is not None else None
+            )
     finally:
         if proc is not None:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
     print(describe_machine())
-    print(f"configs/tiny.yaml (64x128, batch 2) trained in this process, {args.repeats} repeats after a warm-up, "
-          f"store on the same cores; peak RSS {peak_rss_mib():.0f} MiB")
+    print(
+        f"configs/tiny.yaml (64x128, batch 2) trained in this process, {args.repeats} repeats after a warm-up, "
+        f"store on the same cores; peak RSS {peak_rss_mib():.0f} MiB"
+    )
     for name in args.cadence:
         c = cadences()[name]
-        print(f"- {name}: {c['steps']} steps, metrics every {c['log_every']} step(s), validation images + "
-              f"checkpoint every {c['val_every']} steps")
+        print(
+            f"- {name}: {c['steps']} steps, metrics every {c['log_every']} step(s), validation images + "
+            f"checkpoint every {c['val_every']} steps"
+        )
     print()
-    print(markdown_table(rows, ["cadence", "tracking", "median_s", "min_s", "max_s", "overhead_%",
-                                "overhead_range_%", "in_tracker_loop_%", "in_tracker_end_%", "requests",
-                                "background_cpu_s", "accounted_%"]))
-    print("\noverhead_%: median over repeats of (run / untracked run of the same repeat - 1), range: its min .. max; "
-          "'off again' is a second untracked run (the noise floor). in_tracker_*: the training thread's time in "
-          "tracker calls; background_cpu_s: CPU seconds per run of the sender and system-metrics threads plus the "
-          "server process (server rows); accounted_%: in_tracker_* + background_cpu_s / untracked wall, an upper "
-          "bound that counts every background CPU second as lost to training")
+    print(
+        markdown_table(
+            rows,
+            [
+                "cadence",
+                "tracking",
+                "median_s",
+                "min_s",
+                "max_s",
+                "overhead_%",
+                "overhead_range_%",
+                "in_tracker_loop_%",
+                "in_tracker_end_%",
+                "requests",
+                "background_cpu_s",
+                "accounted_%",
+            ],
+        )
+    )
+    print(
+        "\noverhead_%: median over repeats of (run / untracked run of the same repeat - 1), range: its min .. max; "
+        "'off again' is a second untracked run (the noise floor). in_tracker_*: the training thread's time in "
+        "tracker calls; background_cpu_s: CPU seconds per run of the sender and system-metrics threads plus the "
+        "server process (server rows); accounted_%: in_tracker_* + background_cpu_s / untracked wall, an upper "
+        "bound that counts every background CPU second as lost to training"
+    )
     print()
     verdicts = {}
     for row in rows:
         if "accounted_%" in row:
             met = row["overhead_%"] <= TARGET_PCT
             verdicts[f"{row['cadence']} {row['tracking']}"] = met
-            print(f"Target overhead <= {TARGET_PCT:g} %, {row['cadence']} cadence, {row['tracking']}: "
-                  f"{'met' if met else 'NOT met'} (measured {row['overhead_%']:.1f} %, accounted upper bound "
-                  f"{row['accounted_%']:.1f} %)")
-    path = write_results("tracking", rows, {"repeats": args.repeats, "cadences": {n: cadences()[n]
-                                                                                  for n in args.cadence},
-                                            "target_met": verdicts})
+            print(
+                f"Target overhead <= {TARGET_PCT:g} %, {row['cadence']} cadence, {row['tracking']}: "
+                f"{'met' if met else 'NOT met'} (measured {row['overhead_%']:.1f} %, accounted upper bound "
+                f"{row['accounted_%']:.1f} %)"
+            )
+    path = write_results(
+        "tracking",
+        rows,
+        {"repeats": args.repeats, "cadences": {n: cadences()[n] for n in args.cadence}, "target_met": verdicts},
+    )
     print(f"wrote {path}")
     shutil.rmtree(work, ignore_errors=True)
     return 0

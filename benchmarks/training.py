@@ -30,8 +30,20 @@ REPEATS = {512: 4, 1024: 3}
 NUM_CLASSES = 19
 REFERENCE_IMG_S = {512: 2.6, 1024: 0.73}  # hardnet_facts.md section 12, fp32 NCHW + tcmalloc, this kind of machine
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-COLUMNS = ["model", "crop", "dtype", "memory format", "median_ms", "min_ms", "max_ms", "img/s", "cpu_share",
-           "reference img/s", "mem MiB", "loss"]
+COLUMNS = [
+    "model",
+    "crop",
+    "dtype",
+    "memory format",
+    "median_ms",
+    "min_ms",
+    "max_ms",
+    "img/s",
+    "cpu_share",
+    "reference img/s",
+    "mem MiB",
+    "loss",
+]
 
 
 def native_bf16() -> str | None:
@@ -89,9 +101,11 @@ def models() -> dict[str, Callable[[], nn.Module]]:
     return {
         "FC-HarDNet": lambda: FCHarDNet(num_classes=NUM_CLASSES),
         "LR-ASPP MobileNetV3-L": lambda: Logits(
-            lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)),
+            lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+        ),
         "DeepLabV3 MobileNetV3-L": lambda: Logits(
-            deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)),
+            deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+        ),
     }
 
 
@@ -107,16 +121,30 @@ def run(crops=CROPS) -> tuple[list[dict], dict]:
             for dtype, channels_last in variants:
                 torch.manual_seed(0)
                 timing = measure(train_step(build(), crop, dtype, channels_last), REPEATS.get(crop, 3))
-                row = {"model": name, "crop": f"{crop}x{crop}", "dtype": dtype,
-                       "memory format": "channels_last" if channels_last else "NCHW", **timing,
-                       "img/s": BATCH * 1000 / timing["median_ms"],
-                       "reference img/s": REFERENCE_IMG_S.get(crop) if name == "FC-HarDNet" else None}
+                row = {
+                    "model": name,
+                    "crop": f"{crop}x{crop}",
+                    "dtype": dtype,
+                    "memory format": "channels_last" if channels_last else "NCHW",
+                    **timing,
+                    "img/s": BATCH * 1000 / timing["median_ms"],
+                    "reference img/s": REFERENCE_IMG_S.get(crop) if name == "FC-HarDNet" else None,
+                }
                 rows.append(row)
-                print(f"  {name:<24} {crop}x{crop} {dtype} {row['memory format']:<13}: {row['img/s']:.2f} img/s "
-                      f"(cpu_share {timing['cpu_share']:.2f})", flush=True)
+                print(
+                    f"  {name:<24} {crop}x{crop} {dtype} {row['memory format']:<13}: {row['img/s']:.2f} img/s "
+                    f"(cpu_share {timing['cpu_share']:.2f})",
+                    flush=True,
+                )
             if not bf16_flag:
-                rows.append({"model": name, "crop": f"{crop}x{crop}", "dtype": "bf16",
-                             "memory format": "skipped: no native bf16"})
+                rows.append(
+                    {
+                        "model": name,
+                        "crop": f"{crop}x{crop}",
+                        "dtype": "bf16",
+                        "memory format": "skipped: no native bf16",
+                    }
+                )
     extra = {"native_bf16_flag": bf16_flag, "batch": BATCH}
     return rows, extra
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from segmentation.data.lineage import log_preprocess_lineage
-from segmentation.data.preprocess import DATASETS, run_preprocess
+from entrypoints._cli import run
+from segmentation.data.preprocess import DATASETS
+from segmentation.steps.preprocess import preprocess_step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,16 +32,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        table = run_preprocess(args.dataset, args.raw_dir, args.out_dir, split_id=args.split_id,
-                               val_fraction=args.val_fraction, seed=args.seed, num_images=args.num_images,
-                               height=args.height, width=args.width)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"preprocess failed: {exc}", file=sys.stderr)
-        return 2
-    log_preprocess_lineage(table)
-    print(f"wrote {table}")
-    return 0
+
+    def step() -> None:
+        table = preprocess_step(
+            args.dataset,
+            args.raw_dir,
+            args.out_dir,
+            split_id=args.split_id,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            num_images=args.num_images,
+            height=args.height,
+            width=args.width,
+        )
+        print(f"wrote {table}")
+
+    return run("preprocess", step)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from entrypoints._cli import str2bool
-from segmentation.eval_logging import run_promotion
-from segmentation.registry import PRODUCTION, rollback
+from entrypoints._cli import run, str2bool
+from segmentation.mlops.registry import PRODUCTION
+from segmentation.steps.promote import promote_step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -22,23 +21,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
-    try:
-        if args.rollback:
-            outcome = rollback(args.model_name, alias=args.alias)
-        elif not args.version:
-            raise ValueError("--version is required (or pass --rollback true)")
-        else:
-            outcome = run_promotion(args.model_name, args.version, alias=args.alias, force=args.force)
-    except (ValueError, FileNotFoundError) as exc:
-        logging.getLogger("promote").error("%s", exc)
-        return 1
-    print(f"{args.model_name} version {outcome.version}: {'PROMOTED' if outcome.promoted else 'not promoted'} "
-          f"({outcome.alias}) - {outcome.reason}")
-    for companion, aliases in outcome.companions.items():
-        print(f"  {companion}: " + ", ".join(f"{alias} -> version {v}" for alias, v in sorted(aliases.items())))
-    return 0
+
+    def step() -> None:
+        outcome = promote_step(args.model_name, args.version, args.alias, args.force, args.rollback)
+        verdict = "PROMOTED" if outcome.promoted else "not promoted"
+        print(f"{args.model_name} version {outcome.version}: {verdict} ({outcome.alias}) - {outcome.reason}")
+        for companion, aliases in outcome.companions.items():
+            print(f"  {companion}: " + ", ".join(f"{alias} -> version {v}" for alias, v in sorted(aliases.items())))
+
+    return run("promote", step)
 
 
 if __name__ == "__main__":

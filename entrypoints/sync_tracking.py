@@ -4,14 +4,17 @@
 
 Sends the records in order (metrics keep their original steps and timestamps, checkpoints, images, the model and its
 registered version, the final run status). Safe to run twice: delivered records are not sent again.
-Exit codes: 0 everything delivered; 2 no journal there; 3 records still undelivered or rejected (see the message).
+Exit codes (see ``entrypoints/_cli.py``): 0 everything delivered; 2 no journal there; 3 records still undelivered or
+rejected (the message says how many).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from entrypoints._cli import run
+from segmentation.steps.sync_tracking import sync_tracking_step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -24,22 +27,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from segmentation.tracking import sync_journal
 
-    try:
-        tracker = sync_journal(args.directory, args.tracking_uri, args.timeout)
-    except FileNotFoundError as exc:
-        print(f"sync_tracking failed: {exc}", file=sys.stderr)
-        return 2
-    journal = tracker.journal
-    if journal.pending or journal.rejected:
-        print(f"sync_tracking: run {tracker.run_id}: {journal.pending} record(s) still undelivered to "
-              f"{tracker.tracking_uri} ({journal.last_error}), {journal.rejected} rejected (see "
-              f"{journal.directory}/rejected.jsonl); run the command again when the server is up", file=sys.stderr)
-        return 3
-    print(f"run {tracker.run_id}: journal {journal.directory} fully delivered to {tracker.tracking_uri}")
-    return 0
+    def step() -> None:
+        tracker = sync_tracking_step(args.directory, args.tracking_uri, args.timeout)
+        print(f"run {tracker.run_id}: journal {tracker.journal.directory} fully delivered to {tracker.tracking_uri}")
+
+    return run("sync_tracking", step)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,14 @@ from scripts.cdp import Browser, find_chromium
 
 REPO = Path(__file__).resolve().parent.parent
 # Set before the app loads so the assistant side panel does not cover a third of every screenshot.
-HIDE_ASSISTANT = ("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
-                  "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
-CLOSE_ASSISTANT = ("(() => { const b = document.querySelector("
-                   "'[data-component-id=\"mlflow.assistant.chat_panel.close\"]'); if (b) b.click(); return !!b; })()")
+HIDE_ASSISTANT = (
+    "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+    "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+)
+CLOSE_ASSISTANT = (
+    "(() => { const b = document.querySelector("
+    "'[data-component-id=\"mlflow.assistant.chat_panel.close\"]'); if (b) b.click(); return !!b; })()"
+)
 NO_SPINNER = "!document.querySelector('[role=progressbar], .du-bois-light-spin, [data-testid*=spinner]')"
 
 
@@ -57,8 +61,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _http_json(uri: str, path: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(f"{uri}{path}", data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{uri}{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
 
@@ -95,12 +102,26 @@ def mlflow_server(workdir: Path, backend_uri: str = "", artifacts: str = ""):
     log = workdir / "server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", backend_uri or f"sqlite:///{workdir / 'mlflow.db'}",
-           "--artifacts-destination", artifacts or str(workdir / "mlartifacts")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend_uri or f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts or str(workdir / "mlartifacts"),
+    ]
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
+        )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(uri, timeout=180, proc=proc, log=log)
@@ -126,8 +147,9 @@ def ensure_experiment(uri: str, experiment: str) -> str:
     return _http_json(uri, "/api/2.0/mlflow/experiments/create", {"name": experiment})["experiment_id"]
 
 
-def run_sweep(uri: str, lrs: list[float], config: str, data: str, experiment: str, overrides: str,
-              workdir: Path, jobs: int = 1) -> None:
+def run_sweep(
+    uri: str, lrs: list[float], config: str, data: str, experiment: str, overrides: str, workdir: Path, jobs: int = 1
+) -> None:
     """Train one run per learning rate with ``entrypoints.train`` (no model registration), ``jobs`` at a time.
 
     Raises:
@@ -144,12 +166,27 @@ def run_sweep(uri: str, lrs: list[float], config: str, data: str, experiment: st
         while pending and len(running) < max(jobs, 1):
             lr = pending.pop(0)
             log = workdir / f"train-lr{lr}.log"
-            cmd = [sys.executable, "-m", "entrypoints.train", "--config", str(REPO / config), "--data", data,
-                   "--lr", str(lr), "--registered-model", "", "--experiment", experiment,
-                   "--overrides", f"train.output_dir={workdir / 'outputs'} {overrides}".strip()]
+            cmd = [
+                sys.executable,
+                "-m",
+                "entrypoints.train",
+                "--config",
+                str(REPO / config),
+                "--data",
+                data,
+                "--lr",
+                str(lr),
+                "--registered-model",
+                "",
+                "--experiment",
+                experiment,
+                "--overrides",
+                f"train.output_dir={workdir / 'outputs'} {overrides}".strip(),
+            ]
             with log.open("w") as out:
-                running.append((lr, log, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
-                                                          stderr=subprocess.STDOUT)))
+                running.append(
+                    (lr, log, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+                )
         lr, log, proc = running.pop(0)
         if proc.wait() != 0:
             for *_, other in running:
@@ -167,12 +204,20 @@ def find_runs(uri: str, experiment: str) -> tuple[str, list[dict]]:
     query = urllib.parse.urlencode({"experiment_name": experiment})
     try:
         experiment_id = _http_json(uri, f"/api/2.0/mlflow/experiments/get-by-name?{query}")["experiment"][
-            "experiment_id"]
+            "experiment_id"
+        ]
     except urllib.error.HTTPError as exc:
         raise ValueError(f"{uri}: experiment {experiment!r} not found ({exc}); run a sweep first") from None
-    runs = _http_json(uri, "/api/2.0/mlflow/runs/search", {
-        "experiment_ids": [experiment_id], "filter": "attributes.status = 'FINISHED'", "max_results": 20,
-        "order_by": ["attributes.start_time DESC"]}).get("runs", [])
+    runs = _http_json(
+        uri,
+        "/api/2.0/mlflow/runs/search",
+        {
+            "experiment_ids": [experiment_id],
+            "filter": "attributes.status = 'FINISHED'",
+            "max_results": 20,
+            "order_by": ["attributes.start_time DESC"],
+        },
+    ).get("runs", [])
     if not runs:
         raise ValueError(f"{uri}: experiment {experiment!r} has no FINISHED run to show")
     return experiment_id, runs
@@ -188,16 +233,21 @@ def prediction_image(uri: str, run_id: str, key: str = "val/prediction") -> str:
     files = _http_json(uri, f"/api/2.0/mlflow/artifacts/list?{query}").get("files", [])
     # log_image names files "<key with / as ~>+step+<step>+timestamp+<ms>+<uuid>.png" (plus a webp thumbnail).
     prefix = f"images/{key.replace('/', '~')}+step+"
-    found = [(int(f["path"][len(prefix):].split("+")[0]), f["path"]) for f in files
-             if f["path"].startswith(prefix) and f["path"].endswith(".png")]
+    found = [
+        (int(f["path"][len(prefix) :].split("+")[0]), f["path"])
+        for f in files
+        if f["path"].startswith(prefix) and f["path"].endswith(".png")
+    ]
     if not found:
         raise ValueError(f"{uri}: run {run_id} logged no {key!r} image (looked for {prefix}<step>+...png)")
     return max(found)[1]
 
 
 def _best(runs: list[dict], metric: str = "val/mIoU") -> dict:
-    return max(runs, key=lambda r: next((m["value"] for m in r["data"].get("metrics", []) if m["key"] == metric),
-                                        float("-inf")))
+    return max(
+        runs,
+        key=lambda r: next((m["value"] for m in r["data"].get("metrics", []) if m["key"] == metric), float("-inf")),
+    )
 
 
 def swept_param(runs: list[dict]) -> str | None:
@@ -216,8 +266,9 @@ def _choose(browser: Browser, index: int, text: str) -> None:
     browser.send("Input.insertText", {"text": text})
     time.sleep(0.5)
     for kind in ("keyDown", "keyUp"):
-        browser.send("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
-                                                "windowsVirtualKeyCode": 13})
+        browser.send(
+            "Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13}
+        )
 
 
 def focus_compare_view(browser: Browser, param: str | None, metric: str = "val/mIoU") -> None:
@@ -225,21 +276,32 @@ def focus_compare_view(browser: Browser, param: str | None, metric: str = "val/m
     browser.evaluate("(() => { const s = document.querySelector('[role=switch]'); if (s) s.click(); })()")
     if param is None:
         return
-    cleared = browser.evaluate("(() => { const b = [...document.querySelectorAll('button')].find(x => "
-                               "x.innerText.trim() === 'Clear All'); if (b) b.click(); return !!b; })()")
+    cleared = browser.evaluate(
+        "(() => { const b = [...document.querySelectorAll('button')].find(x => "
+        "x.innerText.trim() === 'Clear All'); if (b) b.click(); return !!b; })()"
+    )
     if cleared and browser.evaluate("document.querySelectorAll('input[role=combobox]').length") >= 2:
         _choose(browser, 0, param)
         _choose(browser, 1, metric)
         browser.evaluate("document.activeElement && document.activeElement.blur()")
 
 
-def capture(uri: str, experiment_id: str, runs: list[dict], output_dir: Path, chromium: str,
-            size: tuple[int, int], timeout: float) -> list[Path]:
+def capture(
+    uri: str,
+    experiment_id: str,
+    runs: list[dict],
+    output_dir: Path,
+    chromium: str,
+    size: tuple[int, int],
+    timeout: float,
+) -> list[Path]:
     """Screenshot the compare view of ``runs`` and the last prediction image of the best one (by val/mIoU)."""
     run_ids = [r["info"]["run_id"] for r in runs]
     names = [r["info"].get("run_name") or r["info"]["run_id"] for r in runs]
-    compare = (f"{uri}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}"
-               f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}")
+    compare = (
+        f"{uri}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}"
+        f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}"
+    )
     best = _best(runs)["info"]["run_id"]
     image = prediction_image(uri, best)
     # The UI matches the file name literally: keep log_image's "+" and "~" unescaped.
@@ -249,8 +311,11 @@ def capture(uri: str, experiment_id: str, runs: list[dict], output_dir: Path, ch
         browser.send("Page.addScriptToEvaluateOnNewDocument", {"source": HIDE_ASSISTANT})
         browser.goto(compare)
         shown = " && ".join(f"document.body.innerText.includes({json.dumps(n)})" for n in names)
-        browser.wait_for(f"document.body && {shown} && document.body.innerText.includes('val/mIoU') && "
-                         f"{NO_SPINNER}", timeout, f"the compare view of runs {names}")
+        browser.wait_for(
+            f"document.body && {shown} && document.body.innerText.includes('val/mIoU') && {NO_SPINNER}",
+            timeout,
+            f"the compare view of runs {names}",
+        )
         browser.evaluate(CLOSE_ASSISTANT)
         focus_compare_view(browser, swept_param(runs))
         time.sleep(2.0)  # charts animate in after the data arrives
@@ -258,8 +323,11 @@ def capture(uri: str, experiment_id: str, runs: list[dict], output_dir: Path, ch
 
         browser.goto(artifact)
         # The preview is an <img> of the PNG (a panel of three images): wait until it has decoded.
-        browser.wait_for("document.body && [...document.querySelectorAll('img')].some(i => i.complete && "
-                         "i.naturalWidth >= 3 * 64)", timeout, f"the artifact preview of {image}")
+        browser.wait_for(
+            "document.body && [...document.querySelectorAll('img')].some(i => i.complete && i.naturalWidth >= 3 * 64)",
+            timeout,
+            f"the artifact preview of {image}",
+        )
         browser.evaluate(CLOSE_ASSISTANT)
         time.sleep(1.0)
         second = browser.screenshot(output_dir / "run_images.png")
@@ -275,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     size = tuple(int(v) for v in args.window_size.split(","))
     with tempfile.TemporaryDirectory(prefix="screenshots-") as tmp:
         workdir = Path(tmp)
-        with (mlflow_server(workdir, args.backend_store_uri, args.artifacts_destination) if not args.tracking_uri
-              else _existing(args.tracking_uri)) as uri:
+        with (
+            mlflow_server(workdir, args.backend_store_uri, args.artifacts_destination)
+            if not args.tracking_uri
+            else _existing(args.tracking_uri)
+        ) as uri:
             if not args.no_sweep:
                 data = args.data or _synthetic_data(workdir / "data")
                 lrs = [float(v) for v in args.lrs.split(",") if v.strip()]

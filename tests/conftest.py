@@ -66,8 +66,13 @@ def copy_migrated_sqlite(db: Path) -> None:
     shutil.copyfile(_SQLITE_TEMPLATE[0], db)
 
 
-def start_mlflow_server(workdir: Path, backend_uri: str | None = None, extra: list[str] | None = None,
-                        port: int | None = None, wait: bool = True):
+def start_mlflow_server(
+    workdir: Path,
+    backend_uri: str | None = None,
+    extra: list[str] | None = None,
+    port: int | None = None,
+    wait: bool = True,
+):
     """Start ``mlflow server`` on 127.0.0.1 at ``port`` (default: a free one); returns (process, uri, log path).
 
     Without ``backend_uri`` the store is ``workdir/mlflow.db`` (an existing one is reused, a new one is a copy of
@@ -205,5 +210,10 @@ def drop_postgres_db(uri: str) -> None:
     """Drop a database made by ``make_postgres_db`` (closing any connection still open to it)."""
     host_port, name = uri.rsplit("@", 1)[1].split("/", 1)
     port = host_port.rsplit(":", 1)[1]
-    subprocess.run(["dropdb", "-h", PG_HOST, "-p", port, "-U", PG_USER, "--if-exists", "--force", name],
-                   capture_output=True, text=True, timeout=60, check=False)
+    subprocess.run(
+        ["dropdb", "-h", PG_HOST, "-p", port, "-U", PG_USER, "--if-exists", "--force", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -80,8 +80,16 @@ class SegmentationDataset(Dataset):
         ValueError: the split has no rows (the message lists the splits that exist).
     """
 
-    def __init__(self, table: pd.DataFrame, split: str, transforms: A.Compose | None, root: str | Path,
-                 num_classes: int = 19, ignore_index: int = 255, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        split: str,
+        transforms: A.Compose | None,
+        root: str | Path,
+        num_classes: int = 19,
+        ignore_index: int = 255,
+        seed: int | None = None,
+    ) -> None:
         rows = table[table["split"] == split]
         if rows.empty:
             raise ValueError(f"split {split!r} has no rows; the table has splits {sorted(table['split'].unique())}")
@@ -138,8 +146,14 @@ def seed_worker(worker_id: int) -> None:
         transforms.set_random_seed(seed)
 
 
-def build_dataloader(cfg: Config, split: str, train: bool, batch_size: int | None = None,
-                     num_workers: int | None = None, shuffle: bool | None = None) -> DataLoader:
+def build_dataloader(
+    cfg: Config,
+    split: str,
+    train: bool,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    shuffle: bool | None = None,
+) -> DataLoader:
     """A data loader over ``split`` of the table at ``cfg.data.root`` / ``cfg.data.split_id``.
 
     Args:
@@ -157,20 +171,31 @@ def build_dataloader(cfg: Config, split: str, train: bool, batch_size: int | Non
     """
     table, classes, root = load_split(cfg.data.root, cfg.data.split_id)
     if classes.num_classes != cfg.model.num_classes:
-        raise ValueError(f"{cfg.data.root}: the dataset has {classes.num_classes} classes but model.num_classes is "
-                         f"{cfg.model.num_classes}; set model.num_classes={classes.num_classes}")
+        raise ValueError(
+            f"{cfg.data.root}: the dataset has {classes.num_classes} classes but model.num_classes is "
+            f"{cfg.model.num_classes}; set model.num_classes={classes.num_classes}"
+        )
     ignore_index = cfg.data.ignore_index
-    transforms = (build_train_transforms(cfg.augmentation, ignore_index, seed=cfg.system.seed) if train
-                  else build_val_transforms(cfg.augmentation))
-    dataset = SegmentationDataset(table, split, transforms, root, classes.num_classes, ignore_index,
-                                  seed=cfg.system.seed if train else None)
+    transforms = (
+        build_train_transforms(cfg.augmentation, ignore_index, seed=cfg.system.seed)
+        if train
+        else build_val_transforms(cfg.augmentation)
+    )
+    dataset = SegmentationDataset(
+        table, split, transforms, root, classes.num_classes, ignore_index, seed=cfg.system.seed if train else None
+    )
     batch_size = batch_size or (cfg.train.batch_size if train else cfg.eval.batch_size)
     num_workers = cfg.system.num_workers if num_workers is None else num_workers
     generator = torch.Generator()
     generator.manual_seed(cfg.system.seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train if shuffle is None else shuffle, num_workers=num_workers,
-        worker_init_fn=seed_worker, generator=generator, persistent_workers=num_workers > 0,
+        dataset,
+        batch_size=batch_size,
+        shuffle=train if shuffle is None else shuffle,
+        num_workers=num_workers,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available() and not cfg.system.cpu,
         drop_last=train and len(dataset) > batch_size,
     )

@@ -61,8 +61,15 @@ def synthetic_samples(num_images: int, height: int, width: int, val_fraction: fl
     samples = []
     for i, key in enumerate(keys):
         scene = partial(_scene, height, width, (seed, i))
-        samples.append(RawSample(key=key, split=splits[key], load_image=lambda s=scene: s()[0],
-                                 build_mask=lambda s=scene: s()[1], subset="synthetic"))
+        samples.append(
+            RawSample(
+                key=key,
+                split=splits[key],
+                load_image=lambda s=scene: s()[0],
+                build_mask=lambda s=scene: s()[1],
+                subset="synthetic",
+            )
+        )
     return samples
 
 
@@ -108,17 +115,27 @@ def _write_sample(sample: RawSample, classes: ClassInfo, staging: Path, digest) 
             os.link(sample.source, target)
         except OSError:  # another filesystem, or links not allowed: copy instead
             shutil.copyfile(sample.source, target)
-    outputs = {"mask": (f"interim/gt/{sample.key}.png", mask),
-               "color": (f"interim/color/{sample.key}.png", colorize(mask, classes)[..., ::-1])}
+    outputs = {
+        "mask": (f"interim/gt/{sample.key}.png", mask),
+        "color": (f"interim/color/{sample.key}.png", colorize(mask, classes)[..., ::-1]),
+    }
     digest.update(sample.key.encode() + hashlib.sha256(target.read_bytes()).digest())
     for rel, array in outputs.values():
         data = _encode_png(array, name)
         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
         (staging / rel).write_bytes(data)
         digest.update(hashlib.sha256(data).digest())
-    row = {"image": image_rel, "mask": outputs["mask"][0], "color": outputs["color"][0], "split": sample.split,
-           "subset": sample.subset, "city": sample.city, "height": int(image.shape[0]),
-           "width": int(image.shape[1]), "labeled": sample.labeled}
+    row = {
+        "image": image_rel,
+        "mask": outputs["mask"][0],
+        "color": outputs["color"][0],
+        "split": sample.split,
+        "subset": sample.subset,
+        "city": sample.city,
+        "height": int(image.shape[0]),
+        "width": int(image.shape[1]),
+        "labeled": sample.labeled,
+    }
     return row, np.bincount(mask.ravel(), minlength=256)
 
 
@@ -135,9 +152,17 @@ def _publish(staging: Path, out_dir: Path, split_id: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def run_preprocess(dataset: str, raw_dir: str | Path, out_dir: str | Path, split_id: str = "split01",
-                   val_fraction: float = 0.2, seed: int = 0, num_images: int = 200, height: int = 128,
-                   width: int = 256) -> Path:
+def run_preprocess(
+    dataset: str,
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    split_id: str = "split01",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    num_images: int = 200,
+    height: int = 128,
+    width: int = 256,
+) -> Path:
     """Convert a dataset into masks and a split table under ``out_dir`` (see the module docstring).
 
     Args:
@@ -184,10 +209,13 @@ def run_preprocess(dataset: str, raw_dir: str | Path, out_dir: str | Path, split
         classes.write_csv(staging / "split" / "classes.csv")
         np.save(staging / "split" / "colormap.npy", classes.colormap)
         stats = {
-            "dataset": dataset, "split_id": split_id, "digest": digest.hexdigest(),
+            "dataset": dataset,
+            "split_id": split_id,
+            "digest": digest.hexdigest(),
             "num_samples": table["split"].value_counts().sort_index().to_dict(),
-            "pixels": {split: {name: int(c[i]) for i, name in enumerate(classes.names)}
-                       for split, c in sorted(pixels.items())},
+            "pixels": {
+                split: {name: int(c[i]) for i, name in enumerate(classes.names)} for split, c in sorted(pixels.items())
+            },
             "ignore_pixels": {split: int(c[IGNORE_INDEX]) for split, c in sorted(pixels.items())},
         }
         write_text_atomic(staging / "split" / f"{split_id}.stats.json", json.dumps(stats, indent=2) + "\n")

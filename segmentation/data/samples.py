@@ -87,8 +87,13 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def check_mask(mask: np.ndarray, num_classes: int, name: str | Path, image_shape: tuple[int, ...] | None = None,
-               ignore_index: int = IGNORE_INDEX) -> None:
+def check_mask(
+    mask: np.ndarray,
+    num_classes: int,
+    name: str | Path,
+    image_shape: tuple[int, ...] | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> None:
     """Check a train-id mask: ``H x W`` uint8, values in ``[0, num_classes) ∪ {ignore_index}``, image-sized.
 
     Raises:

@@ -135,8 +135,11 @@ def _objects(c: _Canvas, horizon: int, vx: int, left: float, right: float) -> No
                 cv2.circle(wheels, (int(wx), y1), r, 1, -1)
             c.paint(wheels, (20, 20, 20), CAR)
             continue
-        x = rng.uniform(lo - 0.25 * w * scale, lo - 0.02 * w) if side else rng.uniform(hi + 0.02 * w,
-                                                                                        hi + 0.25 * w * scale)
+        x = (
+            rng.uniform(lo - 0.25 * w * scale, lo - 0.02 * w)
+            if side
+            else rng.uniform(hi + 0.02 * w, hi + 0.25 * w * scale)
+        )
         x = float(np.clip(x, 0, w - 1))
         if kind == "tree":
             th, tw = scale * h * rng.uniform(0.6, 1.1), max(2, scale * w * 0.025)
@@ -152,8 +155,9 @@ def _objects(c: _Canvas, horizon: int, vx: int, left: float, right: float) -> No
             c.paint(c.rect(x, base - ph, int(x) + pw - 1, base), _jitter(rng, (175, 180, 190), 12), POLE, smooth=0.02)
         else:
             ph = max(8, scale * h * rng.uniform(0.45, 0.6))
-            body = cv2.ellipse(c.blank(), (int(x), int(base - ph * 0.42)), (max(1, int(ph * 0.14)), int(ph * 0.42)),
-                               0, 0, 360, 1, -1)
+            body = cv2.ellipse(
+                c.blank(), (int(x), int(base - ph * 0.42)), (max(1, int(ph * 0.14)), int(ph * 0.42)), 0, 0, 360, 1, -1
+            )
             c.paint(body, _jitter(rng, _CLOTHES[rng.integers(len(_CLOTHES))], 20), PERSON)
             head = cv2.circle(c.blank(), (int(x), int(base - ph * 0.9)), max(1, int(ph * 0.1)), 1, -1)
             c.paint(head, _jitter(rng, (225, 180, 150), 15), PERSON)

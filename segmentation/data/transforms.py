@@ -15,8 +15,9 @@ from segmentation.config import AugmentationConfig
 from segmentation.data.classes import IGNORE_INDEX
 
 
-def build_train_transforms(cfg: AugmentationConfig, ignore_index: int = IGNORE_INDEX,
-                           seed: int | None = None) -> A.Compose:
+def build_train_transforms(
+    cfg: AugmentationConfig, ignore_index: int = IGNORE_INDEX, seed: int | None = None
+) -> A.Compose:
     """Horizontal flip, random scale in ``[scale_min, scale_max]``, pad to the crop, random crop, colour jitter.
 
     Args:
@@ -31,10 +32,20 @@ def build_train_transforms(cfg: AugmentationConfig, ignore_index: int = IGNORE_I
     transforms = [
         A.HorizontalFlip(p=cfg.hflip_prob),
         # RandomScale draws a factor in 1 + scale_limit, hence the shift by one.
-        A.RandomScale(scale_limit=(cfg.scale_min - 1.0, cfg.scale_max - 1.0), interpolation=cv2.INTER_LINEAR,
-                      mask_interpolation=cv2.INTER_NEAREST, p=1.0),
-        A.PadIfNeeded(min_height=cfg.crop_height, min_width=cfg.crop_width, border_mode=cv2.BORDER_CONSTANT,
-                      fill=0, fill_mask=ignore_index, position="top_left"),
+        A.RandomScale(
+            scale_limit=(cfg.scale_min - 1.0, cfg.scale_max - 1.0),
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+            p=1.0,
+        ),
+        A.PadIfNeeded(
+            min_height=cfg.crop_height,
+            min_width=cfg.crop_width,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=ignore_index,
+            position="top_left",
+        ),
         A.RandomCrop(height=cfg.crop_height, width=cfg.crop_width),
     ]
     if cfg.color_jitter > 0:
@@ -47,6 +58,14 @@ def build_train_transforms(cfg: AugmentationConfig, ignore_index: int = IGNORE_I
 def build_val_transforms(cfg: AugmentationConfig) -> A.Compose:
     """Nothing, or a resize to ``val_height x val_width`` (image bilinear, mask nearest) when both are > 0."""
     if cfg.val_height > 0 and cfg.val_width > 0:
-        return A.Compose([A.Resize(height=cfg.val_height, width=cfg.val_width, interpolation=cv2.INTER_LINEAR,
-                                   mask_interpolation=cv2.INTER_NEAREST)])
+        return A.Compose(
+            [
+                A.Resize(
+                    height=cfg.val_height,
+                    width=cfg.val_width,
+                    interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST,
+                )
+            ]
+        )
     return A.Compose([])

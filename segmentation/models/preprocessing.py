@@ -23,3 +23,9 @@ def normalize(image_bgr: np.ndarray) -> np.ndarray:
 def to_input_tensor(image_bgr: np.ndarray) -> torch.Tensor:
     """``H x W x 3`` uint8 BGR -> ``1 x 3 x H x W`` float32 tensor ready for the model."""
     return torch.from_numpy(np.ascontiguousarray(normalize(image_bgr).transpose(2, 0, 1)))[None]
+
+
+def to_bgr_image(image: torch.Tensor) -> np.ndarray:
+    """Undo :func:`to_input_tensor` for one image: ``3 x H x W`` float -> ``H x W x 3`` uint8 BGR (for pictures)."""
+    hwc = image.detach().float().cpu().numpy().transpose(1, 2, 0) * STD_BGR + MEAN_BGR
+    return np.clip(np.rint(hwc), 0, 255).astype(np.uint8)

@@ -60,12 +60,30 @@ def train(uri: str, data: Path, out: Path, experiment: str, registered_model: st
     One step and one validation (what the auth tests need: a run, metrics, artifacts, a model, a registration).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT"))}
-    cmd = [sys.executable, "-m", "entrypoints.train", "--config", "configs/tiny.yaml", "--data", str(data),
-           "--registered-model", registered_model, "--experiment", experiment,
-           "--overrides", f"train.epochs=0 train.max_steps=1 train.val_every_n_steps=1 train.sanity_val_batches=0 "
-                          f"train.output_dir={out}"]
-    return subprocess.Popen(cmd, cwd=REPO, env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "entrypoints.train",
+        "--config",
+        "configs/tiny.yaml",
+        "--data",
+        str(data),
+        "--registered-model",
+        registered_model,
+        "--experiment",
+        experiment,
+        "--overrides",
+        f"train.epochs=0 train.max_steps=1 train.val_every_n_steps=1 train.sanity_val_batches=0 "
+        f"train.output_dir={out}",
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**env, "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def status_of(url: str, credentials: tuple[str, str] | None = None) -> int:
@@ -135,4 +153,3 @@ def test_server_listens_on_loopback_only(auth_server):
     _, port = auth_server
     listening = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port}
     assert listening == {"127.0.0.1"}, f"port {port} listens on {listening}; a shared server needs --host explicitly"
-

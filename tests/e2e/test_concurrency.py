@@ -78,13 +78,26 @@ def test_four_trainings_at_once(backend, servers, data, tmp_path):
     trainings = []
     for i in range(RUNS):
         log = tmp_path / f"train{i}.log"
-        cmd = [sys.executable, "-m", "entrypoints.train", "--config", "configs/tiny.yaml", "--data", str(data),
-               "--experiment", name, "--registered-model", name,
-               "--overrides", f"train.epochs=0 train.max_steps=1 train.val_every_n_steps=1 "
-                              f"train.sanity_val_batches=0 system.num_workers=0 "
-                              f"train.output_dir={tmp_path / f'out{i}'}"]
-        trainings.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"),
-                                           stderr=subprocess.STDOUT), log))
+        cmd = [
+            sys.executable,
+            "-m",
+            "entrypoints.train",
+            "--config",
+            "configs/tiny.yaml",
+            "--data",
+            str(data),
+            "--experiment",
+            name,
+            "--registered-model",
+            name,
+            "--overrides",
+            f"train.epochs=0 train.max_steps=1 train.val_every_n_steps=1 "
+            f"train.sanity_val_batches=0 system.num_workers=0 "
+            f"train.output_dir={tmp_path / f'out{i}'}",
+        ]
+        trainings.append(
+            (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), log)
+        )
     codes = [p.wait(timeout=400) for p, _ in trainings]
     elapsed = time.monotonic() - started
     logs = [log.read_text() for _, log in trainings]
@@ -96,8 +109,9 @@ def test_four_trainings_at_once(backend, servers, data, tmp_path):
     assert len(runs) == RUNS and {r.info.status for r in runs} == {"FINISHED"}
     values = 0
     for run in runs:
-        history = {key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-                   for key in run.data.metrics}
+        history = {
+            key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics
+        }
         assert history["train/loss"] == [1] and history["train/lr"] == [1]
         assert history["val/mIoU"] == [1] and history["val/IoU/road"] == [1]
         assert sum(k.startswith("val/IoU/") for k in history) == 19
@@ -107,5 +121,7 @@ def test_four_trainings_at_once(backend, servers, data, tmp_path):
     assert {v.run_id for v in versions} == {r.info.run_id for r in runs}
     for text in [*logs, server_log.read_text()]:
         assert not LOCK_ERRORS.search(text), LOCK_ERRORS.search(text).group(0)
-    print(f"\n{backend}: {RUNS} concurrent runs FINISHED, {values} metric values + {RUNS} model versions "
-          f"in {elapsed:.0f} s ({values / elapsed:.1f} values/s); no lock error")
+    print(
+        f"\n{backend}: {RUNS} concurrent runs FINISHED, {values} metric values + {RUNS} model versions "
+        f"in {elapsed:.0f} s ({values / elapsed:.1f} values/s); no lock error"
+    )

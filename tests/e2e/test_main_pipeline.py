@@ -19,8 +19,11 @@ STEPS = ("preprocess", "train", "evaluate", "export", "promote")
 
 
 def run_main(tracking_uri: str, params: dict[str, str]) -> float:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(var, None)
     cmd = [MLFLOW, "run", str(REPO), "--env-manager", "local", "--experiment-name", "e2e-main"]
@@ -41,8 +44,13 @@ def children_of(client: MlflowClient, experiment_id: str, parent_id: str) -> dic
 
 
 def test_main_runs_every_step_as_child_runs_and_promotes(mlflow_server, tmp_path):
-    params = {"data_dir": str(tmp_path / "data"), "config": "configs/tiny.yaml", "num_images": "10",
-              "registered_model": "e2e-main", "overrides": f"train.output_dir={tmp_path / 'out'}"}
+    params = {
+        "data_dir": str(tmp_path / "data"),
+        "config": "configs/tiny.yaml",
+        "num_images": "10",
+        "registered_model": "e2e-main",
+        "overrides": f"train.output_dir={tmp_path / 'out'}",
+    }
     run_main(mlflow_server, params)
 
     client = MlflowClient(mlflow_server)
@@ -66,8 +74,11 @@ def test_main_runs_every_step_as_child_runs_and_promotes(mlflow_server, tmp_path
 
     # Re-running with the same parameters reuses every finished step; only promotion runs again.
     run_main(mlflow_server, params)
-    parents = client.search_runs([experiment.experiment_id], f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = 'main'",
-                                 order_by=["attributes.start_time DESC"])
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = 'main'",
+        order_by=["attributes.start_time DESC"],
+    )
     assert len(parents) == 2 and parents[0].info.status == "FINISHED"
     second = children_of(client, experiment.experiment_id, parents[0].info.run_id)
     assert sorted(second) == ["promote"]

@@ -9,8 +9,8 @@ import pytest
 from mlflow import MlflowClient
 from test_train_e2e import mlflow_run
 
-from segmentation.checkpoint import list_checkpoints
 from segmentation.data.preprocess import run_preprocess
+from segmentation.training.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.e2e
 
@@ -19,9 +19,17 @@ def test_two_cpu_ranks_one_run_each_step_once(tmp_path, mlflow_server):
     data = tmp_path / "data"
     run_preprocess("synthetic", "", data, num_images=5, height=64, width=128, val_fraction=0.2)
     # 4 train images, batch 2 per rank, 2 ranks: 1 step per epoch; 4 epochs = 4 steps.
-    proc = mlflow_run(mlflow_server, "e2e-2proc", {
-        "config": "configs/tiny.yaml", "data": str(data), "num_processes": "2", "registered_model": "",
-        "overrides": f"train.epochs=4 train.output_dir={tmp_path / 'out'}"})
+    proc = mlflow_run(
+        mlflow_server,
+        "e2e-2proc",
+        {
+            "config": "configs/tiny.yaml",
+            "data": str(data),
+            "num_processes": "2",
+            "registered_model": "",
+            "overrides": f"train.epochs=4 train.output_dir={tmp_path / 'out'}",
+        },
+    )
     log = proc.stdout + proc.stderr
     assert "rank 0/2" in log and "rank 1/2" in log, log[-3000:]
     client = MlflowClient(mlflow_server)

@@ -22,9 +22,9 @@ from conftest import REPO, start_mlflow_server, stop_process, wait_http
 from mlflow import MlflowClient
 
 from entrypoints import sync_tracking
-from segmentation.checkpoint import list_checkpoints, load_weights
 from segmentation.data.preprocess import run_preprocess
-from segmentation.spool import JOURNAL_FILE
+from segmentation.mlops.journal import JOURNAL_FILE
+from segmentation.training.checkpoint import list_checkpoints, load_weights
 
 pytestmark = pytest.mark.e2e
 
@@ -78,9 +78,22 @@ def train(uri: str, data: Path, out: Path, overrides: str, *args: str) -> subpro
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(var, None)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "entrypoints.train", "--config", "configs/tiny.yaml", "--data", str(data),
-           "--registered-model", "", "--experiment", EXPERIMENT,
-           "--overrides", f"train.epochs=0 train.output_dir={out} {overrides}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "entrypoints.train",
+        "--config",
+        "configs/tiny.yaml",
+        "--data",
+        str(data),
+        "--registered-model",
+        "",
+        "--experiment",
+        EXPERIMENT,
+        "--overrides",
+        f"train.epochs=0 train.output_dir={out} {overrides}",
+        *args,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=(out / "log.txt").open("w"), stderr=subprocess.STDOUT)
 
 
@@ -125,15 +138,19 @@ def test_kill_9_then_resume_continues_the_run_exactly(mlflow_server, data, tmp_p
         client.create_experiment(EXPERIMENT)
     full = train(mlflow_server, data, full_out, overrides)
     killed = train(mlflow_server, data, killed_out, overrides)
-    second = wait_for(lambda: (d := run_dir(killed_out)) and (d / "checkpoints" / "step-0000006").is_dir() and d,
-                      timeout=240, what="2nd checkpoint", proc=killed)
+    second = wait_for(
+        lambda: (d := run_dir(killed_out)) and (d / "checkpoints" / "step-0000006").is_dir() and d,
+        timeout=240,
+        what="2nd checkpoint",
+        proc=killed,
+    )
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=30) == -signal.SIGKILL
     run_id = second.name
     # A kill during a save: a half-written checkpoint folder, and a torn last journal line.
     torn = second / "checkpoints" / ".tmp-step-0000009"
     torn.mkdir()
-    (torn / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\"")
+    (torn / "model.safetensors").write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a"')
     with (second / "tracking" / JOURNAL_FILE).open("a") as fh:
         fh.write('{"kind": "metrics", "step": 99, "values": {"train/lo')
     assert [p.name for p in list_checkpoints(second / "checkpoints")][-1] == "step-0000006"
@@ -167,16 +184,22 @@ def test_server_outage_loses_nothing_and_does_not_stop_training(server, data, tm
     proc = train(server.uri, data, out, "train.max_steps=12 train.val_every_n_steps=2 callbacks.checkpoint.top_k=30")
     # Frozen (SIGSTOP) at its first checkpoint while the server goes down, so that the outage starts at step 2
     # however fast the machine is.
-    run = wait_for(lambda: (d := run_dir(out)) and list_checkpoints(d / "checkpoints") and d, timeout=240,
-                   what="first checkpoint", proc=proc, freeze=True)
+    run = wait_for(
+        lambda: (d := run_dir(out)) and list_checkpoints(d / "checkpoints") and d,
+        timeout=240,
+        what="first checkpoint",
+        proc=proc,
+        freeze=True,
+    )
     try:
         server.stop()
         down = time.time()
         proc.send_signal(signal.SIGCONT)
         # Training goes on while the server is down: two more checkpoints, so that at least one whole step (its
         # metrics and its checkpoint) falls inside the outage. A training that waits for the server never gets there.
-        wait_for(lambda: len(written_after(run, down)) >= 2, timeout=90, what="2 checkpoints during the outage",
-                 proc=proc)
+        wait_for(
+            lambda: len(written_after(run, down)) >= 2, timeout=90, what="2 checkpoints during the outage", proc=proc
+        )
     finally:
         proc.send_signal(signal.SIGCONT)
         server.start()
@@ -201,10 +224,23 @@ def test_server_outage_loses_nothing_and_does_not_stop_training(server, data, tm
 
 def test_server_down_for_good_exit_code_and_later_sync(server, data, tmp_path):
     out = tmp_path / "down"
-    proc = train(server.uri, data, out, "train.max_steps=6 train.val_every_n_steps=2",
-                 "--tracking-timeout", "5", "--registered-model", "reliability-sync")
-    run = wait_for(lambda: (d := run_dir(out)) and list_checkpoints(d / "checkpoints") and d, timeout=240,
-                   what="first checkpoint", proc=proc, freeze=True)  # frozen until the server is gone
+    proc = train(
+        server.uri,
+        data,
+        out,
+        "train.max_steps=6 train.val_every_n_steps=2",
+        "--tracking-timeout",
+        "5",
+        "--registered-model",
+        "reliability-sync",
+    )
+    run = wait_for(
+        lambda: (d := run_dir(out)) and list_checkpoints(d / "checkpoints") and d,
+        timeout=240,
+        what="first checkpoint",
+        proc=proc,
+        freeze=True,
+    )  # frozen until the server is gone
     try:
         server.stop()
     finally:
@@ -220,8 +256,14 @@ def test_server_down_for_good_exit_code_and_later_sync(server, data, tmp_path):
         server.start()
     client = MlflowClient(server.uri)
     assert client.get_run(run.name).info.status == "RUNNING"  # the end itself is still in the journal
-    sync = subprocess.run([sys.executable, "-m", "entrypoints.sync_tracking", str(run / "tracking")], cwd=REPO,
-                          capture_output=True, text=True, timeout=180, check=False)
+    sync = subprocess.run(
+        [sys.executable, "-m", "entrypoints.sync_tracking", str(run / "tracking")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert sync.returncode == 0, sync.stdout + sync.stderr[-3000:]
     assert client.get_run(run.name).info.status == "FINISHED"
     assert steps(client, run.name, "train/loss") == list(range(1, 7))

@@ -40,10 +40,34 @@ def test_screenshot_script_writes_rendered_pngs(tmp_path, repo):
     env = {**os.environ, "PYTHONPATH": str(repo)}
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(
-        [sys.executable, "-m", "scripts.screenshots", "--output-dir", str(out), "--lrs", "0.01,0.05",
-         "--overrides", "train.max_steps=2", "--jobs", "2", "--backend-store-uri", f"sqlite:///{store}",
-         "--window-size", "1200,700", "--chromium", chromium, "--timeout", "120"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=900, check=False)
+        [
+            sys.executable,
+            "-m",
+            "scripts.screenshots",
+            "--output-dir",
+            str(out),
+            "--lrs",
+            "0.01,0.05",
+            "--overrides",
+            "train.max_steps=2",
+            "--jobs",
+            "2",
+            "--backend-store-uri",
+            f"sqlite:///{store}",
+            "--window-size",
+            "1200,700",
+            "--chromium",
+            chromium,
+            "--timeout",
+            "120",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["compare_runs.png", "run_images.png"]
     _check_rendered(out / "compare_runs.png", min_colours=12)

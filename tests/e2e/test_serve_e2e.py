@@ -30,9 +30,10 @@ from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
-from segmentation.export import log_pytorch_model, run_export
+from segmentation.mlops.model_store import log_pytorch_model
+from segmentation.mlops.serving import encode_image
 from segmentation.models import FCHarDNet
-from segmentation.serving import encode_image
+from segmentation.steps.export import export_step
 
 pytestmark = pytest.mark.e2e
 
@@ -79,10 +80,11 @@ def registered(mlflow_server) -> str:
         mp.setenv("MLFLOW_EXPERIMENT_ID", client.create_experiment(name))  # keep these runs out of Default
         torch.manual_seed(0)
         with mlflow.start_run():
-            info = log_pytorch_model(FCHarDNet(num_classes=19).eval(), ClassInfo.cityscapes(), ModelConfig(),
-                                     registered_model_name=name)
+            info = log_pytorch_model(
+                FCHarDNet(num_classes=19).eval(), ClassInfo.cityscapes(), ModelConfig(), registered_model_name=name
+            )
         client.set_registered_model_alias(name, "production", info.registered_model_version)
-        exported = run_export(f"models:/{name}@production", registered_model=f"{name}-onnx", sizes=((64, 128),))
+        exported = export_step(f"models:/{name}@production", registered_model=f"{name}-onnx", sizes=((64, 128),))
         # The export of the production version takes the ONNX model's production alias itself (registry companions).
         onnx_aliases = client.get_registered_model(f"{name}-onnx").aliases
         assert onnx_aliases == {"production": str(exported["registered_version"])}
@@ -95,18 +97,33 @@ def server(request, registered, mlflow_server, tmp_path_factory):
     name = registered if request.param == "pytorch" else f"{registered}-onnx"
     port = free_port()
     serve, _ = doc_commands()
-    serve = (serve.replace(DOC_TRACKING_URI, mlflow_server).replace(f"models:/{DOC_MODEL}@", f"models:/{name}@")
-             .replace(f"-p {DOC_PORT}", f"-p {port}"))
+    serve = (
+        serve.replace(DOC_TRACKING_URI, mlflow_server)
+        .replace(f"models:/{DOC_MODEL}@", f"models:/{name}@")
+        .replace(f"-p {DOC_PORT}", f"-p {port}")
+    )
     workdir = tmp_path_factory.mktemp(f"serve-{request.param}")
     log = workdir / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.Popen(["bash", "-euc", serve], cwd=workdir, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-euc", serve],
+        cwd=workdir,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=240, proc=proc, log=log)
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, backend=request.param, log=log, proc=proc,
-                              pyfunc=mlflow.pyfunc.load_model(f"models:/{name}@production"))
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{port}",
+            port=port,
+            backend=request.param,
+            log=log,
+            proc=proc,
+            pyfunc=mlflow.pyfunc.load_model(f"models:/{name}@production"),
+        )
     finally:
         stop_process(proc)
 
@@ -192,8 +209,9 @@ def test_docs_client_commands_write_the_mask(server, tmp_path):
     cv2.imwrite(str(tmp_path / "image.png"), image)
     script = client.replace(f"127.0.0.1:{DOC_PORT}", f"127.0.0.1:{server.port}")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["80", "112"]
     mask = cv2.imread(str(tmp_path / "mask.png"), cv2.IMREAD_UNCHANGED)

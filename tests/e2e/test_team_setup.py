@@ -44,15 +44,33 @@ def team_server(postgres_uri, tmp_path_factory):
     stop_process(proc)
 
 
-def train(tracking_uri: str, data: Path, output_dir: Path, registered_model: str, experiment: str,
-          extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def train(
+    tracking_uri: str,
+    data: Path,
+    output_dir: Path,
+    registered_model: str,
+    experiment: str,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """`python -m entrypoints.train` on the tiny recipe with MLFLOW_TRACKING_URI set, as a team member runs it."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **(extra_env or {})}
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "entrypoints.train", "--config", "configs/tiny.yaml", "--data", str(data),
-           "--registered-model", registered_model, "--experiment", experiment,
-           "--overrides", f"train.epochs=2 train.output_dir={output_dir}"]  # 4 images, batch 2: 4 steps
+    cmd = [
+        sys.executable,
+        "-m",
+        "entrypoints.train",
+        "--config",
+        "configs/tiny.yaml",
+        "--data",
+        str(data),
+        "--registered-model",
+        registered_model,
+        "--experiment",
+        experiment,
+        "--overrides",
+        f"train.epochs=2 train.output_dir={output_dir}",
+    ]  # 4 images, batch 2: 4 steps
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
 
 
@@ -78,20 +96,24 @@ def test_training_run_and_registered_model_live_in_postgres_and_proxied_store(te
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stderr[-5000:]}"
 
     (experiment_id,) = query(postgres_uri, "SELECT experiment_id FROM experiments WHERE name = %s", "team-setup")[0]
-    runs = query(postgres_uri, "SELECT run_uuid, status, artifact_uri FROM runs WHERE experiment_id = %s",
-                 experiment_id)
+    runs = query(
+        postgres_uri, "SELECT run_uuid, status, artifact_uri FROM runs WHERE experiment_id = %s", experiment_id
+    )
     assert len(runs) == 1, runs
     run_id, status, artifact_uri = runs[0]
     assert status == "FINISHED"
-    steps = query(postgres_uri, "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'train/loss' ORDER BY step",
-                  run_id)
+    steps = query(
+        postgres_uri, "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'train/loss' ORDER BY step", run_id
+    )
     assert [s for (s,) in steps] == [1, 2, 3, 4]
-    assert query(postgres_uri, "SELECT value FROM params WHERE run_uuid = %s AND key = 'cfg.train.lr'",
-                 run_id) == [("0.02",)]
+    assert query(postgres_uri, "SELECT value FROM params WHERE run_uuid = %s AND key = 'cfg.train.lr'", run_id) == [
+        ("0.02",)
+    ]
     assert query(postgres_uri, "SELECT key FROM latest_metrics WHERE run_uuid = %s AND key = 'val/mIoU'", run_id)
 
-    versions = query(postgres_uri, "SELECT version, run_id, status, storage_location FROM model_versions "
-                                   "WHERE name = 'team-m'")
+    versions = query(
+        postgres_uri, "SELECT version, run_id, status, storage_location FROM model_versions WHERE name = 'team-m'"
+    )
     assert len(versions) == 1, versions
     version, version_run_id, version_status, storage_location = versions[0]
     assert (version, version_run_id, version_status) == (1, run_id, "READY")

@@ -17,15 +17,18 @@ from conftest import MLFLOW, REPO
 from mlflow import MlflowClient
 
 from segmentation.data.preprocess import run_preprocess
-from segmentation.serving import encode_image
+from segmentation.mlops.serving import encode_image
 
 pytestmark = pytest.mark.e2e
 
 
 def mlflow_run(tracking_uri: str, experiment: str, params: dict[str, str], timeout: float = 300):
     """Run the train entry point in a subprocess with the venv on PATH; returns the CompletedProcess."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(var, None)
     cmd = [MLFLOW, "run", str(REPO), "-e", "train", "--env-manager", "local", "--experiment-name", experiment]
@@ -44,9 +47,17 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def test_mlflow_run_train_tracks_and_registers(tiny_data, tmp_path, mlflow_server):
-    mlflow_run(mlflow_server, "e2e-train", {
-        "config": "configs/tiny.yaml", "lr": "0.02", "data": str(tiny_data), "registered_model": "e2e-train-model",
-        "overrides": f"train.epochs=2 train.output_dir={tmp_path / 'out'}"})
+    mlflow_run(
+        mlflow_server,
+        "e2e-train",
+        {
+            "config": "configs/tiny.yaml",
+            "lr": "0.02",
+            "data": str(tiny_data),
+            "registered_model": "e2e-train-model",
+            "overrides": f"train.epochs=2 train.output_dir={tmp_path / 'out'}",
+        },
+    )
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("e2e-train")
     (run,) = client.search_runs([experiment.experiment_id])

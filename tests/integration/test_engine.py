@@ -1,4 +1,4 @@
-"""fit() on a tiny synthetic dataset (64x128, CPU) tracking to the session's real MLflow server."""
+"""train_step() on a tiny synthetic dataset (64x128, CPU) tracking to the session's real MLflow server."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from segmentation.checkpoint import STATE_FILE, TrainerState, list_checkpoints, load_weights
 from segmentation.config import CONFIG_DIR, load_config
 from segmentation.data.preprocess import run_preprocess
-from segmentation.engine import fit
-from segmentation.tracking import Tracker
+from segmentation.mlops.tracker import Tracker
+from segmentation.steps.train import train_step
+from segmentation.training.checkpoint import STATE_FILE, TrainerState, list_checkpoints, load_weights
 
 TINY = CONFIG_DIR / "tiny.yaml"
 
@@ -31,8 +31,9 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def tiny_cfg(data: Path, tmp_path: Path, *overrides: str):
     """configs/tiny.yaml for 2 epochs = 4 steps (max_steps), validating and checkpointing at steps 2 and 4."""
-    return load_config(TINY, [f"data.root={data}", f"train.output_dir={tmp_path / 'out'}", "train.epochs=2",
-                              *overrides])
+    return load_config(
+        TINY, [f"data.root={data}", f"train.output_dir={tmp_path / 'out'}", "train.epochs=2", *overrides]
+    )
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -40,7 +41,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 
 
 def test_fit_tracks_everything_and_steps_lr_once_per_step(tiny_data, tmp_path, tracking_uri):
-    result = fit(tiny_cfg(tiny_data, tmp_path), experiment="engine-test", log_model=False)
+    result = train_step(tiny_cfg(tiny_data, tmp_path), experiment="engine-test", log_model=False)
     client = MlflowClient()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -52,7 +53,9 @@ def test_fit_tracks_everything_and_steps_lr_once_per_step(tiny_data, tmp_path, t
     top = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"checkpoints", "config", "images"} <= top
     assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == [
-        "checkpoints/step-0000002", "checkpoints/step-0000004"]  # top_k=2 keeps both
+        "checkpoints/step-0000002",
+        "checkpoints/step-0000004",
+    ]  # top_k=2 keeps both
     files = {Path(a.path).name for a in client.list_artifacts(result.run_id, "checkpoints/step-0000004")}
     assert {STATE_FILE, "model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= files
     local = tmp_path / "out" / result.run_id / "checkpoints"
@@ -73,17 +76,21 @@ def test_resume_reproduces_uninterrupted_weights(where, tiny_data, tmp_path, tra
     if where.startswith("mid_epoch"):
         # Batch 1 gives 4 steps per epoch, so step 2 is mid-epoch. Augmentation without randomness isolates what
         # resume itself must restore there (data order, optimizer, scheduler, RNG).
-        overrides += ["train.batch_size=1", "augmentation.hflip_prob=0", "augmentation.scale_min=1",
-                      "augmentation.scale_max=1"]
+        overrides += [
+            "train.batch_size=1",
+            "augmentation.hflip_prob=0",
+            "augmentation.scale_min=1",
+            "augmentation.scale_max=1",
+        ]
     cfg = tiny_cfg(tiny_data, tmp_path, *overrides)
-    full = fit(cfg, log_model=False)
+    full = train_step(cfg, log_model=False)
     local = tmp_path / "out" / full.run_id / "checkpoints"
     final = load_weights(local / "step-0000004")
     shutil.rmtree(local / "step-0000004")  # as if the process died between step 2 and step 4
     if where.endswith("from_artifacts"):
         shutil.rmtree(local)  # the machine is gone: resume must download the checkpoint from the run
         Tracker(full.run_id).delete_artifacts("checkpoints/step-0000004")
-    resumed = fit(cfg, resume_run_id=full.run_id, log_model=False)
+    resumed = train_step(cfg, resume_run_id=full.run_id, log_model=False)
     assert resumed.run_id == full.run_id and resumed.global_step == 4
     again = load_weights(local / "step-0000004")
     for key, value in final.items():
@@ -104,7 +111,7 @@ def test_unreachable_server_fails_before_training(tiny_data, tmp_path, monkeypat
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     try:
         with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}.*not reachable"):
-            fit(tiny_cfg(tiny_data, tmp_path))
+            train_step(tiny_cfg(tiny_data, tmp_path))
     finally:
         mlflow.set_tracking_uri(previous)
     assert not (tmp_path / "out").exists()
@@ -112,23 +119,23 @@ def test_unreachable_server_fails_before_training(tiny_data, tmp_path, monkeypat
 
 def test_bad_inputs_have_clear_errors(tiny_data, tmp_path, tracking_uri):
     with pytest.raises(FileNotFoundError, match="preprocess"):
-        fit(tiny_cfg(tmp_path / "nothing_here", tmp_path))
+        train_step(tiny_cfg(tmp_path / "nothing_here", tmp_path))
     with pytest.raises(ValueError, match="num_classes=7.*19 classes"):
-        fit(tiny_cfg(tiny_data, tmp_path, "model.num_classes=7"))
+        train_step(tiny_cfg(tiny_data, tmp_path, "model.num_classes=7"))
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
-        fit(tiny_cfg(tiny_data, tmp_path, "system.mixed_precision=fp16"))
+        train_step(tiny_cfg(tiny_data, tmp_path, "system.mixed_precision=fp16"))
     with pytest.raises(ValueError, match="run id 'f00' does not exist"):
-        fit(tiny_cfg(tiny_data, tmp_path), resume_run_id="f00")
+        train_step(tiny_cfg(tiny_data, tmp_path), resume_run_id="f00")
     client = MlflowClient()
     empty = client.create_run(client.create_experiment("no-checkpoints")).info.run_id
     with pytest.raises(ValueError, match=f"cannot resume run {empty}: no checkpoint"):
-        fit(tiny_cfg(tiny_data, tmp_path), resume_run_id=empty)
+        train_step(tiny_cfg(tiny_data, tmp_path), resume_run_id=empty)
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path, tracking_uri):
     cfg = tiny_cfg(tiny_data, tmp_path, "train.lr=1e30", "train.val_every_n_steps=1", "loss.name=ce")
     with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step (\d+)") as info:
-        fit(cfg, experiment="nan-test", log_model=False)
+        train_step(cfg, experiment="nan-test", log_model=False)
     run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("nan-test").experiment_id])[0]
     assert run.info.status == "FAILED"
     kept = list_checkpoints(tmp_path / "out" / run.info.run_id / "checkpoints")

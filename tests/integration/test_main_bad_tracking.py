@@ -12,8 +12,12 @@ from conftest import MLFLOW, REPO, free_port
 
 
 def _env(uri: str, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **extra,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        **extra,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         env.pop(var, None)
     return env
@@ -22,8 +26,15 @@ def _env(uri: str, **extra: str) -> dict[str, str]:
 def test_pipeline_entry_point_fails_fast_with_the_uri(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "entrypoints.main", "--data-dir", str(tmp_path / "d")], cwd=REPO,
-                          env=_env(uri), capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "entrypoints.main", "--data-dir", str(tmp_path / "d")],
+        cwd=REPO,
+        env=_env(uri),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2
     assert uri in proc.stderr and "not reachable" in proc.stderr
     assert time.monotonic() - start < 60
@@ -35,9 +46,14 @@ def test_mlflow_run_fails_fast_with_the_readme_setting(tmp_path):
     # users to set MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 for a fast, clear failure.
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    proc = subprocess.run([MLFLOW, "run", str(REPO), "--env-manager", "local", "-P", f"data_dir={tmp_path / 'd'}"],
-                          env=_env(uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"), capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [MLFLOW, "run", str(REPO), "--env-manager", "local", "-P", f"data_dir={tmp_path / 'd'}"],
+        env=_env(uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode != 0
     assert uri in proc.stderr
     assert time.monotonic() - start < 60

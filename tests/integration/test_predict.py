@@ -14,15 +14,17 @@ from mlflow import MlflowClient
 from entrypoints.predict import main as predict_main
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
-from segmentation.export import save_model_package
+from segmentation.inference.files import collect_images
 from segmentation.models import FCHarDNet
+from segmentation.models.package import save_model_package
 from segmentation.models.preprocessing import to_input_tensor
-from segmentation.predict import collect_images, predict_images, run_predict
+from segmentation.steps.predict import predict_step
 
 FRAME = "cityscapes_sample/leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png"
 # Non-Cityscapes colours prove the outputs use the classes stored with the model, not a built-in palette.
-CLASSES = ClassInfo(tuple(f"c{i}" for i in range(5)), ((10, 20, 30), (200, 0, 0), (0, 200, 0), (0, 0, 200),
-                                                      (250, 250, 0)))
+CLASSES = ClassInfo(
+    tuple(f"c{i}" for i in range(5)), ((10, 20, 30), (200, 0, 0), (0, 200, 0), (0, 0, 200), (250, 250, 0))
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def frame_dir(shared_data, tmp_path):
 
 
 def test_masks_have_input_size_and_class_values(package, frame_dir, tmp_path):
-    report = run_predict(str(package), frame_dir, tmp_path / "out", device="cpu")
+    report = predict_step(str(package), frame_dir, tmp_path / "out", device="cpu")
     assert not report.skipped and len(report.outputs["mask"]) == 3
     for source, rel in (("city/frame.png", "city/frame.png"), ("crop.jpg", "crop.png"), ("grey.png", "grey.png")):
         image = cv2.imread(str(frame_dir / source))
@@ -58,34 +60,35 @@ def test_masks_have_input_size_and_class_values(package, frame_dir, tmp_path):
 
 
 def test_mask_is_the_networks_argmax_at_full_resolution(package, shared_data, tmp_path):
-    from segmentation.export import load_model
+    from segmentation.mlops.model_store import load_model
 
     model, _ = load_model(str(package))
     image = cv2.imread(str(shared_data / FRAME))
     with torch.inference_mode():
         expected = model(to_input_tensor(image)).argmax(1)[0].numpy()
-    run_predict(str(package), shared_data / FRAME, tmp_path / "out", device="cpu")
-    mask = cv2.imread(str(tmp_path / "out" / "mask" / "frankfurt_000000_000294_leftImg8bit.png"),
-                      cv2.IMREAD_UNCHANGED)
+    predict_step(str(package), shared_data / FRAME, tmp_path / "out", device="cpu")
+    mask = cv2.imread(str(tmp_path / "out" / "mask" / "frankfurt_000000_000294_leftImg8bit.png"), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(mask, expected)
 
 
 def test_outputs_inside_the_input_folder_are_not_read_back(package, frame_dir):
-    first = run_predict(str(package), frame_dir, frame_dir / "pred", device="cpu")
-    second = run_predict(str(package), frame_dir, frame_dir / "pred", device="cpu")
+    first = predict_step(str(package), frame_dir, frame_dir / "pred", device="cpu")
+    second = predict_step(str(package), frame_dir, frame_dir / "pred", device="cpu")
     assert len(first.outputs["mask"]) == len(second.outputs["mask"]) == 3
 
 
 def test_glob_input(package, frame_dir, tmp_path):
-    report = run_predict(str(package), str(frame_dir / "**" / "*.png"), tmp_path / "out", device="cpu")
+    report = predict_step(str(package), str(frame_dir / "**" / "*.png"), tmp_path / "out", device="cpu")
     assert sorted(p.relative_to(tmp_path / "out" / "mask").as_posix() for p in report.outputs["mask"]) == [
-        "city/frame.png", "grey.png"]
+        "city/frame.png",
+        "grey.png",
+    ]
 
 
 def test_unreadable_files_are_skipped_with_a_warning(package, frame_dir, tmp_path, caplog):
     (frame_dir / "broken.png").write_bytes(b"not a png at all")
-    with caplog.at_level(logging.WARNING, logger="segmentation.predict"):
-        report = run_predict(str(package), frame_dir, tmp_path / "out", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="segmentation.steps.predict"):
+        report = predict_step(str(package), frame_dir, tmp_path / "out", device="cpu")
     assert report.skipped == [frame_dir / "broken.png"] and len(report.outputs["mask"]) == 3
     assert "broken.png" in caplog.text and "skipped 1 unreadable" in caplog.text
     assert not (tmp_path / "out" / "mask" / "broken.png").exists()
@@ -97,9 +100,22 @@ def test_nothing_readable_is_an_error_and_exits_non_zero(package, tmp_path):
     (folder / "a.png").write_bytes(b"garbage")
     (folder / "b.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match=r"none of the 2 input image\(s\) could be read: .*a\.png.*b\.jpg"):
-        run_predict(str(package), folder, tmp_path / "out", device="cpu")
-    assert predict_main(["--model-uri", str(package), "--input", str(folder), "--out-dir",
-                         str(tmp_path / "out"), "--device", "cpu"]) == 1
+        predict_step(str(package), folder, tmp_path / "out", device="cpu")
+    assert (
+        predict_main(
+            [
+                "--model-uri",
+                str(package),
+                "--input",
+                str(folder),
+                "--out-dir",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
 
 
 def test_empty_folder_and_missing_input_are_errors(tmp_path):
@@ -114,14 +130,10 @@ def test_empty_folder_and_missing_input_are_errors(tmp_path):
 
 
 def test_overlays_are_logged_into_an_active_run(package, frame_dir, tmp_path, tracking_uri):
-    from segmentation.export import load_model
-
-    model, classes = load_model(str(package))
-    files, root = collect_images(frame_dir)
     with mlflow.start_run() as run:
-        report = predict_images(model, classes, files, root, tmp_path / "out", num_logged=2)
+        report = predict_step(str(package), frame_dir, tmp_path / "out", device="cpu", num_logged=2)
     assert report.logged == 2
     logged = MlflowClient(tracking_uri).list_artifacts(run.info.run_id, "predict/overlays")
     assert len(logged) == 2
-    no_run = predict_images(model, classes, files, root, tmp_path / "out2", num_logged=2)
+    no_run = predict_step(str(package), frame_dir, tmp_path / "out2", device="cpu", num_logged=2)
     assert no_run.logged == 0

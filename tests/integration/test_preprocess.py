@@ -11,16 +11,19 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from segmentation.data.lineage import log_preprocess_lineage
 from segmentation.data.preprocess import run_preprocess
+from segmentation.mlops.lineage import log_preprocess_lineage
 
 REPO = Path(__file__).resolve().parents[2]
 CVAT_SAMPLE = REPO / "tests" / "data" / "cvat_sample" / "raw"
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("dataset", ["synthetic", "cvat"])
@@ -35,14 +38,31 @@ def test_rerun_gives_identical_files(tmp_path, dataset):
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "entrypoints.preprocess", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "entrypoints.preprocess", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_cli_writes_table_and_reports_bad_input(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    done = run_cli("--dataset", "synthetic", "--out-dir", str(tmp_path / "syn"), "--num-images", "3",
-                   "--height", "32", "--width", "48", env=env)
+    done = run_cli(
+        "--dataset",
+        "synthetic",
+        "--out-dir",
+        str(tmp_path / "syn"),
+        "--num-images",
+        "3",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "syn" / "split" / "split01.parquet").is_file()
     (tmp_path / "raw" / "cvat").mkdir(parents=True)
@@ -70,11 +90,25 @@ def test_lineage_logged_to_server(tmp_path, tracking_uri):
 
 
 def test_cli_attaches_to_mlflow_run_id(tmp_path, tracking_uri):
-    run_id = mlflow.MlflowClient(tracking_uri).create_run(
-        mlflow.MlflowClient(tracking_uri).create_experiment(f"pre-{tmp_path.name}")).info.run_id
+    run_id = (
+        mlflow.MlflowClient(tracking_uri)
+        .create_run(mlflow.MlflowClient(tracking_uri).create_experiment(f"pre-{tmp_path.name}"))
+        .info.run_id
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id}
-    done = run_cli("--dataset", "synthetic", "--out-dir", str(tmp_path / "syn"), "--num-images", "3",
-                   "--height", "32", "--width", "48", env=env)
+    done = run_cli(
+        "--dataset",
+        "synthetic",
+        "--out-dir",
+        str(tmp_path / "syn"),
+        "--num-images",
+        "3",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     logged = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     assert logged.inputs.dataset_inputs[0].dataset.name == "synthetic-split01"

@@ -11,13 +11,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from segmentation import registry
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
 from segmentation.data.preprocess import run_preprocess
-from segmentation.eval_logging import Protocol, run_evaluation
-from segmentation.export import log_pytorch_model
+from segmentation.mlops import registry
+from segmentation.mlops.model_store import log_pytorch_model
 from segmentation.models import FCHarDNet
+from segmentation.steps.evaluate import Protocol, evaluate_step
 
 DATA = "split01/val#abc|tta=none"
 
@@ -46,8 +46,11 @@ def test_model_uris_resolve_to_name_version_and_run(client):
     name = _registered_model(client, 3)
     client.set_registered_model_alias(name, "production", "2")
     runs = {str(v.version): v.run_id for v in client.search_model_versions(f"name = '{name}'")}
-    for uri, version in [(f"models:/{name}/1", "1"), (f"models:/{name}/latest", "3"),
-                         (f"models:/{name}@production", "2")]:
+    for uri, version in [
+        (f"models:/{name}/1", "1"),
+        (f"models:/{name}/latest", "3"),
+        (f"models:/{name}@production", "2"),
+    ]:
         ref = registry.describe_model_uri(uri, client)
         assert (ref.name, ref.version, ref.run_id) == (name, version, runs[version]), uri
     missing = registry.describe_model_uri("models:/no-such-model/latest", client)
@@ -112,8 +115,14 @@ def test_incumbent_score_found_in_a_linked_evaluation_run(client):
     with mlflow.start_run():
         mlflow.set_tags({"model_name": name, "model_version": "1", "eval/data": DATA})
         mlflow.log_metric("eval/mIoU", 0.3)
-    outcome = registry.promote(name, 2, candidate_value=0.25, data_key=DATA, client=client,
-                               evaluate_incumbent=lambda v: pytest.fail("the linked run has the number"))
+    outcome = registry.promote(
+        name,
+        2,
+        candidate_value=0.25,
+        data_key=DATA,
+        client=client,
+        evaluate_incumbent=lambda v: pytest.fail("the linked run has the number"),
+    )
     assert not outcome.promoted and outcome.incumbent_value == pytest.approx(0.3)
 
 
@@ -143,14 +152,14 @@ def test_evaluation_run_is_logged_linked_and_promotes(client, tmp_path):
     with mlflow.start_run():
         info = log_pytorch_model(torch_model, ClassInfo.cityscapes(), ModelConfig(), registered_model_name=name)
     version = str(info.registered_model_version)
-    result, promotion = run_evaluation(f"models:/{name}/{version}", Protocol(data=str(data), num_worst=1),
-                                       promote=True)
+    result, promotion = evaluate_step(f"models:/{name}/{version}", Protocol(data=str(data), num_worst=1), promote=True)
     assert promotion.promoted and _aliases(client, name) == {"production": version}
     run_id = client.get_model_version(name, version).tags["promoted_by_run"]
     run = client.get_run(run_id)
     assert run.data.metrics["eval/mIoU"] == pytest.approx(result.metrics["eval/mIoU"])
     assert {"eval/pixel_acc", "eval/mean_acc", "eval/latency_ms_per_image", "eval/images_per_s"} <= set(
-        run.data.metrics)
+        run.data.metrics
+    )
     assert any(k.startswith("eval/IoU/") for k in run.data.metrics)
     assert run.data.tags["model_name"] == name and run.data.tags["model_version"] == version
     assert run.data.tags["model_run_id"] == info.run_id and run.data.tags["eval/device"].startswith("cpu")
@@ -202,7 +211,7 @@ def test_newest_export_of_a_version_wins_and_an_unexported_version_leaves_the_al
     registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
     assert _aliases(client, onnx) == {"production": "2"}
 
-    with caplog.at_level("WARNING", logger="segmentation.registry"):
+    with caplog.at_level("WARNING", logger="segmentation.mlops.registry"):
         outcome = registry.promote(name, 2, candidate_value=0.7, data_key=DATA, client=client)
     assert outcome.promoted and outcome.companions == {onnx: {"previous": "2"}}
     assert _aliases(client, onnx) == {"production": "2", "previous": "2"}
@@ -224,16 +233,17 @@ def test_exporting_the_production_version_gives_the_export_production(client):
 
 
 def test_pipeline_export_then_promote_moves_the_onnx_production(client):
-    from segmentation.eval_logging import run_promotion
-    from segmentation.export import run_export
+    from segmentation.steps.export import export_step as run_export
+    from segmentation.steps.promote import promote_step
 
     name = f"seg-{uuid.uuid4().hex[:8]}"
     versions = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         with mlflow.start_run():
-            info = log_pytorch_model(FCHarDNet(num_classes=19), ClassInfo.cityscapes(), ModelConfig(),
-                                     registered_model_name=name)
+            info = log_pytorch_model(
+                FCHarDNet(num_classes=19), ClassInfo.cityscapes(), ModelConfig(), registered_model_name=name
+            )
         versions.append(str(info.registered_model_version))
         registry.record_evaluation(name, versions[-1], 0.1 * (seed + 1), DATA, client=client)
     registry.promote(name, versions[0], client=client)
@@ -245,7 +255,7 @@ def test_pipeline_export_then_promote_moves_the_onnx_production(client):
     run = client.get_run(client.get_model_version(f"{name}-onnx", "2").run_id)
     assert run.data.tags["source_model_version"] == versions[1]
 
-    promotion = run_promotion(name, versions[1])
+    promotion = promote_step(name, versions[1])
     assert promotion.promoted and _aliases(client, f"{name}-onnx") == {"production": "2", "previous": "1"}
     served = mlflow.pyfunc.load_model(f"models:/{name}-onnx@production")
     assert served.metadata.metadata["backend"] == "onnx"

@@ -10,15 +10,9 @@ import pytest
 import torch
 
 from segmentation.config import AugmentationConfig, load_config
-from segmentation.data import (
-    SegmentationDataset,
-    build_dataloader,
-    build_train_transforms,
-    build_val_transforms,
-    load_split,
-    resolve_split_table,
-    run_preprocess,
-)
+from segmentation.data.datasets import SegmentationDataset, build_dataloader, load_split, resolve_split_table
+from segmentation.data.preprocess import run_preprocess
+from segmentation.data.transforms import build_train_transforms, build_val_transforms
 from segmentation.models.preprocessing import normalize
 
 ALLOWED = set(range(19)) | {255}
@@ -50,8 +44,9 @@ def test_train_transforms_keep_labels_and_crop_size():
 
 def test_padding_uses_ignore_for_mask_and_zero_for_image():
     cfg = AugmentationConfig(crop_height=40, crop_width=40, scale_min=1.0, scale_max=1.0, hflip_prob=0.0)
-    out = build_train_transforms(cfg, ignore_index=255, seed=0)(image=np.full((10, 20, 3), 200, np.uint8),
-                                                                 mask=np.full((10, 20), 3, np.uint8))
+    out = build_train_transforms(cfg, ignore_index=255, seed=0)(
+        image=np.full((10, 20, 3), 200, np.uint8), mask=np.full((10, 20), 3, np.uint8)
+    )
     assert (out["mask"] == 3).sum() == 200 and (out["mask"] == 255).sum() == 40 * 40 - 200
     assert (out["image"][out["mask"] == 255] == 0).all() and (out["image"][out["mask"] == 3] == 200).all()
 
@@ -61,7 +56,8 @@ def test_val_resize_is_nearest_for_masks():
     mask[:, 4:] = 13
     mask[0, 0] = 255
     out = build_val_transforms(AugmentationConfig(val_height=13, val_width=11))(
-        image=np.zeros((8, 8, 3), np.uint8), mask=mask)
+        image=np.zeros((8, 8, 3), np.uint8), mask=mask
+    )
     assert out["mask"].shape == (13, 11) and set(np.unique(out["mask"])) == {0, 13, 255}
     same = build_val_transforms(AugmentationConfig())(image=np.zeros((8, 8, 3), np.uint8), mask=mask)
     assert np.array_equal(same["mask"], mask)
@@ -89,8 +85,14 @@ def test_loader_is_deterministic(synthetic_root, num_workers):
     first = batches(build_dataloader(cfg, "train", train=True, batch_size=2))
     second = batches(build_dataloader(cfg, "train", train=True, batch_size=2))
     assert all(torch.equal(a, b) for x, y in zip(first, second, strict=True) for a, b in zip(x, y, strict=True))
-    other = batches(build_dataloader(cfg_for(synthetic_root, f"system.num_workers={num_workers}", "system.seed=7"),
-                                     "train", train=True, batch_size=2))
+    other = batches(
+        build_dataloader(
+            cfg_for(synthetic_root, f"system.num_workers={num_workers}", "system.seed=7"),
+            "train",
+            train=True,
+            batch_size=2,
+        )
+    )
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(first, other, strict=True))
     for images, masks in first:
         assert images.shape == (2, 3, 64, 128) and set(masks.unique().tolist()) <= ALLOWED

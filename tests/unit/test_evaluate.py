@@ -12,10 +12,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from segmentation.data.classes import ClassInfo
-from segmentation.eval_logging import data_key
-from segmentation.evaluate import check_classes, evaluate_model, predict_logits
+from segmentation.evaluation.evaluate import check_classes, evaluate_model
+from segmentation.evaluation.visualize import overlay, render_confusion_matrix, render_iou_bars, render_panel
+from segmentation.inference.tta import predict_logits
+from segmentation.mlops.eval_logging import data_key
 from segmentation.models import FCHarDNet
-from segmentation.visualize import overlay, render_confusion_matrix, render_iou_bars, render_panel
 
 CLASSES = ClassInfo(("road", "car", "sky", "tree"), ((128, 64, 128), (0, 0, 142), (70, 130, 180), (107, 142, 35)))
 
@@ -34,7 +35,7 @@ class NearestClass(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         self.seen.append(tuple(image.shape[-2:]))
         ids = torch.arange(self.num_classes, dtype=image.dtype).view(1, -1, 1, 1)
-        logits = -(image[:, :1] - ids) ** 2
+        logits = -((image[:, :1] - ids) ** 2)
         if self.tilt:
             ramp = torch.linspace(-1, 1, image.shape[-1], dtype=image.dtype).view(1, 1, 1, -1)
             logits = logits + self.tilt * ramp * (ids - (self.num_classes - 1) / 2)
@@ -71,8 +72,12 @@ def _numpy_scores(preds: list[np.ndarray], masks: list[np.ndarray], num_classes:
         fn = np.sum((gt == c) & (pred != c) & valid)
         iou.append(tp / (tp + fp + fn) if tp + fp + fn else math.nan)
         acc.append(tp / (tp + fn) if tp + fn else math.nan)
-    return {"mIoU": np.nanmean(iou), "pixel_acc": np.sum((pred == gt) & valid) / valid.sum(),
-            "mean_acc": np.nanmean(acc), "iou": iou}
+    return {
+        "mIoU": np.nanmean(iou),
+        "pixel_acc": np.sum((pred == gt) & valid) / valid.sum(),
+        "mean_acc": np.nanmean(acc),
+        "iou": iou,
+    }
 
 
 @pytest.fixture
@@ -110,7 +115,8 @@ def test_split_is_one_confusion_matrix_not_a_mean_of_images(split):
     per_image_mean = np.mean([_numpy_scores([p], [m], 4)["mIoU"] for p, m in zip(preds, masks, strict=True)])
     assert result.metrics["eval/mIoU"] != pytest.approx(per_image_mean, abs=1e-6)
     assert [v for _, v in result.per_image] == pytest.approx(
-        [_numpy_scores([p], [m], 4)["mIoU"] for p, m in zip(preds, masks, strict=True)])
+        [_numpy_scores([p], [m], 4)["mIoU"] for p, m in zip(preds, masks, strict=True)]
+    )
 
 
 def test_worst_images_are_the_lowest_scoring(split):
@@ -222,11 +228,14 @@ def test_classes_that_differ_from_the_model_raise_and_list_both(split):
     check_classes(CLASSES, ClassInfo(CLASSES.names, CLASSES.colors))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"tta": "rotate"}, "unknown tta 'rotate'"),
-    ({"sliding_window": 32}, "sliding_window=32"),
-    ({"tta": "multiscale", "scales": [0.0]}, "positive scales"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tta": "rotate"}, "unknown tta 'rotate'"),
+        ({"sliding_window": 32}, "sliding_window=32"),
+        ({"tta": "multiscale", "scales": [0.0]}, "positive scales"),
+    ],
+)
 def test_invalid_settings_are_rejected(split, kwargs, message):
     with pytest.raises(ValueError, match=message):
         evaluate_model(NearestClass(4), CLASSES, split[2], **kwargs)
@@ -238,8 +247,13 @@ def test_empty_split_is_an_error():
 
 
 def test_data_key_depends_on_rows_split_and_tta_not_on_location():
-    table = pd.DataFrame({"image": ["a.png", "b.png", "c.png"], "mask": ["a_m.png", "b_m.png", "c_m.png"],
-                          "split": ["val", "val", "train"]})
+    table = pd.DataFrame(
+        {
+            "image": ["a.png", "b.png", "c.png"],
+            "mask": ["a_m.png", "b_m.png", "c_m.png"],
+            "split": ["val", "val", "train"],
+        }
+    )
     key = data_key(table, "val", "split01")
     assert key == data_key(table.copy(), "val", "split01")
     assert key != data_key(table, "train", "split01")
@@ -291,7 +305,7 @@ def test_deployed_backend_scores_like_the_module(split):
     rng = np.random.default_rng(3)
     images = [torch.randn(3, 64, 128), torch.randn(3, 64, 128)]
     masks = [rng.integers(0, 4, (64, 128)).astype(np.uint8) for _ in images]
-    eager = evaluate_model(model, CLASSES, InMemory(images, masks))
+    eager = evaluate_model(model, CLASSES, InMemory(images, masks), backend="eager")
     fused = evaluate_model(model, CLASSES, InMemory(images, masks), backend="channels_last")
     assert fused.latency.backend == "channels_last" and eager.latency.backend == "eager"
     # BN folding changes logits by float rounding only (<= 1e-3), so a few near-tied pixels may flip.

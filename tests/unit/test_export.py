@@ -16,18 +16,13 @@ from safetensors.torch import save_file
 
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
-from segmentation.export import (
-    ParityError,
-    export_onnx,
-    load_model,
-    load_model_package,
-    log_pytorch_model,
-    run_export,
-    save_model_package,
-    verify_onnx,
-)
+from segmentation.inference.onnx import export_onnx
+from segmentation.inference.parity import ParityError, verify_onnx
+from segmentation.mlops.model_store import load_model, log_pytorch_model
+from segmentation.mlops.serving import decode_image, encode_image
 from segmentation.models import FCHarDNet
-from segmentation.serving import decode_image, encode_image
+from segmentation.models.package import load_model_package, save_model_package
+from segmentation.steps.export import export_step
 
 CLASSES = ClassInfo(("road", "car", "sky"), ((128, 64, 128), (0, 0, 142), (70, 130, 180)))
 CFG = ModelConfig(num_classes=3)
@@ -49,7 +44,9 @@ def model() -> FCHarDNet:
 
 @pytest.fixture(scope="module")
 def onnx_file(model, tmp_path_factory):
-    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx", opset=17, fuse_bn=True)
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(model, path, opset=17, fuse_bn=True)
+    return path
 
 
 @pytest.fixture
@@ -98,7 +95,8 @@ def test_onnx_has_dynamic_axes_and_fused_batchnorm(onnx_file, model):
 
 
 def test_unfused_export_matches_too(model, tmp_path):
-    unfused = export_onnx(model, tmp_path / "unfused.onnx", fuse_bn=False)
+    unfused = tmp_path / "unfused.onnx"
+    export_onnx(model, unfused, fuse_bn=False)
     assert verify_onnx(model, unfused, SIZES[:1], batch_size=1)["max_abs_diff"] <= 1e-3
 
 
@@ -113,8 +111,10 @@ def test_parity_failure_raises_with_the_numbers(onnx_file, model):
     changed.load_state_dict(model.state_dict())
     with torch.no_grad():
         changed.finalConv.bias[0] += 0.5  # the exported file no longer computes what this model computes
-    message = (r"\(seed 7\): max\|diff\| 0\.5 \(allowed 0\.001\d* = 0\.001 \+ 1e-05 x max\|logit\| [\d.e+-]+\), "
-               r"argmax agreement 0\.9")
+    message = (
+        r"\(seed 7\): max\|diff\| 0\.5 \(allowed 0\.001\d* = 0\.001 \+ 1e-05 x max\|logit\| [\d.e+-]+\), "
+        r"argmax agreement 0\.9"
+    )
     with pytest.raises(ParityError, match=message) as info:
         verify_onnx(changed, onnx_file, SIZES[:1], seed=7)
     assert info.value.result["max_abs_diff"] == pytest.approx(0.5, abs=1e-3)
@@ -123,8 +123,9 @@ def test_parity_failure_raises_with_the_numbers(onnx_file, model):
 def test_load_model_from_a_training_checkpoint_folder(model, tmp_path):
     checkpoint = tmp_path / "out" / "checkpoints" / "step-0000004"
     checkpoint.mkdir(parents=True)
-    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()},
-              str(checkpoint / "model.safetensors"))
+    save_file(
+        {f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint / "model.safetensors")
+    )
     CLASSES.write_csv(tmp_path / "out" / "classes.csv")
     loaded, classes = load_model(str(checkpoint))
     assert classes == CLASSES
@@ -141,8 +142,9 @@ def test_load_model_says_what_it_tried(kind, tmp_path, onnx_file, model):
         save_model_package(model, CLASSES, CFG, tmp_path / "some" / "where")
     if kind == "onnx only":
         (tmp_path / "model.onnx").write_bytes(onnx_file.read_bytes())
-        (tmp_path / "model.json").write_text(json.dumps({"arch": "fchardnet70", "num_classes": 3,
-                                                         "classes": CLASSES.to_dict(), "backend": "onnx"}))
+        (tmp_path / "model.json").write_text(
+            json.dumps({"arch": "fchardnet70", "num_classes": 3, "classes": CLASSES.to_dict(), "backend": "onnx"})
+        )
     with pytest.raises(ValueError, match="is not a segmentation model. Tried: .*Accepted: runs:/"):
         load_model(str(tmp_path))
 
@@ -175,7 +177,7 @@ def test_logged_model_loads_from_every_mlflow_uri_and_predicts(model, sqlite_tra
 def test_export_step_logs_parity_and_registers_the_onnx_model(model, sqlite_tracking):
     with mlflow.start_run():
         info = log_pytorch_model(model, CLASSES, CFG, registered_model_name="unit-export-src")
-    result = run_export("models:/unit-export-src/1", registered_model="unit-export-src-onnx", sizes=SIZES[:2])
+    result = export_step("models:/unit-export-src/1", registered_model="unit-export-src-onnx", sizes=SIZES[:2])
     assert result["max_abs_diff"] <= 1e-3 and result["argmax_agreement"] >= 0.999
     assert str(result["registered_version"]) == "1"
     run = MlflowClient().get_run(MlflowClient().get_model_version("unit-export-src-onnx", "1").run_id)
@@ -198,5 +200,5 @@ def test_export_entry_point_fails_on_a_uri_that_is_not_a_model(tmp_path, sqlite_
     from entrypoints.export import main as export_main
 
     (tmp_path / "notes.txt").write_text("not a model")
-    assert export_main(["--model-uri", str(tmp_path)]) == 1
-    assert export_main(["--model-uri", "models:/no-such-model/1"]) == 1
+    assert export_main(["--model-uri", str(tmp_path)]) == 2
+    assert export_main(["--model-uri", "models:/no-such-model/1"]) == 2

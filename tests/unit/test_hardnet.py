@@ -15,7 +15,6 @@ from segmentation.models import (
     MIN_INPUT_SIDE,
     FCHarDNet,
     build_model,
-    count_parameters,
     fuse_bn,
     load_pretrained,
 )
@@ -36,6 +35,10 @@ BLOCKS = [
     (63, [10, 18, 10, 28], None, 48),
 ]
 LINKS_8 = [[0], [1, 0], [2], [3, 2, 0], [4], [5, 4], [6], [7, 6, 4, 0]]
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +111,12 @@ def test_transition_up_resizes_to_skip_with_align_corners_and_puts_upsampled_fir
 
 
 def test_parameter_count(model):
-    assert count_parameters(model) == 4_119_257
+    assert num_parameters(model) == 4_119_257
 
 
 @pytest.mark.parametrize("num_classes", [2, 8])
 def test_parameter_count_formula(num_classes):
-    assert count_parameters(FCHarDNet(num_classes)) == 4_118_326 + 49 * num_classes
+    assert num_parameters(FCHarDNet(num_classes)) == 4_118_326 + 49 * num_classes
 
 
 def test_state_dict_matches_released_keys_and_shapes(model, reference_keys):
@@ -174,7 +177,7 @@ def test_fused_model_matches_unfused():
     fused = fuse_bn(net)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules()), "fuse_bn must not modify its input"
-    assert count_parameters(fused) == 4_115_535 - 14 * 49  # 4,115,535 for 19 classes; the head has 49 per class
+    assert num_parameters(fused) == 4_115_535 - 14 * 49  # 4,115,535 for 19 classes; the head has 49 per class
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), net(x), atol=1e-4, rtol=0)

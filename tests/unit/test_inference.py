@@ -1,11 +1,15 @@
 """The deployed inference path: every backend matches eager fp32 of the unfused model, at any size >= 64."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from segmentation.inference import BACKENDS, ParityError, Predictor, check_parity
+from segmentation.inference.parity import ParityError, check_parity
+from segmentation.inference.predictor import BACKENDS, Predictor
+from segmentation.inference.tta import pad_to_min_side
 from segmentation.models import FCHarDNet
+from segmentation.models.preprocessing import to_input_tensor
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +42,11 @@ def test_logits_and_mask_shapes(predictor, model):
     x = torch.randn(2, 3, 65, 97)
     logits = predictor.logits(x)
     assert logits.shape == (2, 5, 65, 97) and logits.dtype == torch.float32 and logits.is_contiguous()
-    mask = predictor.predict(x)
-    assert mask.shape == (2, 65, 97) and mask.dtype == torch.int64
-    assert torch.equal(mask, logits.argmax(1))
+    image = np.random.default_rng(0).integers(0, 256, (40, 97, 3), dtype=np.uint8)  # padded to 64 rows inside
+    mask = predictor.predict_mask(image)
+    assert mask.shape == (40, 97) and mask.dtype == np.uint8
+    expected = predictor.logits(pad_to_min_side(to_input_tensor(image)))[0, :, :40].argmax(0)
+    assert np.array_equal(mask, expected.numpy())
 
 
 def test_auto_picks_onnxruntime_on_cpu(model):
@@ -49,7 +55,7 @@ def test_auto_picks_onnxruntime_on_cpu(model):
 
 def test_too_small_input_is_rejected_with_the_model_message(predictor):
     with pytest.raises(ValueError, match="too small"):
-        predictor.predict(torch.zeros(1, 3, 32, 128))
+        predictor.logits(torch.zeros(1, 3, 32, 128))
 
 
 def test_unknown_backend_lists_allowed():

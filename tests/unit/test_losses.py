@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from segmentation.config import LossConfig
-from segmentation.losses import BootstrappedCrossEntropy, CrossEntropy, bootstrapped_cross_entropy, build_loss
+from segmentation.training.losses import BootstrappedCrossEntropy, CrossEntropy, bootstrapped_cross_entropy, build_loss
 
 IGNORE = 255
 

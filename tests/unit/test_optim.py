@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from segmentation.config import OptimizerConfig, SchedulerConfig
-from segmentation.optim import build_optimizer, build_scheduler
+from segmentation.training.optim import build_optimizer, build_scheduler
 
 LR = 0.02
 

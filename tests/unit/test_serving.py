@@ -14,10 +14,11 @@ from mlflow.exceptions import MlflowException
 
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo, colorize
-from segmentation.export import export_onnx, save_model_package
+from segmentation.inference.onnx import export_onnx
+from segmentation.mlops.serving import SegmentationModel, decode_image, encode_image, image_size
 from segmentation.models import FCHarDNet
+from segmentation.models.package import save_model_package
 from segmentation.models.preprocessing import to_input_tensor
-from segmentation.serving import SegmentationModel, decode_image, encode_image, image_size
 
 CLASSES = ClassInfo(("road", "car", "sky"), ((128, 64, 128), (0, 0, 142), (70, 130, 180)))
 
@@ -117,8 +118,16 @@ def _png_header_only(width: int, height: int) -> bytes:
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
     chunk = b"IHDR" + ihdr
     body = zlib.compress(b"\x00" * 1000)
-    return (b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
-            + len(body).to_bytes(4, "big") + b"IDAT" + body + zlib.crc32(b"IDAT" + body).to_bytes(4, "big"))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + len(ihdr).to_bytes(4, "big")
+        + chunk
+        + zlib.crc32(chunk).to_bytes(4, "big")
+        + len(body).to_bytes(4, "big")
+        + b"IDAT"
+        + body
+        + zlib.crc32(b"IDAT" + body).to_bytes(4, "big")
+    )
 
 
 BAD_INPUTS = {

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from segmentation.spool import CURSOR_FILE, JOURNAL_FILE, REJECTED_FILE, SENDER_NICE, Journal
+from segmentation.mlops.journal import CURSOR_FILE, JOURNAL_FILE, REJECTED_FILE, SENDER_NICE, Journal
 
 
 class FlakyServer:
@@ -63,8 +63,9 @@ def test_sender_thread_runs_at_a_lower_priority_than_training(tmp_path):
     try:
         assert wait_for(lambda: journal._thread.native_id is not None)
         ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        assert wait_for(lambda: os.getpriority(os.PRIO_PROCESS, journal._thread.native_id)
-                        == min(19, ours + SENDER_NICE))
+        assert wait_for(
+            lambda: os.getpriority(os.PRIO_PROCESS, journal._thread.native_id) == min(19, ours + SENDER_NICE)
+        )
     finally:
         journal.close(1)
 

@@ -52,8 +52,13 @@ def render_confusion_matrix(matrix: np.ndarray, names: Sequence[str]) -> np.ndar
             cv2.rectangle(canvas, (x, y), (x + cell - 1, y + cell - 1), color, -1)
             if cell >= 28 and not math.isnan(norm[i, j]) and matrix[i, j] > 0:
                 label = f"{100 * norm[i, j]:.0f}"
-                _text(canvas, label, (x + (cell - _text_width(label, 0.35)) // 2, y + cell // 2 + 4), 0.35,
-                      _BLACK if norm[i, j] > 0.6 else _WHITE)
+                _text(
+                    canvas,
+                    label,
+                    (x + (cell - _text_width(label, 0.35)) // 2, y + cell // 2 + 4),
+                    0.35,
+                    _BLACK if norm[i, j] > 0.6 else _WHITE,
+                )
         _text(canvas, names[i], (4, top + i * cell + cell // 2 + 4))
     # Column labels: draw horizontally on a strip, then rotate it upright along the top edge.
     strip = np.full((cell * num_classes, margin, 3), 255, np.uint8)
@@ -94,12 +99,20 @@ def _fit(image: np.ndarray, width: int, interpolation: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def render_panel(image_bgr: np.ndarray, mask: np.ndarray, pred: np.ndarray, classes: ClassInfo,
-                 title: str = "", max_width: int = 768) -> np.ndarray:
+def render_panel(
+    image_bgr: np.ndarray,
+    mask: np.ndarray,
+    pred: np.ndarray,
+    classes: ClassInfo,
+    title: str = "",
+    max_width: int = 768,
+) -> np.ndarray:
     """``image | ground truth | prediction`` side by side (RGB uint8), each at most ``max_width`` wide."""
-    tiles = [_fit(image_bgr[..., ::-1], max_width, cv2.INTER_AREA),
-             _fit(colorize(mask, classes), max_width, cv2.INTER_NEAREST),
-             _fit(colorize(pred, classes), max_width, cv2.INTER_NEAREST)]
+    tiles = [
+        _fit(image_bgr[..., ::-1], max_width, cv2.INTER_AREA),
+        _fit(colorize(mask, classes), max_width, cv2.INTER_NEAREST),
+        _fit(colorize(pred, classes), max_width, cv2.INTER_NEAREST),
+    ]
     captions = ["image", "ground truth (black = ignored)", "prediction"]
     strip_h = 22
     out = []

@@ -63,7 +63,7 @@ def scores(matrix: torch.Tensor | np.ndarray) -> dict[str, float | list[float]]:
 
     Returns:
         ``mIoU`` (nanmean of the per-class IoU), ``pixel_acc``, ``mean_acc`` (nanmean of per-class recall),
-        ``fw_iou`` (frequency-weighted IoU), ``iou`` and ``class_acc`` (lists of C floats, NaN for a class absent
+        ``iou`` and ``class_acc`` (lists of C floats, NaN for a class absent
         from both ground truth and predictions, resp. from the ground truth). Empty matrices give NaN.
     """
     m = _as_tensor(matrix).detach().double().cpu()
@@ -74,60 +74,10 @@ def scores(matrix: torch.Tensor | np.ndarray) -> dict[str, float | list[float]]:
     union = gt + predicted - diag
     iou = torch.where(union > 0, diag / union.clamp(min=1), torch.nan)
     class_acc = torch.where(gt > 0, diag / gt.clamp(min=1), torch.nan)
-    freq = gt / total if total > 0 else torch.full_like(gt, torch.nan)
     return {
         "mIoU": float(iou.nanmean()),
         "pixel_acc": float(diag.sum() / total) if total > 0 else math.nan,
         "mean_acc": float(class_acc.nanmean()),
-        "fw_iou": float((freq * iou.nan_to_num()).sum()) if total > 0 else math.nan,
         "iou": iou.tolist(),
         "class_acc": class_acc.tolist(),
     }
-
-
-class ConfusionMatrix:
-    """Accumulates a confusion matrix over batches; ``a.merge(b)`` or ``a + b`` sums two of them.
-
-    The matrix lives on the device of the first update, so accumulation does not synchronise with the host.
-
-    Args:
-        num_classes: C.
-        ignore_index: label value left out.
-
-    Example:
-        >>> cm = ConfusionMatrix(19)
-        >>> cm.update(logits.argmax(1), mask)  # doctest: +SKIP
-        >>> cm.compute()["mIoU"]  # doctest: +SKIP
-    """
-
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-
-    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Add a batch; returns the batch's own matrix (for per-image statistics or gathering)."""
-        batch = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
-        self.matrix = self.matrix.to(batch.device) + batch
-        return batch
-
-    def merge(self, other: ConfusionMatrix | torch.Tensor) -> ConfusionMatrix:
-        """Add another accumulator's (or a raw ``(C, C)``) matrix in place; returns ``self``."""
-        matrix = other.matrix if isinstance(other, ConfusionMatrix) else _as_tensor(other)
-        if tuple(matrix.shape) != (self.num_classes, self.num_classes):
-            raise ValueError(f"cannot merge a {tuple(matrix.shape)} matrix into a {self.num_classes}-class one")
-        self.matrix = self.matrix + matrix.to(self.matrix.device, torch.int64)
-        return self
-
-    def __add__(self, other: ConfusionMatrix | torch.Tensor) -> ConfusionMatrix:
-        out = ConfusionMatrix(self.num_classes, self.ignore_index)
-        out.matrix = self.matrix.clone()
-        return out.merge(other)
-
-    def reset(self) -> None:
-        self.matrix = torch.zeros_like(self.matrix)
-
-    def compute(self) -> dict[str, float | list[float]]:
-        """:func:`scores` of the accumulated matrix."""
-        return scores(self.matrix)

@@ -1,8 +1,9 @@
 """Training with HuggingFace Accelerate, shaped like torchvision's segmentation reference.
 
-``train_one_epoch`` and ``evaluate`` do the tensor work; ``fit`` wires data, model, checkpoints and MLflow. The same
-code runs on one CPU, under ``accelerate launch`` on N CPU ranks (gloo) or on N GPUs. Only the main process talks to
-MLflow (through :mod:`segmentation.tracking`); every rank takes part in ``save_state`` and the metric gathers.
+``train_one_epoch`` and ``validate`` do the tensor work; ``fit`` wires data, model, checkpoints and the run's
+tracker. The same code runs on one CPU, under ``accelerate launch`` on N CPU ranks (gloo) or on N GPUs. Only the main
+process records anything (its :class:`~segmentation.training.hooks.RunTracker`; the other ranks get a
+:class:`~segmentation.training.hooks.NullTracker`); every rank takes part in ``save_state`` and the metric gathers.
 """
 
 from __future__ import annotations
@@ -21,21 +22,29 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from segmentation import tracking
-from segmentation.checkpoint import STATE_FILE, CheckpointManager, TrainerState, is_better, load_weights
 from segmentation.config import Config
 from segmentation.data.classes import ClassInfo
 from segmentation.data.datasets import build_dataloader, load_split, resolve_split_table
-from segmentation.losses import build_loss
-from segmentation.metrics import confusion_matrix, scores
+from segmentation.evaluation.metrics import confusion_matrix, scores
+from segmentation.evaluation.visualize import render_confusion_matrix, render_panel
 from segmentation.models import build_model
-from segmentation.models.preprocessing import MEAN_BGR, STD_BGR
-from segmentation.optim import build_optimizer, build_scheduler
-from segmentation.visualize import render_confusion_matrix, render_panel
+from segmentation.models.package import save_model_package
+from segmentation.models.preprocessing import to_bgr_image
+from segmentation.training.checkpoint import (
+    CHECKPOINT_DIR,
+    JOURNAL_DIR,
+    MODEL_PACKAGE_DIR,
+    STATE_FILE,
+    CheckpointManager,
+    TrainerState,
+    is_better,
+    load_weights,
+)
+from segmentation.training.hooks import NullTracker, RunTracker
+from segmentation.training.losses import build_loss
+from segmentation.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
-
-MODEL_PACKAGE_DIR = "model"  # <output_dir>/<run_id>/model: the best weights as logged (kept for a later sync)
 
 
 @dataclass
@@ -45,6 +54,7 @@ class FitResult:
     metrics: dict[str, float]
     best_checkpoint: Path | None
     model_version: str | None = None
+    delivered: bool = True  # False: the tracker's journal still holds records the server did not get
 
 
 @dataclass
@@ -59,7 +69,7 @@ class _Run:
     scheduler: Any
     val_loader: Any
     classes: ClassInfo
-    tracker: tracking.Tracker
+    tracker: RunTracker
     checkpoints: CheckpointManager
     state: TrainerState
     total_steps: int
@@ -72,14 +82,18 @@ class _Run:
 def build_accelerator(cfg: Config) -> Accelerator:
     """An ``Accelerator`` from ``cfg.system``/``cfg.train``, with seeds and determinism set."""
     if cfg.system.mixed_precision == "fp16" and (cfg.system.cpu or not torch.cuda.is_available()):
-        raise ValueError("system.mixed_precision=fp16 needs a CUDA GPU (on CPU it runs without a grad scaler); "
-                         "use 'no' or 'bf16' on CPU")
+        raise ValueError(
+            "system.mixed_precision=fp16 needs a CUDA GPU (on CPU it runs without a grad scaler); "
+            "use 'no' or 'bf16' on CPU"
+        )
     accelerator = Accelerator(
-        cpu=cfg.system.cpu, mixed_precision=cfg.system.mixed_precision,
+        cpu=cfg.system.cpu,
+        mixed_precision=cfg.system.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         # Accelerate would step a prepared scheduler num_processes times per optimizer step; we step it once.
         step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.system.seed))
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.system.seed),
+    )
     set_seed(cfg.system.seed)
     if cfg.system.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn (not fail) on GPU ops without one
@@ -87,8 +101,17 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, loader, accelerator, state: TrainerState,
-                    clip_grad_norm: float, on_step: Callable[[float, int, float], bool]) -> bool:
+def train_one_epoch(
+    model,
+    criterion,
+    optimizer,
+    scheduler,
+    loader,
+    accelerator,
+    state: TrainerState,
+    clip_grad_norm: float,
+    on_step: Callable[[float, int, float], bool],
+) -> bool:
     """One pass over ``loader``; ``on_step(loss, images, lr)`` runs after each optimizer step and may stop training.
 
     Returns:
@@ -104,8 +127,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, accelerator,
             logits = model(image)
             loss = criterion(logits, mask)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {loss.item()} at step {state.global_step + 1} "
-                                         f"(epoch {state.epoch}); training stopped, the last checkpoint is kept")
+                raise FloatingPointError(
+                    f"non-finite training loss {loss.item()} at step {state.global_step + 1} "
+                    f"(epoch {state.epoch}); training stopped, the last checkpoint is kept"
+                )
             accelerator.backward(loss)
             if accelerator.sync_gradients and clip_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
@@ -126,8 +151,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, accelerator,
 
 
 @torch.inference_mode()
-def evaluate(model, criterion, loader, accelerator, num_classes: int, ignore_index: int,
-             max_batches: int | None = None) -> tuple[dict[str, Any], np.ndarray, tuple | None]:
+def validate(
+    model, criterion, loader, accelerator, num_classes: int, ignore_index: int, max_batches: int | None = None
+) -> tuple[dict[str, Any], np.ndarray, tuple | None]:
     """Loss and confusion matrix over ``loader``, gathered from every rank without padded duplicates.
 
     Returns:
@@ -141,9 +167,10 @@ def evaluate(model, criterion, loader, accelerator, num_classes: int, ignore_ind
             break
         logits = model(image)
         pred = logits.argmax(1)
-        per_sample = torch.stack([confusion_matrix(p, m, num_classes, ignore_index)
-                                  for p, m in zip(pred, mask, strict=True)])
-        losses = torch.stack([criterion(logits[j:j + 1], mask[j:j + 1]) for j in range(len(mask))]).float()
+        per_sample = torch.stack(
+            [confusion_matrix(p, m, num_classes, ignore_index) for p, m in zip(pred, mask, strict=True)]
+        )
+        losses = torch.stack([criterion(logits[j : j + 1], mask[j : j + 1]) for j in range(len(mask))]).float()
         per_sample, losses = accelerator.gather_for_metrics((per_sample, losses))
         matrix += per_sample.sum(0).cpu()
         loss_sum, count = loss_sum + losses.sum().item(), count + len(losses)
@@ -169,24 +196,19 @@ def _set_epoch(loader: Any, epoch: int, seed: int) -> None:
         dataset.transforms.set_random_seed(seed + epoch)
 
 
-def _to_bgr_uint8(image: torch.Tensor) -> np.ndarray:
-    """Undo the model's input normalisation: ``3 x H x W`` float -> ``H x W x 3`` BGR uint8."""
-    hwc = image.numpy().transpose(1, 2, 0) * STD_BGR + MEAN_BGR
-    return np.clip(hwc, 0, 255).astype(np.uint8)
-
-
-def _validate(run: _Run) -> dict[str, float]:
+def _validate_and_save(run: _Run) -> dict[str, float]:
     """Validate, log metrics and pictures, update early stopping and save a checkpoint."""
     cfg, state = run.cfg, run.state
-    result, matrix, sample = evaluate(run.model, run.criterion, run.val_loader, run.accelerator,
-                                      cfg.model.num_classes, cfg.data.ignore_index)
+    result, matrix, sample = validate(
+        run.model, run.criterion, run.val_loader, run.accelerator, cfg.model.num_classes, cfg.data.ignore_index
+    )
     metrics = {"val/loss": result["loss"], "val/mIoU": result["mIoU"], "val/pixel_acc": result["pixel_acc"]}
     metrics |= {f"val/IoU/{name}": v for name, v in zip(run.classes.names, result["iou"], strict=True)}
     step = state.global_step
     run.tracker.log_metrics(metrics, step=step)
     if run.tracker.enabled and cfg.train.num_val_images_logged > 0 and sample is not None:
         image, mask, pred = sample
-        panel = render_panel(_to_bgr_uint8(image), mask.numpy(), pred.numpy(), run.classes, title=f"step {step}")
+        panel = render_panel(to_bgr_image(image), mask.numpy(), pred.numpy(), run.classes, title=f"step {step}")
         run.tracker.log_image(panel, key="val/prediction", step=step)
         run.tracker.log_image(render_confusion_matrix(matrix, run.classes.names), key="val/confusion", step=step)
     monitor = cfg.callbacks.checkpoint
@@ -215,22 +237,27 @@ def _on_step(run: _Run, loss: float, images: int, lr: float) -> bool:
         run.progress.update(1)
         run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
     if step % cfg.train.log_every_n_steps == 0:
-        mean_loss = run.accelerator.reduce(torch.tensor(np.mean(run.losses), device=run.accelerator.device),
-                                           reduction="mean").item()
+        mean_loss = run.accelerator.reduce(
+            torch.tensor(np.mean(run.losses), device=run.accelerator.device), reduction="mean"
+        ).item()
         elapsed = time.perf_counter() - run.tic
-        run.tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr,
-                                 "train/images_per_s": run.images / max(elapsed, 1e-9)}, step=step)
+        run.tracker.log_metrics(
+            {"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": run.images / max(elapsed, 1e-9)}, step=step
+        )
         run.losses, run.images, run.tic = [], 0, time.perf_counter()
     last = step >= run.total_steps
     if step % cfg.train.val_every_n_steps == 0 or last:
-        _validate(run)
+        _validate_and_save(run)
         patience = cfg.callbacks.early_stopping
         if patience.enabled and run.state.early_stopping_counter >= patience.patience:
-            logger.info("early stopping at step %d: no improvement of %s for %d validations", step,
-                        patience.monitor, patience.patience)
+            logger.info(
+                "early stopping at step %d: no improvement of %s for %d validations",
+                step,
+                patience.monitor,
+                patience.patience,
+            )
             return True
     return last
-
 
 
 def plan_steps(cfg: Config, batches_per_epoch: int, num_processes: int) -> tuple[int, int]:
@@ -240,8 +267,10 @@ def plan_steps(cfg: Config, batches_per_epoch: int, num_processes: int) -> tuple
     """
     steps_per_epoch = math.ceil(math.ceil(batches_per_epoch / num_processes) / cfg.train.grad_accum_steps)
     if steps_per_epoch < 1:
-        raise ValueError(f"the '{cfg.data.train_split}' split of {cfg.data.root} gives no training batch "
-                         f"(train.batch_size={cfg.train.batch_size}); add images or lower the batch size")
+        raise ValueError(
+            f"the '{cfg.data.train_split}' split of {cfg.data.root} gives no training batch "
+            f"(train.batch_size={cfg.train.batch_size}); add images or lower the batch size"
+        )
     total = steps_per_epoch * cfg.train.epochs if cfg.train.epochs > 0 else cfg.train.max_steps
     return steps_per_epoch, min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
 
@@ -252,78 +281,113 @@ def _check_classes(cfg: Config, classes: ClassInfo) -> None:
         raise ValueError(
             f"model.num_classes={cfg.model.num_classes} but the data's classes.csv (beside {table}) lists "
             f"{classes.num_classes} classes ({', '.join(classes.names[:5])}...); set model.num_classes="
-            f"{classes.num_classes} or train on data labelled with {cfg.model.num_classes} classes")
+            f"{classes.num_classes} or train on data labelled with {cfg.model.num_classes} classes"
+        )
 
 
-def _start(run: _Run, resume_run_id: str | None, table: Any) -> None:
+def _start(run: _Run, resume: bool, table: Any) -> None:
     """Log what the run starts from, or restore the state of the run being resumed."""
     accelerator, tracker = run.accelerator, run.tracker
     tracker.log_config(run.cfg)
-    tracker.set_tags({"segmentation.num_processes": accelerator.num_processes,
-                      "segmentation.checkpoint_dir": run.checkpoints.directory.resolve()})
-    if not resume_run_id:
-        tracker.log_dataset(table, source=str(resolve_split_table(run.cfg.data.root, run.cfg.data.split_id)),
-                            name=f"{Path(run.cfg.data.root).name}/{run.cfg.data.split_id}", context="training")
+    tracker.set_tags(
+        {
+            "segmentation.num_processes": accelerator.num_processes,
+            "segmentation.checkpoint_dir": run.checkpoints.directory.resolve(),
+        }
+    )
+    if not resume:
+        tracker.log_dataset(
+            table,
+            source=str(resolve_split_table(run.cfg.data.root, run.cfg.data.split_id)),
+            name=f"{Path(run.cfg.data.root).name}/{run.cfg.data.split_id}",
+            context="training",
+        )
         return
     path = run.checkpoints.fetch_last() if accelerator.is_main_process else None
     path = broadcast_object_list([None if path is None else str(path)])[0]
     if path is None:
-        raise ValueError(f"cannot resume run {resume_run_id}: no checkpoint in {run.checkpoints.directory} nor "
-                         f"under its 'checkpoints/' artifacts (it stopped before the first checkpoint)")
+        raise ValueError(
+            f"cannot resume run {tracker.run_id}: no checkpoint in {run.checkpoints.directory} nor "
+            f"under its 'checkpoints/' artifacts (it stopped before the first checkpoint)"
+        )
     accelerator.load_state(path)
     run.state = TrainerState.read(Path(path) / STATE_FILE)
     tracker.skip_logged_steps()
-    logger.info("resumed run %s from %s at step %d", resume_run_id, path, run.state.global_step)
+    logger.info("resumed run %s from %s at step %d", tracker.run_id, path, run.state.global_step)
 
 
 def _log_best_model(run: _Run, registered_model: str | None) -> None:
     """Save the best checkpoint's weights as a model package and queue it as the run's model; main process only."""
-    from segmentation.export import save_model_package
-
     best = run.checkpoints.best()
     if best is None:
         return
     best_state = TrainerState.read(best / STATE_FILE)
     net = run.accelerator.unwrap_model(run.model)
     net.load_state_dict(load_weights(best))
-    package = save_model_package(net.eval(), run.classes, run.cfg.model,
-                                 run.checkpoints.directory.parent / MODEL_PACKAGE_DIR)
-    run.tracker.log_model(package, best_state.global_step, registered_model or None, {
-        "val/mIoU": best_state.metrics.get("val/mIoU"), "run_id": run.tracker.run_id,
-        "step": best_state.global_step, "data_digest": run.tracker.dataset_digest})
+    package = save_model_package(
+        net.eval(), run.classes, run.cfg.model, run.checkpoints.directory.parent / MODEL_PACKAGE_DIR
+    )
+    run.tracker.log_model(
+        package,
+        best_state.global_step,
+        registered_model or None,
+        {
+            "val/mIoU": best_state.metrics.get("val/mIoU"),
+            "run_id": run.tracker.run_id,
+            "step": best_state.global_step,
+            "data_digest": run.tracker.dataset_digest,
+        },
+    )
 
 
-def fit(cfg: Config, resume_run_id: str | None = None, experiment: str | None = None,
-        registered_model: str | None = None, run_name: str | None = None, log_model: bool = True,
-        track: bool = True, tracking_timeout: float = 120.0) -> FitResult:
-    """Train ``cfg`` and track everything in one MLflow run; every process of a launch calls this.
+def fit(
+    cfg: Config,
+    tracker: RunTracker | None = None,
+    *,
+    resume: bool = False,
+    registered_model: str | None = None,
+    log_model: bool = True,
+    tracking_timeout: float = 120.0,
+) -> FitResult:
+    """Train ``cfg``, recording everything through ``tracker``; every process of a launch calls this.
 
     Args:
         cfg: the resolved config.
-        resume_run_id: continue this MLflow run from its last checkpoint (local, else its artifacts).
-        experiment: experiment name when not started by ``mlflow run``.
+        tracker: the run's tracker on the main process (a :class:`NullTracker` elsewhere, or for no tracking).
+        resume: continue the tracker's run from its last checkpoint (local, else its ``checkpoints/`` artifacts).
         registered_model: register the best weights as a new version of this model (empty: do not register).
-        run_name: name of a new run.
         log_model: log the best weights as the run's model (False skips it and the registration).
-        track: False trains without MLflow at all (no server needed; checkpoints under ``<output_dir>/untracked``).
-        tracking_timeout: seconds to wait at the end for the tracking journal to reach the server.
+        tracking_timeout: seconds to wait at the end for the tracker's journal to reach the server.
 
     Returns:
-        A :class:`FitResult` (run id, final step, last validation metrics, best checkpoint, model version).
+        A :class:`FitResult`; ``delivered`` is False when the tracker could not send everything in time (the rest
+        stays in its journal under ``<output_dir>/<run_id>/tracking``).
 
     Raises:
-        ConnectionError: the tracking server is unreachable (checked before anything is built).
         FileNotFoundError: no split table at ``cfg.data.root`` (the message says to run preprocess).
-        ValueError: bad config/data combination, fp16 on CPU, or a resume id without run or checkpoint.
+        ValueError: bad config/data combination, fp16 on CPU, or a resume without checkpoint.
         FloatingPointError: the loss became non-finite (the message names the step).
-        segmentation.tracking.TrackingIncompleteError: training finished (checkpoints and model saved locally) but
-            the tracking server did not receive everything; ``exc.result`` is the FitResult and the message gives
-            the command that uploads the rest.
     """
+    tracker = tracker or NullTracker()
+    try:
+        return _fit(cfg, tracker, resume, registered_model, log_model, tracking_timeout)
+    except KeyboardInterrupt:
+        tracker.end("KILLED", tracking_timeout)
+        raise
+    except BaseException:
+        tracker.end("FAILED", tracking_timeout)
+        raise
+
+
+def _fit(
+    cfg: Config,
+    tracker: RunTracker,
+    resume: bool,
+    registered_model: str | None,
+    log_model: bool,
+    tracking_timeout: float,
+) -> FitResult:
     accelerator = build_accelerator(cfg)
-    main = accelerator.is_main_process
-    if main and track:
-        tracking.check_tracking_server()
     table, classes, _ = load_split(cfg.data.root, cfg.data.split_id)
     _check_classes(cfg, classes)
     train_loader = build_dataloader(cfg, cfg.data.train_split, train=True)
@@ -333,54 +397,70 @@ def fit(cfg: Config, resume_run_id: str | None = None, experiment: str | None = 
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_loader), accelerator.num_processes)
     scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, scheduler)
-    tracker = tracking.start_run(experiment, resume_run_id, run_name, enabled=main and track, durable=True)
+        model, optimizer, train_loader, val_loader, scheduler
+    )
     run_id = broadcast_object_list([tracker.run_id])[0]
     folder = broadcast_object_list([run_id or time.strftime("untracked-%Y%m%d-%H%M%S")])[0]
     out = Path(cfg.train.output_dir) / folder
-    tracker.open_journal(out / tracking.JOURNAL_DIR)
-    checkpoints = CheckpointManager(out / "checkpoints",
-                                    cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode,
-                                    cfg.callbacks.checkpoint.top_k, tracker)
-    run = _Run(cfg, accelerator, model, build_loss(cfg.loss, cfg.model.num_classes), optimizer, scheduler,
-               val_loader, classes, tracker, checkpoints, TrainerState(mlflow_run_id=run_id), total_steps)
-    logger.info("rank %d/%d: %d steps (%d per epoch)", accelerator.process_index, accelerator.num_processes,
-                total_steps, steps_per_epoch)
-    try:
-        if cfg.train.sanity_val_batches > 0:  # before a resume restores the RNG: iterating a loader draws from it
-            evaluate(model, run.criterion, val_loader, accelerator, cfg.model.num_classes, cfg.data.ignore_index,
-                     max_batches=cfg.train.sanity_val_batches)
-        _start(run, resume_run_id, table)
-        state = run.state
-        run.progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_main_process)
-        stop = state.global_step >= total_steps
-        while not stop and state.epoch < math.ceil(total_steps / steps_per_epoch):
-            _set_epoch(train_loader, state.epoch, cfg.system.seed)
-            skip = state.batches_in_epoch  # > 0 only when resuming mid-epoch
-            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            stop = train_one_epoch(model, run.criterion, optimizer, scheduler, loader, accelerator, state,
-                                   cfg.train.clip_grad_norm, lambda *a: _on_step(run, *a))
-            if not stop:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        run.progress.close()
-        if not state.history or state.history[-1]["step"] != state.global_step:
-            _validate(run)  # the loop ended off the validation schedule (early stop keeps its last one)
-        if main and log_model:
-            _log_best_model(run, registered_model)
-        delivered = tracker.end("FINISHED", tracking_timeout)
-    except KeyboardInterrupt:
-        tracker.end("KILLED", tracking_timeout)
-        raise
-    except BaseException:
-        tracker.end("FAILED", tracking_timeout)
-        raise
-    result = FitResult(run_id, state.global_step, state.metrics, checkpoints.best(), tracker.model_version)
-    if not delivered:
-        error = tracking.TrackingIncompleteError(
-            f"training finished (checkpoints in {checkpoints.directory}) but the tracking server "
-            f"{tracker.tracking_uri} did not receive everything: {tracker.journal.pending} record(s) left, "
-            f"{tracker.journal.rejected} rejected (see rejected.jsonl). Upload the rest with "
-            f"`{tracking.SYNC_COMMAND} {tracker.journal.directory}`")
-        error.result = result
-        raise error
-    return result
+    tracker.open_journal(out / JOURNAL_DIR)
+    monitor = cfg.callbacks.checkpoint
+    checkpoints = CheckpointManager(out / CHECKPOINT_DIR, monitor.monitor, monitor.mode, monitor.top_k, tracker)
+    run = _Run(
+        cfg,
+        accelerator,
+        model,
+        build_loss(cfg.loss, cfg.model.num_classes),
+        optimizer,
+        scheduler,
+        val_loader,
+        classes,
+        tracker,
+        checkpoints,
+        TrainerState(mlflow_run_id=run_id),
+        total_steps,
+    )
+    logger.info(
+        "rank %d/%d: %d steps (%d per epoch)",
+        accelerator.process_index,
+        accelerator.num_processes,
+        total_steps,
+        steps_per_epoch,
+    )
+    if cfg.train.sanity_val_batches > 0:  # before a resume restores the RNG: iterating a loader draws from it
+        validate(
+            model,
+            run.criterion,
+            val_loader,
+            accelerator,
+            cfg.model.num_classes,
+            cfg.data.ignore_index,
+            max_batches=cfg.train.sanity_val_batches,
+        )
+    _start(run, resume, table)
+    state = run.state
+    run.progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_main_process)
+    stop = state.global_step >= total_steps
+    while not stop and state.epoch < math.ceil(total_steps / steps_per_epoch):
+        _set_epoch(train_loader, state.epoch, cfg.system.seed)
+        skip = state.batches_in_epoch  # > 0 only when resuming mid-epoch
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        stop = train_one_epoch(
+            model,
+            run.criterion,
+            optimizer,
+            scheduler,
+            loader,
+            accelerator,
+            state,
+            cfg.train.clip_grad_norm,
+            lambda *a: _on_step(run, *a),
+        )
+        if not stop:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    run.progress.close()
+    if not state.history or state.history[-1]["step"] != state.global_step:
+        _validate_and_save(run)  # the loop ended off the validation schedule (early stop keeps its last one)
+    if accelerator.is_main_process and log_model:
+        _log_best_model(run, registered_model)
+    delivered = tracker.end("FINISHED", tracking_timeout)
+    return FitResult(run_id, state.global_step, state.metrics, checkpoints.best(), tracker.model_version, delivered)

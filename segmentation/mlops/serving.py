@@ -22,14 +22,10 @@ import cv2
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from mlflow.exceptions import MlflowException
 
-from segmentation.data.classes import ClassInfo, colorize
-from segmentation.export import ONNX_FILE, load_model_package, read_package_meta
-from segmentation.inference import Predictor, create_session
-from segmentation.models.preprocessing import to_input_tensor
+from segmentation.data.classes import colorize
+from segmentation.inference.predictor import DEFAULT_BACKEND, load_predictor
 
 IMAGE_COLUMN = "image"
 # 4096 x 4096: four times a Cityscapes frame. Logits alone take 76 bytes per pixel, so a limit of tens of
@@ -42,8 +38,6 @@ MAX_PIXELS_ENV = "SEGMENTATION_MAX_PIXELS"
 DEFAULT_MAX_REQUEST_BYTES = 100 * 2**20
 MAX_REQUEST_BYTES_ENV = "SEGMENTATION_MAX_REQUEST_BYTES"
 BACKEND_ENV = "SEGMENTATION_INFERENCE_BACKEND"  # auto | eager | channels_last | onnxruntime (PyTorch packages)
-# The network pools five times; smaller inputs are padded up to this side and the mask is cropped back.
-MIN_SIDE = 64
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers carry the image size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -111,12 +105,16 @@ def decode_image(text: Any, max_pixels: int = DEFAULT_MAX_PIXELS, row: int = 0) 
         raise _bad_request(f"{where}: not valid base64; expected a base64-encoded PNG or JPEG file") from None
     size = image_size(data)
     if size is None:
-        raise _bad_request(f"{where}: not a PNG or JPEG image ({len(data)} bytes decoded from base64, "
-                           f"starting with {data[:8]!r}); expected a base64-encoded PNG or JPEG file")
+        raise _bad_request(
+            f"{where}: not a PNG or JPEG image ({len(data)} bytes decoded from base64, "
+            f"starting with {data[:8]!r}); expected a base64-encoded PNG or JPEG file"
+        )
     height, width = size
     if height * width > max_pixels:
-        raise _bad_request(f"{where}: image is {width}x{height} = {height * width} pixels, more than the limit of "
-                           f"{max_pixels} pixels; send a smaller image")
+        raise _bad_request(
+            f"{where}: image is {width}x{height} = {height * width} pixels, more than the limit of "
+            f"{max_pixels} pixels; send a smaller image"
+        )
     if height == 0 or width == 0:
         raise _bad_request(f"{where}: image header says {width}x{height}; expected a non-empty image")
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
@@ -125,82 +123,51 @@ def decode_image(text: Any, max_pixels: int = DEFAULT_MAX_PIXELS, row: int = 0) 
     return image
 
 
-class TorchBackend:
-    """Class-id prediction for a PyTorch network through the deployed inference path
-    (:class:`segmentation.inference.Predictor`): BatchNorm folded, and with ``"auto"`` the fastest backend whose
-    logits match eager PyTorch on a parity probe (ONNX Runtime on a CPU, else channels_last eager)."""
-
-    def __init__(self, model: torch.nn.Module, backend: str = "auto") -> None:
-        self.predictor = Predictor(model, backend=backend)
-
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        return self.predictor.predict(batch).to(torch.uint8).numpy()
-
-
-class OnnxBackend:
-    """Class-id prediction with onnxruntime on the CPU (the session options of the deployed inference path)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.session = create_session(Path(path))
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        logits = self.session.run(None, {self.input_name: batch.numpy()})[0]
-        return logits.argmax(1).astype(np.uint8)
-
-
-def load_backend(package: str | Path, inference_backend: str = "auto") -> tuple[TorchBackend | OnnxBackend, ClassInfo]:
-    """Open a model package written by ``segmentation.export`` with the backend its ``model.json`` names;
-    ``inference_backend`` picks the :class:`~segmentation.inference.Predictor` backend of a PyTorch package."""
-    meta = read_package_meta(package)
-    if meta.get("backend") == "onnx":
-        return OnnxBackend(Path(package) / ONNX_FILE), ClassInfo.from_dict(meta["classes"])
-    model, classes = load_model_package(package)
-    return TorchBackend(model, inference_backend), classes
-
-
 class SegmentationModel(mlflow.pyfunc.PythonModel):
     """The pyfunc behind every served segmentation model; see the module docstring for the contract."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = context.model_config or {}
-        self.setup(context.artifacts["package"], config.get("max_pixels", DEFAULT_MAX_PIXELS),
-                   config.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), config.get("backend", "auto"))
+        self.setup(
+            context.artifacts["package"],
+            config.get("max_pixels", DEFAULT_MAX_PIXELS),
+            config.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+            config.get("backend", DEFAULT_BACKEND),
+        )
 
-    def setup(self, package: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, backend: str = "auto") -> SegmentationModel:
+    def setup(
+        self,
+        package: str | Path,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        backend: str = DEFAULT_BACKEND,
+    ) -> SegmentationModel:
         """Load a package directly (tests, benchmarks). ``SEGMENTATION_MAX_PIXELS``,
         ``SEGMENTATION_MAX_REQUEST_BYTES`` and ``SEGMENTATION_INFERENCE_BACKEND`` in the environment override
         ``max_pixels``, ``max_request_bytes`` and ``backend`` (a PyTorch package's Predictor backend)."""
-        self.backend, self.classes = load_backend(package, os.environ.get(BACKEND_ENV, backend))
+        self.predictor, self.classes = load_predictor(package, os.environ.get(BACKEND_ENV, backend))
         self.max_pixels = int(os.environ.get(MAX_PIXELS_ENV, max_pixels))
         self.max_request_bytes = int(os.environ.get(MAX_REQUEST_BYTES_ENV, max_request_bytes))
         return self
 
-    def predict_mask(self, image_bgr: np.ndarray) -> np.ndarray:
-        """``H x W x 3`` uint8 BGR -> ``H x W`` uint8 class ids."""
-        height, width = image_bgr.shape[:2]
-        batch = to_input_tensor(image_bgr)
-        pad_h, pad_w = max(0, MIN_SIDE - height), max(0, MIN_SIDE - width)
-        if pad_h or pad_w:
-            batch = F.pad(batch, (0, pad_w, 0, pad_h))  # zero = the mean colour after normalisation
-        return self.backend(batch)[0, :height, :width]
-
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             found = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
-            raise _bad_request(f"expected a column '{IMAGE_COLUMN}' of base64-encoded PNG/JPEG strings, "
-                               f"found columns {found}")
+            raise _bad_request(
+                f"expected a column '{IMAGE_COLUMN}' of base64-encoded PNG/JPEG strings, found columns {found}"
+            )
         want_color = str((params or {}).get("colorize", False)).lower() in ("true", "1")
         texts = model_input[IMAGE_COLUMN].tolist()
         size = sum(len(text) for text in texts if isinstance(text, str))
         if size > self.max_request_bytes:  # checked before any image is decoded
-            raise _bad_request(f"the request carries {size} bytes of base64 image data in {len(texts)} row(s), "
-                               f"more than the limit of {self.max_request_bytes} bytes; send fewer or smaller "
-                               f"images per request ({MAX_REQUEST_BYTES_ENV} sets the limit)")
+            raise _bad_request(
+                f"the request carries {size} bytes of base64 image data in {len(texts)} row(s), "
+                f"more than the limit of {self.max_request_bytes} bytes; send fewer or smaller "
+                f"images per request ({MAX_REQUEST_BYTES_ENV} sets the limit)"
+            )
         rows = []
         for i, text in enumerate(texts):
-            mask = self.predict_mask(decode_image(text, self.max_pixels, row=i))
+            mask = self.predictor.predict_mask(decode_image(text, self.max_pixels, row=i))
             row = {"mask": encode_image(mask), "height": mask.shape[0], "width": mask.shape[1]}
             if want_color:
                 row["colorized"] = encode_image(colorize(mask, self.classes)[..., ::-1])  # RGB -> BGR for cv2

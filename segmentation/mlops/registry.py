@@ -48,8 +48,12 @@ class ModelRef:
 
     @property
     def tags(self) -> dict[str, str]:
-        tags = {"model_uri": self.uri, "model_name": self.name, "model_version": self.version,
-                "model_run_id": self.run_id}
+        tags = {
+            "model_uri": self.uri,
+            "model_name": self.name,
+            "model_version": self.version,
+            "model_run_id": self.run_id,
+        }
         return {k: v for k, v in tags.items() if v}
 
 
@@ -120,19 +124,31 @@ def _alias_holder(client: MlflowClient, model_name: str, alias: str) -> str | No
     return aliases_of(model_name, client).get(alias)
 
 
-def record_evaluation(model_name: str, version: str | int, value: float, data_key: str, run_id: str | None = None,
-                      metric: str = METRIC, extra_tags: Mapping[str, str] | None = None,
-                      client: MlflowClient | None = None) -> None:
+def record_evaluation(
+    model_name: str,
+    version: str | int,
+    value: float,
+    data_key: str,
+    run_id: str | None = None,
+    metric: str = METRIC,
+    extra_tags: Mapping[str, str] | None = None,
+    client: MlflowClient | None = None,
+) -> None:
     """Write an evaluation's headline number onto the model version (tags ``eval/mIoU``, ``eval/data``, ...)."""
     client = client or MlflowClient()
-    tags = {metric: repr(float(value)), DATA_TAG: data_key, **({RUN_TAG: run_id} if run_id else {}),
-            **(extra_tags or {})}
+    tags = {
+        metric: repr(float(value)),
+        DATA_TAG: data_key,
+        **({RUN_TAG: run_id} if run_id else {}),
+        **(extra_tags or {}),
+    }
     for key, tag_value in tags.items():
         client.set_model_version_tag(model_name, str(version), key, tag_value)
 
 
-def find_evaluation(model_name: str, version: str | int, data_key: str | None, metric: str = METRIC,
-                    client: MlflowClient | None = None) -> float | None:
+def find_evaluation(
+    model_name: str, version: str | int, data_key: str | None, metric: str = METRIC, client: MlflowClient | None = None
+) -> float | None:
     """The version's ``metric`` on ``data_key``: from its tags, else from the newest evaluation run linked to it."""
     client = client or MlflowClient()
     tags = client.get_model_version(model_name, str(version)).tags
@@ -142,9 +158,13 @@ def find_evaluation(model_name: str, version: str | int, data_key: str | None, m
         return None
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
-        experiments, order_by=["attributes.start_time DESC"], max_results=20,
-        filter_string=(f"tags.model_name = '{model_name}' and tags.model_version = '{version}' "
-                       f"and tags.`{DATA_TAG}` = '{data_key}'"),
+        experiments,
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+        filter_string=(
+            f"tags.model_name = '{model_name}' and tags.model_version = '{version}' "
+            f"and tags.`{DATA_TAG}` = '{data_key}'"
+        ),
     )
     return next((run.data.metrics[metric] for run in runs if metric in run.data.metrics), None)
 
@@ -158,8 +178,9 @@ def filter_literal(value: str) -> str:
     raise ValueError(f"cannot search for a value containing both quote characters: {value}")
 
 
-def link_companion(name: str, version: str | int, source_name: str, source_version: str | int,
-                   client: MlflowClient | None = None) -> dict[str, str]:
+def link_companion(
+    name: str, version: str | int, source_name: str, source_version: str | int, client: MlflowClient | None = None
+) -> dict[str, str]:
     """Mark a version of ``name`` as made from ``source_name`` version ``source_version`` (e.g. its ONNX export).
 
     The version is tagged ``source_model_name`` / ``source_model_version`` and gets every alias the source
@@ -189,8 +210,9 @@ def companion_versions(source_name: str, client: MlflowClient | None = None) -> 
     return found
 
 
-def sync_companions(source_name: str, aliases: Sequence[str] = (PRODUCTION, PREVIOUS),
-                    client: MlflowClient | None = None) -> dict[str, dict[str, str]]:
+def sync_companions(
+    source_name: str, aliases: Sequence[str] = (PRODUCTION, PREVIOUS), client: MlflowClient | None = None
+) -> dict[str, dict[str, str]]:
     """Give each companion model's ``aliases`` to its version made from the source version holding that alias.
 
     A companion with no version made from the new holder keeps its alias where it was (a warning names the
@@ -210,9 +232,15 @@ def sync_companions(source_name: str, aliases: Sequence[str] = (PRODUCTION, PREV
                 continue
             target = made_from.get(holder)
             if target is None:
-                logger.warning("%r has no version made from %r version %s, so its alias %r stays on version %s; "
-                               "export that version to move it", companion, source_name, holder, alias,
-                               current.get(alias))
+                logger.warning(
+                    "%r has no version made from %r version %s, so its alias %r stays on version %s; "
+                    "export that version to move it",
+                    companion,
+                    source_name,
+                    holder,
+                    alias,
+                    current.get(alias),
+                )
                 continue
             if current.get(alias) != target:
                 client.set_registered_model_alias(companion, alias, target)
@@ -224,10 +252,19 @@ def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.6f}"
 
 
-def promote(model_name: str, version: str | int, *, alias: str = PRODUCTION, metric: str = METRIC,
-            candidate_value: float | None = None, data_key: str | None = None,
-            evaluate_incumbent: Callable[[str], float] | None = None, force: bool = False, run_id: str | None = None,
-            client: MlflowClient | None = None) -> Promotion:
+def promote(
+    model_name: str,
+    version: str | int,
+    *,
+    alias: str = PRODUCTION,
+    metric: str = METRIC,
+    candidate_value: float | None = None,
+    data_key: str | None = None,
+    evaluate_incumbent: Callable[[str], float] | None = None,
+    force: bool = False,
+    run_id: str | None = None,
+    client: MlflowClient | None = None,
+) -> Promotion:
     """Give ``alias`` to ``version`` if its ``metric`` is >= the current holder's on the same data.
 
     The previous holder gets alias ``previous``. The decision and the numbers go into the candidate's tags
@@ -258,13 +295,24 @@ def promote(model_name: str, version: str | int, *, alias: str = PRODUCTION, met
     if candidate_value is None:
         candidate_value = find_evaluation(model_name, version, data_key, metric, client)
     if candidate_value is None and not force:
-        raise ValueError(f"version {version} of {model_name!r} has no {metric} on data {data_key!r}: evaluate it "
-                         "first (evaluate entry point with promote=true) or pass force=true")
+        raise ValueError(
+            f"version {version} of {model_name!r} has no {metric} on data {data_key!r}: evaluate it "
+            "first (evaluate entry point with promote=true) or pass force=true"
+        )
     incumbent = _alias_holder(client, model_name, alias)
     if incumbent == version:  # still bring companions exported since the promotion in line
-        return Promotion(False, model_name, version, alias, f"version {version} already holds alias {alias!r}",
-                         candidate_value, incumbent, candidate_value, force,
-                         sync_companions(model_name, (alias, PREVIOUS), client))
+        return Promotion(
+            False,
+            model_name,
+            version,
+            alias,
+            f"version {version} already holds alias {alias!r}",
+            candidate_value,
+            incumbent,
+            candidate_value,
+            force,
+            sync_companions(model_name, (alias, PREVIOUS), client),
+        )
     incumbent_value = None
     if incumbent is not None:
         incumbent_value = find_evaluation(model_name, incumbent, data_key, metric, client)
@@ -273,15 +321,27 @@ def promote(model_name: str, version: str | int, *, alias: str = PRODUCTION, met
             if data_key:
                 record_evaluation(model_name, incumbent, incumbent_value, data_key, metric=metric, client=client)
         if incumbent_value is None and not force:
-            raise ValueError(f"the {alias!r} version {incumbent} of {model_name!r} has no {metric} on data "
-                             f"{data_key!r} to compare with; evaluate it on the same data or pass force=true")
-    compared = (f"version {incumbent} ({metric}={_fmt(incumbent_value)})" if incumbent is not None
-                else f"none (no version held {alias!r})")
-    better = incumbent is None or (candidate_value is not None and incumbent_value is not None
-                                   and not math.isnan(candidate_value) and candidate_value >= incumbent_value)
+            raise ValueError(
+                f"the {alias!r} version {incumbent} of {model_name!r} has no {metric} on data "
+                f"{data_key!r} to compare with; evaluate it on the same data or pass force=true"
+            )
+    compared = (
+        f"version {incumbent} ({metric}={_fmt(incumbent_value)})"
+        if incumbent is not None
+        else f"none (no version held {alias!r})"
+    )
+    better = incumbent is None or (
+        candidate_value is not None
+        and incumbent_value is not None
+        and not math.isnan(candidate_value)
+        and candidate_value >= incumbent_value
+    )
     if better:
-        reason = f"{metric} {_fmt(candidate_value)} >= {compared}" if incumbent is not None else \
-            f"first version to hold {alias!r} ({metric} {_fmt(candidate_value)})"
+        reason = (
+            f"{metric} {_fmt(candidate_value)} >= {compared}"
+            if incumbent is not None
+            else f"first version to hold {alias!r} ({metric} {_fmt(candidate_value)})"
+        )
     elif force:
         reason = f"FORCED: {metric} {_fmt(candidate_value)} vs {compared}; promoted anyway (force=true)"
     else:
@@ -302,8 +362,18 @@ def promote(model_name: str, version: str | int, *, alias: str = PRODUCTION, met
             tags[DATA_TAG] = data_key
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
-    return Promotion(promoted, model_name, version, alias, reason, candidate_value, incumbent, incumbent_value,
-                     force and not better, companions)
+    return Promotion(
+        promoted,
+        model_name,
+        version,
+        alias,
+        reason,
+        candidate_value,
+        incumbent,
+        incumbent_value,
+        force and not better,
+        companions,
+    )
 
 
 def rollback(model_name: str, *, alias: str = PRODUCTION, client: MlflowClient | None = None) -> Promotion:

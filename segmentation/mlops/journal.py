@@ -17,7 +17,7 @@ acknowledged in ``sent`` when the process dies is delivered again: metric batche
 (same key, step, value and timestamp), an image would appear twice. Records the server rejects for good (e.g. a
 deleted run) are moved to ``rejected.jsonl`` with the reason instead of blocking the ones behind them.
 
-This module knows nothing about MLflow: :mod:`segmentation.tracking` provides ``send`` and ``is_transient``.
+This module knows nothing about MLflow: :mod:`segmentation.mlops.tracker` provides ``send`` and ``is_transient``.
 """
 
 from __future__ import annotations
@@ -84,9 +84,14 @@ class Journal:
             queued meanwhile go out together. 0 sends each one as soon as the previous request is done.
     """
 
-    def __init__(self, directory: str | Path, send: Callable[[list[dict]], None],
-                 is_transient: Callable[[BaseException], bool], max_backoff_s: float = 5.0,
-                 min_interval_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        send: Callable[[list[dict]], None],
+        is_transient: Callable[[BaseException], bool],
+        max_backoff_s: float = 5.0,
+        min_interval_s: float = 0.0,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._send, self._is_transient, self._max_backoff = send, is_transient, max_backoff_s
@@ -164,7 +169,7 @@ class Journal:
         if first.get("kind") != "metrics":
             return [first]
         batch, count = [], 0
-        for record in self._records[self._sent:]:
+        for record in self._records[self._sent :]:
             if record.get("kind") != "metrics" or (batch and count + len(record["values"]) > MAX_METRICS_PER_BATCH):
                 break
             batch.append(record)
@@ -178,7 +183,7 @@ class Journal:
         """
         while not (self._stop or self._flushing):
             remaining = not_before - time.monotonic()
-            if remaining <= 0 or any(r.get("kind") != "metrics" for r in self._records[self._sent:]):
+            if remaining <= 0 or any(r.get("kind") != "metrics" for r in self._records[self._sent :]):
                 return
             self._cond.wait(remaining)
 
@@ -204,21 +209,23 @@ class Journal:
                 if self._is_transient(exc):
                     if self.failing_since is None:
                         self.failing_since = time.time()
-                        logger.warning("tracking server unreachable, records kept in %s and retried: %s",
-                                       self._path, exc)
+                        logger.warning(
+                            "tracking server unreachable, records kept in %s and retried: %s", self._path, exc
+                        )
                     self.last_error = str(exc)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, self._max_backoff)
                     continue
                 self.rejected += len(batch)
-                logger.error("tracking server rejected %s record(s) (kept in %s): %s", len(batch),
-                             REJECTED_FILE, exc)
+                logger.error("tracking server rejected %s record(s) (kept in %s): %s", len(batch), REJECTED_FILE, exc)
                 with (self.directory / REJECTED_FILE).open("a", encoding="utf-8") as fh:
                     for record in batch:
                         fh.write(json.dumps({"error": str(exc), "record": record}) + "\n")
             if self.failing_since is not None:
-                logger.warning("tracking server reachable again after %.0f s; sending the backlog",
-                               time.time() - self.failing_since)
+                logger.warning(
+                    "tracking server reachable again after %.0f s; sending the backlog",
+                    time.time() - self.failing_since,
+                )
             self.failing_since, self.last_error, backoff = None, None, initial
             with self._cond:
                 self._sent += len(batch)

@@ -1,6 +1,6 @@
 """Record what a preprocess run produced in MLflow: the split table as a dataset input, pixel counts, overlays.
 
-This is the only data module that imports ``mlflow``. It logs into the active run; under ``mlflow run`` (where
+Logs into the active run; under ``mlflow run`` (where
 ``MLFLOW_RUN_ID`` is set) it attaches to that run with ``mlflow.start_run()``. Without either it does nothing,
 so ``preprocess`` also works with no tracking at all.
 """
@@ -17,21 +17,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from segmentation.data.classes import ClassInfo, colorize
+from segmentation.data.classes import ClassInfo
+from segmentation.evaluation.visualize import overlay
 
 SPLIT_PRIORITY = ("val", "train", "test")
 
 
-def overlay(image_bgr: np.ndarray, mask: np.ndarray, classes: ClassInfo, alpha: float = 0.5) -> np.ndarray:
-    """``image | image blended with its colourised mask`` side by side, as ``H x 2W x 3`` uint8 RGB.
-
-    Ignored pixels (255) show the image unblended.
-    """
-    rgb = image_bgr[..., ::-1].astype(np.float32)
-    color = colorize(mask, classes).astype(np.float32)
-    labelled = (mask != classes.ignore_index)[..., None]
-    blend = np.where(labelled, (1 - alpha) * rgb + alpha * color, rgb)
-    return np.concatenate([rgb, blend], axis=1).round().astype(np.uint8)
+def _side_by_side(image_bgr: np.ndarray, mask: np.ndarray, classes: ClassInfo) -> np.ndarray:
+    """``image | image with its mask blended in``, ``H x 2W x 3`` uint8 RGB, as MLflow shows images."""
+    return np.concatenate([image_bgr, overlay(image_bgr, mask, classes)], axis=1)[..., ::-1]
 
 
 def log_preprocess_lineage(table_path: str | Path, name: str | None = None, num_overlays: int = 4) -> bool:
@@ -54,9 +48,12 @@ def log_preprocess_lineage(table_path: str | Path, name: str | None = None, num_
     with contextlib.ExitStack() as stack:
         if mlflow.active_run() is None:
             stack.enter_context(mlflow.start_run())  # resumes the run that `mlflow run` created
-        dataset = mlflow.data.from_pandas(table, source=str(table_path.resolve()),
-                                          name=name or f"{stats['dataset']}-{stats['split_id']}",
-                                          digest=stats["digest"][:32])
+        dataset = mlflow.data.from_pandas(
+            table,
+            source=str(table_path.resolve()),
+            name=name or f"{stats['dataset']}-{stats['split_id']}",
+            digest=stats["digest"][:32],
+        )
         mlflow.log_input(dataset, context="preprocess")
         metrics = {f"data/num_samples/{split}": float(n) for split, n in stats["num_samples"].items()}
         for split, counts in stats["pixels"].items():
@@ -66,9 +63,10 @@ def log_preprocess_lineage(table_path: str | Path, name: str | None = None, num_
         mlflow.log_dict(stats, "data/stats.json")
         mlflow.log_artifact(str(table_path.parent / "classes.csv"), artifact_path="data")
         rank = table["split"].map({s: i for i, s in enumerate(SPLIT_PRIORITY)}).fillna(len(SPLIT_PRIORITY))
-        for i, row in enumerate(table.assign(_rank=rank).sort_values(["_rank"], kind="stable").head(num_overlays)
-                                .itertuples()):
+        for i, row in enumerate(
+            table.assign(_rank=rank).sort_values(["_rank"], kind="stable").head(num_overlays).itertuples()
+        ):
             image = cv2.imread(str(out_dir / row.image), cv2.IMREAD_COLOR)
             mask = cv2.imread(str(out_dir / row.mask), cv2.IMREAD_UNCHANGED)
-            mlflow.log_image(overlay(image, mask, classes), artifact_file=f"data/overlays/{i}_{row.split}.png")
+            mlflow.log_image(_side_by_side(image, mask, classes), artifact_file=f"data/overlays/{i}_{row.split}.png")
     return True

@@ -8,7 +8,8 @@ as the last complete one (resume ignores ``.tmp-*`` folders). The same folders a
 when the local folder is gone, resume downloads the last complete one from the run.
 
 The ``accelerator`` arguments are duck-typed (``save_state``, ``load_state``, ``wait_for_everyone``,
-``is_main_process``) so that Accelerate itself stays inside ``engine.py``.
+``is_main_process``) so that Accelerate itself stays inside ``engine.py``; the uploads go to an
+:class:`~segmentation.training.hooks.ArtifactStore`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ import torch
 from safetensors.torch import load_file
 
 from segmentation.io import write_text_atomic
+from segmentation.training.hooks import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
+# A training's output folder, <output_dir>/<run_id>/: checkpoints/, the model package model/, the journal tracking/.
 ARTIFACT_DIR = "checkpoints"
+CHECKPOINT_DIR = "checkpoints"
+MODEL_PACKAGE_DIR = "model"
+JOURNAL_DIR = "tracking"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 _NAME = re.compile(r"^step-(\d{7,})$")
@@ -97,13 +103,13 @@ class CheckpointManager:
         directory: local folder for the ``step-*`` checkpoints.
         monitor: metric that ranks checkpoints (``val/mIoU``); ``mode`` is ``max`` or ``min``.
         top_k: best checkpoints kept besides the last one.
-        tracker: a ``segmentation.tracking.Tracker`` (disabled on non-main ranks) that receives the uploads.
+        store: receives the uploads (the run's tracker; a no-op one on non-main ranks).
     """
 
-    def __init__(self, directory: str | Path, monitor: str, mode: str, top_k: int, tracker: Any) -> None:
+    def __init__(self, directory: str | Path, monitor: str, mode: str, top_k: int, store: ArtifactStore) -> None:
         self.directory = Path(directory)
         self.monitor, self.mode, self.top_k = monitor, mode, top_k
-        self.tracker = tracker
+        self.store = store
 
     def save(self, accelerator: Any, state: TrainerState) -> Path:
         """Write a checkpoint of the current step on every rank; the main rank commits, prunes and uploads it."""
@@ -120,7 +126,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             tmp.rename(final)
             # Queued: uploaded in the background, the state file last (see fetch_last).
-            self.tracker.log_artifacts(final, f"{ARTIFACT_DIR}/{final.name}", last=STATE_FILE)
+            self.store.log_artifacts(final, f"{ARTIFACT_DIR}/{final.name}", last=STATE_FILE)
             self._prune(state)
         accelerator.wait_for_everyone()
         return final
@@ -136,7 +142,7 @@ class CheckpointManager:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
                 # Queued after its upload; an upload whose folder is gone by then is skipped.
-                self.tracker.delete_artifacts(f"{ARTIFACT_DIR}/{path.name}")
+                self.store.delete_artifacts(f"{ARTIFACT_DIR}/{path.name}")
 
     def best(self) -> Path | None:
         """The best kept checkpoint by the monitored metric, else the last one."""
@@ -160,16 +166,16 @@ class CheckpointManager:
         local = self.last()
         if local is not None:
             return local
-        names = [Path(p).name for p in self.tracker.list_artifacts(ARTIFACT_DIR)]
+        names = [Path(p).name for p in self.store.list_artifacts(ARTIFACT_DIR)]
         for name in sorted((n for n in names if _NAME.match(n)), reverse=True):
-            files = {Path(p).name for p in self.tracker.list_artifacts(f"{ARTIFACT_DIR}/{name}")}
+            files = {Path(p).name for p in self.store.list_artifacts(f"{ARTIFACT_DIR}/{name}")}
             if STATE_FILE not in files:
                 continue  # an upload cut short
             staging = self.directory / f".download-{name}"
             shutil.rmtree(staging, ignore_errors=True)
-            downloaded = self.tracker.download_artifacts(f"{ARTIFACT_DIR}/{name}", staging)
+            downloaded = self.store.download_artifacts(f"{ARTIFACT_DIR}/{name}", staging)
             downloaded.rename(self.directory / name)
             shutil.rmtree(staging, ignore_errors=True)
-            logger.info("downloaded checkpoint %s from run %s", name, self.tracker.run_id)
+            logger.info("downloaded checkpoint %s from run %s", name, self.store.run_id)
             return self.directory / name
         return None

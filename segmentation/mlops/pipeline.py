@@ -1,4 +1,4 @@
-"""The whole pipeline as one MLflow run: preprocess -> train -> evaluate -> export -> promote as child runs.
+"""Multistep runs: each step of the pipeline as a child run of one parent, reused when it already FINISHED.
 
 This follows MLflow's multistep-workflow pattern: a parent run launches each entry point with
 ``mlflow.projects.run`` (each becomes a child run tagged ``mlflow.parentRunId``) and passes what one step made to
@@ -10,33 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.projects.utils import get_git_commit
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
-from segmentation.registry import filter_literal
+from segmentation.mlops.registry import filter_literal
 
 logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class PipelineParams:
-    dataset: str = "synthetic"
-    raw_dir: str = ""
-    data_dir: str = "data/synthetic"
-    config: str = "configs/synthetic.yaml"
-    lr: float = 0.02
-    registered_model: str = "fchardnet-synthetic"
-    num_images: int = 200  # synthetic dataset only
-    num_processes: int = 1
-    overrides: str = ""
-    reuse: bool = True
 
 
 EMPTY_AS_LOGGED = ("", "''")  # MLflow records an empty project parameter as the shell-quoted ``''``
@@ -68,8 +54,6 @@ def find_finished_run(
 
 
 def _git_commit() -> str | None:
-    from mlflow.projects.utils import get_git_commit
-
     return get_git_commit(str(PROJECT_DIR))
 
 
@@ -109,55 +93,6 @@ def registered_version_of(client: MlflowClient, model_name: str, run_id: str) ->
     if not versions:
         raise RuntimeError(f"run {run_id} registered no version of model '{model_name}'")
     return max(versions, key=lambda v: int(v.version)).version
-
-
-def run_pipeline(params: PipelineParams) -> dict[str, str]:
-    """Run (or reuse) every step under the active parent run and return the ids it produced."""
-    client = MlflowClient()
-    data_dir = str(Path(params.data_dir).resolve())
-    steps: dict[str, str] = {}
-
-    preprocess_params = {"dataset": params.dataset, "raw_dir": params.raw_dir, "out_dir": data_dir}
-    if params.dataset == "synthetic":
-        preprocess_params["num_images"] = params.num_images
-    prep = run_step("preprocess", preprocess_params, params.reuse and (Path(data_dir) / "split").is_dir())
-    steps["preprocess"] = prep.info.run_id
-
-    train = run_step(
-        "train",
-        {
-            "config": params.config,
-            "data": data_dir,
-            "lr": params.lr,
-            "num_processes": params.num_processes,
-            "registered_model": params.registered_model,
-            "overrides": params.overrides,
-        },
-        params.reuse,
-    )
-    steps["train"] = train.info.run_id
-    version = registered_version_of(client, params.registered_model, train.info.run_id)
-    model_uri = f"models:/{params.registered_model}/{version}"
-    steps["model_uri"] = model_uri
-
-    evaluation = run_step("evaluate", {"model_uri": model_uri, "data": data_dir, "split": "val"}, params.reuse)
-    steps["evaluate"] = evaluation.info.run_id
-    mlflow.log_metric("val/mIoU", evaluation.data.metrics.get("eval/mIoU", float("nan")))
-
-    export = run_step(
-        "export", {"model_uri": model_uri, "registered_model": f"{params.registered_model}-onnx"}, params.reuse
-    )
-    steps["export"] = export.info.run_id
-    # The export is linked to its source version (tags source_model_name/version), so promoting that version
-    # below also moves `production` on the ONNX model.
-    onnx_version = registered_version_of(client, f"{params.registered_model}-onnx", export.info.run_id)
-    steps["onnx_model_uri"] = f"models:/{params.registered_model}-onnx/{onnx_version}"
-
-    # Promotion depends on the registry's current state, so it always runs.
-    promote = run_step("promote", {"model_name": params.registered_model, "version": version}, reuse=False)
-    steps["promote"] = promote.info.run_id
-    mlflow.set_tags({f"pipeline.{key}": value for key, value in steps.items()})
-    return steps
 
 
 def start_parent_run(run_name: str = "pipeline") -> mlflow.ActiveRun:

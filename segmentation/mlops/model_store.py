@@ -1,0 +1,167 @@
+"""Models in MLflow: log a model package as the serving pyfunc, and load a network back from any model reference.
+
+Every logged model is the same models-from-code pyfunc (:mod:`segmentation.mlops.serving_model` +
+:class:`segmentation.mlops.serving.SegmentationModel`): the package (:mod:`segmentation.models.package`) goes in as
+an artifact and the ``segmentation`` code as ``code_paths``, so nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from torch import nn
+
+from segmentation.data.classes import ClassInfo
+from segmentation.inference.onnx import EXECUTION_PROVIDERS
+from segmentation.mlops.serving import IMAGE_COLUMN, encode_image
+from segmentation.models.package import (
+    PREPROCESSING,
+    URI_FORMS,
+    load_local_model,
+    read_package_meta,
+    save_model_package,
+    save_onnx_package,
+)
+
+PACKAGE_ARTIFACT = "package"
+SERVING_MODEL_FILE = Path(__file__).with_name("serving_model.py")
+CODE_DIR = Path(__file__).resolve().parent.parent  # the segmentation package, logged beside every model
+# Distributions the served pyfunc imports (segmentation itself travels as code_paths); the PyTorch model runs on
+# onnxruntime too when its parity probe passes (segmentation.inference.predictor.Predictor).
+SERVING_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "opencv-python-headless", "onnxruntime")
+
+
+def pip_requirements() -> list[str]:
+    """Pins of what the served pyfunc imports, at the installed versions without local labels (``+cpu``)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_REQUIREMENTS]
+
+
+def serving_signature() -> ModelSignature:
+    outputs = Schema(
+        [
+            ColSpec(DataType.string, "mask"),
+            ColSpec(DataType.long, "height"),
+            ColSpec(DataType.long, "width"),
+            ColSpec(DataType.string, "colorized", required=False),
+        ]
+    )
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
+        outputs=outputs,
+        params=ParamSchema([ParamSpec("colorize", DataType.boolean, False)]),
+    )
+
+
+def example_request() -> pd.DataFrame:
+    """A one-row request holding a 64 x 96 PNG (a few hundred bytes): the logged input example."""
+    image = np.zeros((64, 96, 3), dtype=np.uint8)
+    image[:32] = (180, 130, 70)  # sky over road, in their Cityscapes colours (BGR order)
+    image[32:] = (128, 64, 128)
+    return pd.DataFrame({IMAGE_COLUMN: [encode_image(image)]})
+
+
+def log_model_package(
+    package: str | Path, name: str = "model", registered_model_name: str | None = None, step: int | None = None
+) -> ModelInfo:
+    """Log a model package folder to the active run as the serving pyfunc; optionally register a version.
+
+    Args:
+        package: a folder written by :func:`~segmentation.models.package.save_model_package` or
+            :func:`~segmentation.models.package.save_onnx_package`.
+        name: the logged model's name.
+        registered_model_name: register a new version of this model when set.
+        step: training step whose metrics the LoggedModel should carry.
+
+    Returns:
+        MLflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``...).
+    """
+    meta = read_package_meta(package)
+    backend = meta.get("backend", "pytorch")
+    extra = {"onnx_execution_providers": meta["onnx_execution_providers"]} if backend == "onnx" else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        code = shutil.copytree(CODE_DIR, Path(tmp) / "segmentation", ignore=shutil.ignore_patterns("__pycache__"))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(SERVING_MODEL_FILE),
+            artifacts={PACKAGE_ARTIFACT: str(package)},
+            code_paths=[str(code)],
+            signature=serving_signature(),
+            input_example=example_request(),
+            pip_requirements=pip_requirements(),
+            registered_model_name=registered_model_name or None,
+            step=step or 0,
+            metadata={"backend": backend, "preprocessing": PREPROCESSING, **extra},
+        )
+
+
+def log_pytorch_model(
+    model: nn.Module,
+    classes: ClassInfo,
+    model_cfg: Any,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    step: int | None = None,
+) -> ModelInfo:
+    """Log an in-memory network (unfused) as the serving pyfunc; see :func:`log_model_package`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        package = save_model_package(model, classes, model_cfg, Path(tmp) / PACKAGE_ARTIFACT)
+        return log_model_package(package, name, registered_model_name, step)
+
+
+def log_onnx_model(
+    onnx_path: str | Path,
+    classes: ClassInfo,
+    model_cfg: Any,
+    name: str = "onnx_model",
+    registered_model_name: str | None = None,
+    step: int | None = None,
+) -> ModelInfo:
+    """Log an exported ONNX file as the serving pyfunc (onnxruntime, CPUExecutionProvider)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        package = save_onnx_package(onnx_path, classes, model_cfg, Path(tmp) / PACKAGE_ARTIFACT, EXECUTION_PROVIDERS)
+        return log_model_package(package, name, registered_model_name, step)
+
+
+def load_model_with_meta(model_uri: str) -> tuple[nn.Module, ClassInfo, dict]:
+    """Like :func:`load_model`, also returning the package metadata (``model.json`` contents)."""
+    if model_uri.startswith(("runs:/", "models:/")) or "://" in model_uri:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+            except Exception as exc:  # MlflowException, OSError...: say what was asked for and what is accepted
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ValueError(
+                    f"could not download model '{model_uri}': {first}. Accepted: {', '.join(URI_FORMS)}"
+                ) from None
+            return load_local_model(local, model_uri)
+    if not Path(model_uri).exists():
+        raise FileNotFoundError(
+            f"model '{model_uri}': no such file or folder, and not an MLflow URI. Accepted: {', '.join(URI_FORMS)}"
+        )
+    return load_local_model(model_uri)
+
+
+def load_model(model_uri: str) -> tuple[nn.Module, ClassInfo]:
+    """Load a segmentation network in eval mode, with its classes, from any of the places it is kept.
+
+    Args:
+        model_uri: ``runs:/<run_id>/<path>``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``, a local
+            model package folder or MLflow model folder, or a training checkpoint folder.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        ValueError: the URI cannot be downloaded or holds no PyTorch segmentation model; the message lists what
+            was tried and the accepted forms.
+    """
+    model, classes, _ = load_model_with_meta(model_uri)
+    return model, classes

@@ -1,0 +1,287 @@
+"""The training's MLflow run behind a small :class:`Tracker`, used by the main process only.
+
+Start-up writes (params, the resolved config, the dataset, tags) go straight to the server. After
+:meth:`Tracker.open_journal`, every write (metrics, images, checkpoint uploads, the model, the final status) is a
+record of a local :class:`~segmentation.mlops.journal.Journal` under ``<output_dir>/<run_id>/tracking/`` that a
+background thread delivers (:mod:`segmentation.mlops.delivery`), so a tracking-server outage neither stops nor slows
+training and loses nothing. The resolved config goes under the ``cfg.`` prefix so it can never clash with an
+MLproject param. Runs are started, attached to and resumed in :mod:`segmentation.mlops.runs`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import cv2
+import mlflow
+import mlflow.data
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from segmentation.config import Config, flatten, to_yaml
+from segmentation.io import write_text_atomic
+from segmentation.mlops.delivery import Delivery, is_transient
+from segmentation.mlops.journal import Journal
+from segmentation.mlops.system_metrics import SystemMetricsSampler
+
+logger = logging.getLogger(__name__)
+
+CONFIG_PARAM_PREFIX = "cfg."
+CONFIG_ARTIFACT = "config/resolved.yaml"
+MAX_PARAM_CHARS = 6000  # the server silently truncates longer values
+JOURNAL_DIR = "tracking"  # beside checkpoints/ in <output_dir>/<run_id>/
+META_FILE = "run.json"
+SYNC_COMMAND = "python -m entrypoints.sync_tracking"
+# Metric records logged within this many seconds travel in one request (see segmentation.mlops.journal): the server
+# and the sender then cost a training that logs every step a request every 2 s rather than one per step.
+METRICS_INTERVAL_S = 2.0
+
+
+class Tracker:
+    """The training's MLflow run; every method is a no-op when ``enabled`` is False (non-main ranks).
+
+    Start-up writes (params, config, dataset, tags) go straight to the server. After :meth:`open_journal`, metrics,
+    images, checkpoint uploads, the model and the final status go through the journal instead (without a journal
+    they are sent synchronously).
+    """
+
+    def __init__(self, run_id: str | None, enabled: bool = True, tracking_uri: str | None = None) -> None:
+        self.run_id = run_id
+        self.enabled = enabled and run_id is not None
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.client = MlflowClient(self.tracking_uri)
+        self.journal: Journal | None = None
+        self._delivery = Delivery(self.client, run_id, journal_dir=None)  # set when a journal is opened
+        self._logged_steps: dict[str, int] = {}  # last step of each metric already logged (server or journal)
+        self._digest: str | None = None
+        self._sampler: SystemMetricsSampler | None = None
+        self.system_metrics = True
+
+    @property
+    def model_version(self) -> str | None:
+        """The registry version created by the ``model`` record, once delivered."""
+        return self._delivery.model_version
+
+    # -- start-up (synchronous) ------------------------------------------------------------------------------------
+    def log_config(self, cfg: Config) -> None:
+        """Log the resolved config as ``cfg.*`` params (batched) and as ``config/resolved.yaml``."""
+        if not self.enabled:
+            return
+        existing = self.client.get_run(self.run_id).data.params
+        flat = flatten(cfg, CONFIG_PARAM_PREFIX)
+        resumed = any(key in existing for key in flat)
+        self.log_params(flat, existing)  # a resumed run already holds them: MLflow refuses to change a value
+        self.client.log_text(self.run_id, to_yaml(cfg), "config/resolved-resume.yaml" if resumed else CONFIG_ARTIFACT)
+
+    def log_params(self, params: Mapping[str, Any], existing: Mapping[str, str] | None = None) -> None:
+        """Log params that are not on the run yet (never re-log a key, e.g. one MLflow logged from ``-P``).
+
+        ``existing``: the run's params when the caller has just read them (saves a request).
+        """
+        if not self.enabled:
+            return
+        if existing is None:
+            existing = self.client.get_run(self.run_id).data.params
+        new = {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items() if k not in existing}
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dataset(self, table: Any, source: str, name: str, context: str) -> None:
+        """Record the split table as a run input (MLflow dataset with a digest)."""
+        if self.enabled:
+            dataset = mlflow.data.from_pandas(table, source=source, name=name)
+            self._digest = dataset.digest
+            inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+            for attempt in range(3):
+                try:
+                    self.client.log_inputs(self.run_id, inputs)
+                    return
+                except MlflowException as exc:
+                    # The server inserts a new dataset row after checking that none exists; when several trainings
+                    # of one experiment start together, the losers hit the unique constraint (sqlite and
+                    # PostgreSQL). The row exists by then, so the retry links it to this run.
+                    duplicate = "UNIQUE constraint" in str(exc) or "duplicate key" in str(exc)
+                    if not duplicate or attempt == 2:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
+
+    @property
+    def dataset_digest(self) -> str | None:
+        """Digest of the first dataset logged as an input of the run (also after a resume)."""
+        if not self.enabled or self._digest is not None:
+            return self._digest
+        inputs = self.client.get_run(self.run_id).inputs
+        datasets = inputs.dataset_inputs if inputs is not None else []
+        self._digest = datasets[0].dataset.digest if datasets else None
+        return self._digest
+
+    def skip_logged_steps(self) -> None:
+        """After a resume, remember which steps each metric already has so that none is logged twice."""
+        if not self.enabled:
+            return
+        for key in self.client.get_run(self.run_id).data.metrics:
+            history = self.client.get_metric_history(self.run_id, key)
+            last = max((m.step for m in history), default=-1)
+            self._logged_steps[key] = max(self._logged_steps.get(key, -1), last)
+
+    def list_artifacts(self, path: str) -> list[str]:
+        """Paths of the run's artifacts directly under ``path`` (empty when there are none)."""
+        return [f.path for f in self.client.list_artifacts(self.run_id, path)] if self.enabled else []
+
+    def download_artifacts(self, path: str, dst_dir: str | Path) -> Path:
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(self.run_id, path, str(dst_dir)))
+
+    # -- during training (journaled) -------------------------------------------------------------------------------
+    def open_journal(
+        self,
+        directory: str | Path,
+        system_metrics_interval: float = 10.0,
+        metrics_interval: float = METRICS_INTERVAL_S,
+    ) -> None:
+        """Route every later write through a journal in ``directory`` (reopened as is after a kill or a resume).
+
+        Args:
+            directory: the journal folder (``<output_dir>/<run_id>/tracking``).
+            system_metrics_interval: seconds between two ``system/*`` samples; 0 turns sampling off.
+            metrics_interval: seconds during which metric records are gathered into one request.
+        """
+        if not self.enabled:
+            return
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"run_id": self.run_id, "tracking_uri": self.tracking_uri}
+        write_text_atomic(directory / META_FILE, json.dumps(meta))
+        self._delivery.journal_dir = directory  # before the Journal: its thread may send a backlog at once
+        self.journal = Journal(directory, self._delivery.send, is_transient, min_interval_s=metrics_interval)
+        for record in self.journal.records:
+            if record["kind"] in ("metrics", "image"):
+                for key in record["values"] if record["kind"] == "metrics" else [record["key"]]:
+                    self._logged_steps[key] = max(self._logged_steps.get(key, -1), record["step"])
+        if system_metrics_interval > 0 and self.system_metrics:
+            first = self._logged_steps.get("system/cpu_utilization_percentage", -1) + 1
+            self._sampler = SystemMetricsSampler(self.run_id, system_metrics_interval, self.log_metrics, first)
+            self._sampler.start()
+
+    def _write(self, record: dict) -> None:
+        if self.journal is None:  # no journal (a tool, not a training): write synchronously
+            self._delivery.send([record])
+        else:
+            self.journal.append(record)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log numeric metrics at ``step``. A non-numeric value raises instead of vanishing.
+
+        Raises:
+            TypeError: a value is not a real number.
+        """
+        if not self.enabled:
+            return
+        values = {}
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}: {value!r}")
+            if step > self._logged_steps.get(key, -1):
+                values[key] = float(value)
+                self._logged_steps[key] = step
+        if values:
+            self._write({"kind": "metrics", "step": step, "timestamp": int(time.time() * 1000), "values": values})
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        """A step-indexed image (H x W x 3 uint8 RGB): the UI shows a slider over steps."""
+        if not self.enabled or step <= self._logged_steps.get(key, -1):
+            return
+        if self.journal is None:
+            self.client.log_image(self.run_id, image, key=key, step=step)
+            return
+        path = self.journal.directory / "images" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}-{step:08d}.png"
+        path.parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]))
+        self._logged_steps[key] = step
+        self._write(
+            {
+                "kind": "image",
+                "key": key,
+                "step": step,
+                "timestamp": int(time.time() * 1000),
+                "file": str(path.relative_to(self.journal.directory)),
+            }
+        )
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str, last: str | None = None) -> None:
+        """Upload a folder in the background, file ``last`` after all others (skipped if the folder is gone)."""
+        if self.enabled:
+            self._write(
+                {"kind": "artifacts", "local": str(Path(local_dir).resolve()), "path": artifact_path, "last": last}
+            )
+
+    def delete_artifacts(self, path: str) -> None:
+        """Remove run artifacts (pruned checkpoints), after the uploads queued before."""
+        if self.enabled:
+            self._write({"kind": "delete", "path": path})
+
+    def log_model(
+        self, package: str | Path, step: int, registered_model: str | None, version_tags: Mapping[str, Any]
+    ) -> None:
+        """Log a saved model package as the run's model ``model`` (and register a version), in the background."""
+        if self.enabled:
+            self._write(
+                {
+                    "kind": "model",
+                    "package": str(Path(package).resolve()),
+                    "name": "model",
+                    "step": step,
+                    "registered_model": registered_model,
+                    "version_tags": dict(version_tags),
+                }
+            )
+
+    def end(self, status: str = "FINISHED", timeout: float = 120.0) -> bool:
+        """Queue the final status and wait up to ``timeout`` s for the journal to reach the server.
+
+        Returns:
+            True when everything was delivered and accepted; undelivered records stay in the journal for
+            :data:`SYNC_COMMAND`, rejected ones are listed in its ``rejected.jsonl``.
+        """
+        if not self.enabled:
+            return True
+        if self.journal is None:  # started but never journaled (evaluation, or a failure during start-up)
+            try:
+                mlflow.flush_async_logging()
+            except Exception as exc:  # noqa: BLE001 - ending the run matters more than a failed flush
+                logger.warning("could not flush async logging of run %s: %s", self.run_id, exc)
+            if mlflow.active_run() is not None:
+                mlflow.end_run(status=status)
+            else:
+                self.client.set_terminated(self.run_id, status)
+            return True
+        if self._sampler is not None:
+            self._sampler.stop()
+        self._write({"kind": "end", "status": status, "timestamp": int(time.time() * 1000)})
+        delivered = self.journal.close(timeout) and not self.journal.rejected
+        if self.journal.pending:
+            logger.error(
+                "tracking server %s unreachable (%s): %d record(s) of run %s kept in %s; upload them with `%s %s`",
+                self.tracking_uri,
+                self.journal.last_error,
+                self.journal.pending,
+                self.run_id,
+                self.journal.directory,
+                SYNC_COMMAND,
+                self.journal.directory,
+            )
+        return delivered

@@ -1,0 +1,46 @@
+"""The ``promote`` step: move a registry alias (``production``) to a version that scores at least as well, or roll
+it back to ``previous``."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+
+from segmentation.mlops import registry
+from segmentation.mlops.runs import attached_run
+from segmentation.steps.evaluate import Protocol, incumbent_evaluator, promotion_tags
+
+
+def promote_step(
+    model_name: str, version: str = "", alias: str = registry.PRODUCTION, force: bool = False, rollback: bool = False
+) -> registry.Promotion:
+    """Promote ``version`` using the number its last evaluation recorded, or roll ``alias`` back.
+
+    The incumbent is evaluated on the same data (from the candidate's ``eval/protocol`` tag) when it has no
+    comparable number.
+
+    Raises:
+        ValueError: no ``version`` without ``rollback``, an unknown model or version, or nothing to roll back to.
+    """
+    if rollback:
+        return registry.rollback(model_name, alias=alias)
+    if not version:
+        raise ValueError("version is required to promote (or pass rollback=true)")
+    candidate = registry.get_version(model_name, version)
+    protocol_json = candidate.tags.get(registry.PROTOCOL_TAG)
+    evaluator = None
+    if protocol_json:
+        evaluator = incumbent_evaluator(model_name, Protocol(**json.loads(protocol_json)))
+    with attached_run(create=False) as run_id:
+        promotion = registry.promote(
+            model_name,
+            version,
+            alias=alias,
+            force=force,
+            evaluate_incumbent=evaluator,
+            run_id=run_id or candidate.tags.get(registry.RUN_TAG),
+        )
+        if run_id:
+            mlflow.set_tags({**promotion_tags(promotion), "model_name": model_name, "model_version": str(version)})
+    return promotion

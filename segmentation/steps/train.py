@@ -1,0 +1,102 @@
+"""The ``train`` step: resolve the recipe, start (or resume) the MLflow run, train with Accelerate, register the best
+model; with ``num_processes > 1`` the same step re-launches itself under ``accelerate launch``."""
+
+from __future__ import annotations
+
+import logging
+
+from segmentation.config import Config, load_config
+from segmentation.mlops.runs import TrackingIncompleteError, start_run
+from segmentation.mlops.tracker import SYNC_COMMAND
+from segmentation.training.engine import FitResult, fit
+from segmentation.training.launch import inside_launch, is_main_process, relaunch
+
+logger = logging.getLogger(__name__)
+
+# Recipe values exposed as MLproject parameters; "" (their default) means "the config's own value".
+RECIPE_PARAMS = {"lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size"}
+
+
+def resolve_train_config(
+    config: str, data: str = "", overrides: str = "", **recipe: str | int | float | None
+) -> Config:
+    """The config file, then ``data`` and each non-empty recipe value (``lr``, ``epochs``, ``batch_size``), then
+    ``overrides`` (last word). A value given always wins over the file; an empty one keeps the file's.
+
+    Raises:
+        ConfigError: an unknown recipe name, or a value of the wrong type (the message names the config key).
+        FileNotFoundError: the config file does not exist.
+    """
+    unknown = sorted(set(recipe) - set(RECIPE_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown recipe parameter(s) {unknown}; allowed: {sorted(RECIPE_PARAMS)}")
+    dotted = [f"{RECIPE_PARAMS[name]}={value}" for name, value in recipe.items() if value not in ("", None)]
+    if data:
+        dotted.append(f"data.root={data}")
+    return load_config(config, dotted + overrides.split())
+
+
+def train_step(
+    cfg: Config,
+    *,
+    resume_run_id: str | None = None,
+    experiment: str | None = None,
+    registered_model: str | None = None,
+    run_name: str | None = None,
+    log_model: bool = True,
+    track: bool = True,
+    tracking_timeout: float = 120.0,
+) -> FitResult:
+    """Train ``cfg`` in one MLflow run (the one ``mlflow run`` made, a new one, or ``resume_run_id``'s).
+
+    Args:
+        cfg: the resolved config.
+        resume_run_id: continue this MLflow run from its last checkpoint (local, else its artifacts).
+        experiment: experiment name when not started by ``mlflow run``.
+        registered_model: register the best weights as a new version of this model (empty: do not register).
+        run_name: name of a new run.
+        log_model: log the best weights as the run's model (False skips it and the registration).
+        track: False trains without MLflow at all (no server needed; checkpoints under ``<output_dir>/untracked-*``).
+        tracking_timeout: seconds to wait at the end for the tracking journal to reach the server.
+
+    Raises:
+        ConnectionError: the tracking server is unreachable (checked before anything is built).
+        FileNotFoundError, ValueError, FloatingPointError: see :func:`segmentation.training.engine.fit`.
+        TrackingIncompleteError: training finished (checkpoints and model saved locally) but the tracking server
+            did not receive everything; ``exc.result`` is the FitResult and the message gives the command that
+            uploads the rest.
+    """
+    tracker = start_run(experiment, resume_run_id, run_name, enabled=is_main_process() and track, durable=True)
+    result = fit(
+        cfg,
+        tracker,
+        resume=bool(resume_run_id),
+        registered_model=registered_model,
+        log_model=log_model,
+        tracking_timeout=tracking_timeout,
+    )
+    if not result.delivered:
+        journal = tracker.journal
+        error = TrackingIncompleteError(
+            f"training finished (best checkpoint {result.best_checkpoint}) but the tracking server "
+            f"{tracker.tracking_uri} did not receive everything: {journal.pending} record(s) left, "
+            f"{journal.rejected} rejected (see rejected.jsonl). Upload the rest with "
+            f"`{SYNC_COMMAND} {journal.directory}`"
+        )
+        error.result = result
+        raise error
+    logger.info(
+        "run %s finished at step %d: %s",
+        result.run_id,
+        result.global_step,
+        {k: round(v, 4) for k, v in result.metrics.items() if "/IoU/" not in k},
+    )
+    return result
+
+
+def launch_train_step(num_processes: int, cfg: Config, module_argv: list[str]) -> int | None:
+    """Re-launch ``python -m <module_argv>`` on ``num_processes`` ranks when that is asked for and this process is
+    not a rank already; returns the launch's exit code, or None when this process should train itself."""
+    if num_processes > 1 and not inside_launch():
+        return relaunch(num_processes, module_argv, cpu=cfg.system.cpu)
+    return None
