@@ -30,7 +30,8 @@ import numpy as np
 from defusedxml import DefusedXmlException
 
 from segmentation.data.classes import ClassInfo
-from segmentation.data.cvat_shapes import AREA_SHAPES, MAX_PIXELS, MAX_SIDE, Shape, TrackShape, rasterize, shape_at
+from segmentation.data.cvat_shapes import AREA_SHAPES, Shape, TrackShape, rasterize, shape_at
+from segmentation.data.image_header import MAX_PIXELS, MAX_SIDE
 from segmentation.data.samples import RawSample, read_image, seeded_split
 
 logger = logging.getLogger(__name__)

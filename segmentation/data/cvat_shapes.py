@@ -14,13 +14,11 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
+from segmentation.data.image_header import MAX_PIXELS
+
 AREA_SHAPES = ("polygon", "box", "mask", "ellipse")
 # Shapes without an area: they cannot label pixels of a segmentation mask, so they are counted and skipped.
 SKIPPED_SHAPES = ("polyline", "points", "skeleton", "tag", "cuboid")
-# OpenCV refuses to decode larger images (its CV_IO_MAX_IMAGE_WIDTH/HEIGHT/PIXELS defaults), so a larger declared
-# size can never match a readable image: it is refused before any mask is allocated.
-MAX_SIDE = 1 << 20
-MAX_PIXELS = 1 << 30
 
 
 @dataclass(frozen=True)
