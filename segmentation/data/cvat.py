@@ -10,6 +10,8 @@ or ``images/<subset>/<name>``; for videos ``images/frame_000000.<ext>``, as CVAT
 * Splits: a subset named train/training -> ``train``, val/valid/validation -> ``val``, test/testing -> ``test``
   (case-insensitive); images without a subset (or subset ``default``) get a seeded ``val_fraction`` split;
   any other subset name is an error.
+* Sizes: the declared size (``<image width height>``, or ``meta/.../original_size`` for videos) must equal the
+  image's, read from its header before any mask is allocated; a ``<mask>`` box must lie inside the image.
 * XML is parsed with ``defusedxml``: DTD entities and external references are refused.
 """
 
@@ -31,7 +33,7 @@ from defusedxml import DefusedXmlException
 
 from segmentation.data.classes import ClassInfo
 from segmentation.data.cvat_shapes import AREA_SHAPES, Shape, TrackShape, rasterize, shape_at
-from segmentation.data.image_header import MAX_PIXELS, MAX_SIDE
+from segmentation.data.image_header import MAX_PIXELS, MAX_SIDE, read_image_size
 from segmentation.data.samples import RawSample, read_image, seeded_split
 
 logger = logging.getLogger(__name__)
@@ -101,14 +103,15 @@ def _floats(element: Element, names: tuple[str, ...], where: str) -> list[float]
     return values
 
 
-def _int(text: str | None, what: str, where: str, low: int, high: int) -> int:
+def _int(text: str | None, what: str, where: str, low: int, high: int, why: str = "") -> int:
     """``text`` as an integer in ``[low, high]`` (``"3.0"`` is accepted, as some exporters write it)."""
     try:
         value = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         value = math.nan
     if not (math.isfinite(value) and value.is_integer() and low <= value <= high):
-        raise ValueError(f"{where}: {what} must be an integer in [{low}, {high}], found {text!r}")
+        raise ValueError(f"{where}: {what} must be an integer in [{low}, {high}], found {text!r}"
+                         + (f" ({why})" if why else ""))
     return int(value)
 
 
@@ -122,8 +125,19 @@ def _image_size(width: str | None, height: str | None, where: str) -> tuple[int,
     return h, w
 
 
-def parse_shape(element: Element, order: int, where: str) -> Shape:
-    """One area shape element (``polygon``, ``box``, ``ellipse``, ``mask``) as a :class:`Shape`."""
+def _check_image_size(image: Path, size: tuple[int, int], where: str) -> None:
+    """Refuse a declared ``(height, width)`` that differs from the image's header, before any mask is allocated."""
+    real = read_image_size(image)
+    if real != size:
+        raise ValueError(f"{where}: declared width x height = {size[1]}x{size[0]} but {image} is {real[1]}x{real[0]} "
+                         "(W x H, from its header); the declared size must be the image's size")
+
+
+def parse_shape(element: Element, order: int, where: str, image_size: tuple[int, int] = (MAX_SIDE, MAX_SIDE)) -> Shape:
+    """One area shape element (``polygon``, ``box``, ``ellipse``, ``mask``) as a :class:`Shape`.
+
+    ``image_size`` is the image's ``(height, width)``: a mask's ``left/top/width/height`` box must lie inside it.
+    """
     kind, label = element.tag, element.attrib.get("label", "")
     where = f"{where}: {kind} {label!r}"
     z_order = _int(element.attrib.get("z_order", "0"), "z_order", where, -(2**31), 2**31 - 1)
@@ -142,8 +156,13 @@ def parse_shape(element: Element, order: int, where: str) -> Shape:
     if kind == "ellipse":
         cx, cy, rx, ry, rotation = _floats(element, ("cx", "cy", "rx", "ry", "rotation"), where)
         return Shape(kind, label, z_order, order, box=(cx, cy, abs(rx - cx), abs(ry - cy), rotation))
-    left, top = (_int(element.attrib.get(n), n, where, -MAX_SIDE, MAX_SIDE) for n in ("left", "top"))
-    width, height = (_int(element.attrib.get(n), n, where, 0, MAX_SIDE) for n in ("width", "height"))
+    # CVAT writes mask boxes inside the image; bounding them here bounds the runs decoded into them.
+    image_height, image_width = image_size
+    inside = f"the mask box must lie inside the {image_width}x{image_height} (W x H) image"
+    left = _int(element.attrib.get("left"), "left", where, 0, image_width, inside)
+    top = _int(element.attrib.get("top"), "top", where, 0, image_height, inside)
+    width = _int(element.attrib.get("width"), "width", where, 0, image_width - left, inside)
+    height = _int(element.attrib.get("height"), "height", where, 0, image_height - top, inside)
     try:
         rle = tuple(int(v) for v in element.attrib["rle"].split(","))
     except (KeyError, ValueError):
@@ -184,19 +203,21 @@ def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skip
     for image in root.iter("image"):
         name, where = image.attrib.get("name", ""), f"image {image.attrib.get('name')!r}"
         subset = image.attrib.get("subset", task_subsets.get(image.attrib.get("task_id"), default_subset))
+        image_size = _image_size(image.attrib.get("width"), image.attrib.get("height"), f"{xml}: {where}")
+        path = _image_path(images_dir, subset, name, xml)
+        _check_image_size(path, image_size, f"{xml}: {where}")
         shapes = []
         for element in image:
             if element.tag not in _SHAPE_TAGS:
                 continue
             _check_label(element, declared, xml, where)
             if element.tag in AREA_SHAPES:
-                shapes.append(parse_shape(element, order, f"{xml}: {where}"))
+                shapes.append(parse_shape(element, order, f"{xml}: {where}", image_size))
             else:
                 skipped[element.tag] += 1
             order += 1
-        height, width = _image_size(image.attrib.get("width"), image.attrib.get("height"), f"{xml}: {where}")
-        frames.append({"name": name, "subset": subset, "image": _image_path(images_dir, subset, name, xml),
-                       "height": height, "width": width, "shapes": shapes})
+        frames.append({"name": name, "subset": subset, "image": path, "height": image_size[0],
+                       "width": image_size[1], "shapes": shapes})
     tracks = root.findall("track")
     if not tracks:
         return frames
@@ -207,7 +228,7 @@ def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skip
     width = root.findtext("meta/task/original_size/width") or root.findtext("meta/job/original_size/width")
     if not (height and width):
         raise ValueError(f"{xml}: a video export must declare meta/task/original_size/width and height")
-    height, width = _image_size(width, height, f"{xml}: meta original_size")
+    image_size = _image_size(width, height, f"{xml}: meta original_size")
     # Frame numbers only bound the loop below, which stops at the first frame without an image.
     num_frames = _int(size, "meta size (frame count)", str(xml), 0, 10**9) if size else None
     parsed = []
@@ -222,15 +243,16 @@ def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skip
                 continue
             frame = _int(element.attrib.get("frame"), "frame", f"{xml}: {where}", 0, 10**9)
             states.append(TrackShape(frame, element.attrib.get("outside") == "1",
-                                     parse_shape(element, order, f"{xml}: {where}")))
+                                     parse_shape(element, order, f"{xml}: {where}", image_size)))
             order += 1
         parsed.append(states)
     last = max((s.frame for states in parsed for s in states), default=-1)
     for frame in range(last + 1 if num_frames is None else num_frames):
         shapes = [s for states in parsed if (s := shape_at(states, frame)) is not None]
-        frames.append({"name": f"frame_{frame:06d}", "subset": default_subset,
-                       "image": _frame_image(images_dir, frame, xml), "height": height, "width": width,
-                       "shapes": shapes})
+        path = _frame_image(images_dir, frame, xml)
+        _check_image_size(path, image_size, f"{xml}: frame {frame} (meta original_size)")
+        frames.append({"name": f"frame_{frame:06d}", "subset": default_subset, "image": path,
+                       "height": image_size[0], "width": image_size[1], "shapes": shapes})
     return frames
 
 

@@ -92,7 +92,8 @@ def draw_shape(mask: np.ndarray, shape: Shape, value: int, where: str) -> None:
     """Paint ``shape`` into ``mask`` (in place) with ``value``; parts outside the image are clipped.
 
     Raises:
-        ValueError: the shape reaches far outside the image, or a mask shape's box or runs are invalid.
+        ValueError: the shape reaches far outside the image, a mask shape's box leaves the image, or its runs are
+            invalid.
     """
     if shape.kind == "polygon":
         _check_extent(shape.points, mask, where)
@@ -108,15 +109,12 @@ def draw_shape(mask: np.ndarray, shape: Shape, value: int, where: str) -> None:
                     value, thickness=-1)
     elif shape.kind == "mask":
         left, top, width, height = shape.mask_box
-        if width > mask.shape[1] or height > mask.shape[0]:
-            raise ValueError(f"{where}: mask box {width}x{height} (W x H) is larger than its {mask.shape[1]}x"
-                             f"{mask.shape[0]} image; CVAT mask boxes lie inside the image")
+        if left < 0 or top < 0 or left + width > mask.shape[1] or top + height > mask.shape[0]:
+            raise ValueError(f"{where}: mask box left={left} top={top} width={width} height={height} leaves its "
+                             f"{mask.shape[1]}x{mask.shape[0]} (W x H) image; CVAT mask boxes lie inside the image")
         region = decode_rle(shape.rle, width, height, where)
-        x0, y0 = max(left, 0), max(top, 0)
-        x1, y1 = min(left + width, mask.shape[1]), min(top + height, mask.shape[0])
-        if x1 > x0 and y1 > y0:
-            window = mask[y0:y1, x0:x1]
-            window[region[y0 - top : y1 - top, x0 - left : x1 - left]] = value
+        window = mask[top : top + height, left : left + width]
+        window[region] = value
     else:
         raise ValueError(f"{where}: cannot rasterise a {shape.kind!r} shape")
 

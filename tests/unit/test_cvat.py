@@ -183,7 +183,7 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[Path, type, str]:
         return raw, ValueError, "escapes"
     if case == "size_mismatch":
         make_export(raw, ok_image, {"a.png": (8, 9)})
-        return raw, ValueError, "a.png: mask is 8x8"
+        return raw, ValueError, r"image 'a.png': declared width x height = 8x8 but .*a.png is 9x8 \(W x H"
     if case == "unknown_subset":
         make_export(raw, ok_image.replace('height="8"', 'height="8" subset="holdout"'), {"a.png": (8, 8)})
         return raw, ValueError, "subset 'holdout'"
@@ -231,3 +231,33 @@ def test_copied_sample_matches_shared(shared_data):
     shared = shared_data / "cvat_sample" / "raw"
     for path in sorted(p for p in shared.rglob("*") if p.is_file()):
         assert (SAMPLE / path.relative_to(shared)).read_bytes() == path.read_bytes()
+
+
+def test_declared_size_checked_against_the_image_header(tmp_path):
+    # A 4x4 mask on a 16x16 image declared 8x8 drew onto the declared mask; only preprocess noticed the mismatch.
+    body = ('<image id="0" name="a.png" width="8" height="8"><mask label="car" rle="0, 16" left="0" top="0" '
+            'width="4" height="4"/></image>')
+    with pytest.raises(ValueError, match=r"annotations\.xml: image 'a\.png': declared width x height = 8x8 but "
+                                         r".*a\.png is 16x16 \(W x H, from its header\)"):
+        read_cvat(make_export(tmp_path / "img", body, {"a.png": (16, 16)}))
+    meta = f"""<meta><task><name>v</name><size>2</size>
+<original_size><width>40</width><height>20</height></original_size>{LABELS}</task></meta>"""
+    body = '<track id="0" label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>'
+    images = {"frame_000000.png": (20, 40), "frame_000001.jpg": (20, 41)}
+    with pytest.raises(ValueError, match=r"annotations\.xml: frame 1 \(meta original_size\): declared width x "
+                                         r"height = 40x20 but .*frame_000001\.jpg is 41x20"):
+        read_cvat(make_export(tmp_path / "video", body, images, meta=meta))
+
+
+@pytest.mark.parametrize(("box", "attribute"), [('left="6" top="0" width="4" height="2"', "width"),
+                                                ('left="-2" top="0" width="2" height="2"', "left"),
+                                                ('left="0" top="7" width="2" height="2"', "height"),
+                                                ('left="0" top="9" width="0" height="0"', "top")])
+def test_mask_box_must_lie_inside_the_image(tmp_path, box, attribute):
+    # Boxes partly outside were clipped silently; the runs over them were decoded at whatever size was declared.
+    body = f'<image id="0" name="a.png" width="8" height="8"><mask label="car" rle="0, 8" {box}/></image>'
+    raw = make_export(tmp_path, body, {"a.png": (8, 8)})
+    with pytest.raises(ValueError, match=rf"annotations\.xml: image 'a\.png': mask 'car': {attribute} must be an "
+                                         r"integer in \[0, \d+\], found '-?\d+' \(the mask box must lie inside the "
+                                         r"8x8 \(W x H\) image\)"):
+        read_cvat(raw)

@@ -125,3 +125,41 @@ def test_unreadable_headers_name_the_file(tmp_path, data, message):
         read_image_size(path)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         read_image_size(tmp_path / "missing.png")
+
+
+def write_cvat(root: Path, declared: int, runs: str) -> Path:
+    """A CVAT export of one black 8 x 8 PNG declared ``declared`` x ``declared``, with one mask over that box."""
+    (root / "cvat").mkdir(parents=True)
+    (root / "images").mkdir()
+    cv2.imwrite(str(root / "images" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    labels = "<labels><label><name>car</name></label></labels>"
+    (root / "cvat" / "annotations.xml").write_text(
+        f'<?xml version="1.0"?><annotations><version>1.1</version><meta><task><name>t</name>{labels}</task></meta>'
+        f'<image id="0" name="a.png" width="{declared}" height="{declared}"><mask label="car" rle="{runs}" left="0" '
+        f'top="0" width="{declared}" height="{declared}"/></image></annotations>')
+    return root
+
+
+CVAT_CHILD = """
+from segmentation.data.cvat import read_cvat
+try:
+    for sample in read_cvat({raw!r}, val_fraction=0.0)[1]:
+        sample.build_mask()
+    print("ACCEPTED")
+except ValueError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_cvat_declared_size_refused_with_little_memory(tmp_path):
+    valid = write_cvat(tmp_path / "valid", 8, "0, 64")
+    # A 40-byte RLE declaring a 32768 x 32768 image and mask on an 8 x 8 PNG: the mask, then the decoded runs,
+    # took ~2 GiB before the mismatch with the image was noticed.
+    bad = write_cvat(tmp_path / "bad", 32768, f"0, {32768 * 32768}")
+    peaks = peak_memory_mb(tmp_path, {"valid": CVAT_CHILD.format(raw=str(valid)),
+                                      "refused": CVAT_CHILD.format(raw=str(bad))})
+    print(f"cvat peak RSS: valid {peaks['valid'][0]:.0f} MB, refused {peaks['refused'][0]:.0f} MB")
+    assert peaks["refused"][0] < peaks["valid"][0] + MARGIN_MB
+    assert peaks["valid"][1] == "ACCEPTED"
+    assert peaks["refused"][1].startswith("REFUSED ") and "annotations.xml: image 'a.png': declared width x height " \
+        "= 32768x32768 but" in peaks["refused"][1] and "a.png is 8x8" in peaks["refused"][1]
