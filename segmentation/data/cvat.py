@@ -177,25 +177,35 @@ def _check_label(element: Element, declared: set[str], path: Path, where: str) -
                          f"(declared: {sorted(declared)})")
 
 
-def _image_path(images_dir: Path, subset: str, name: str, xml: Path) -> Path:
+def _inside(path: Path, raw_dir: Path, where: str) -> Path:
+    """``path``, once it is known to resolve inside ``raw_dir``: a symlink must not pull in files from elsewhere."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(raw_dir.resolve()):
+        raise ValueError(f"{where}{path} resolves to {resolved}, outside raw_dir {raw_dir}; the files of an export "
+                         "(and the targets of symlinks in it) must lie inside raw_dir")
+    return path
+
+
+def _image_path(raw_dir: Path, subset: str, name: str, xml: Path) -> Path:
+    images_dir = raw_dir / "images"
     if not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise ValueError(f"{xml}: image name {name!r} escapes {images_dir}; names must be relative, without '..'")
     candidates = ([images_dir / subset / name] if subset else []) + [images_dir / name]
     for candidate in candidates:
         if candidate.is_file():
-            return candidate
+            return _inside(candidate, raw_dir, f"{xml}: image {name!r}: ")
     raise FileNotFoundError(f"{xml}: image {name!r} (subset {subset!r}) is listed but missing on disk; looked "
                             f"for {', '.join(str(c) for c in candidates)}")
 
 
-def _frame_image(images_dir: Path, frame: int, xml: Path) -> Path:
-    found = sorted(images_dir.glob(f"frame_{frame:06d}.*"))
+def _frame_image(raw_dir: Path, frame: int, xml: Path) -> Path:
+    found = sorted((raw_dir / "images").glob(f"frame_{frame:06d}.*"))
     if not found:
-        raise FileNotFoundError(f"{xml}: frame {frame} has no image {images_dir}/frame_{frame:06d}.<ext>")
-    return found[0]
+        raise FileNotFoundError(f"{xml}: frame {frame} has no image {raw_dir / 'images'}/frame_{frame:06d}.<ext>")
+    return _inside(found[0], raw_dir, f"{xml}: frame {frame}: ")
 
 
-def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skipped: Counter) -> list[dict]:
+def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped: Counter) -> list[dict]:
     """Frames of one XML file: ``{name, subset, image, height, width, shapes}`` dicts in document order."""
     task_subsets = {t.findtext("id"): (t.findtext("subset") or "") for t in root.findall("meta/project/tasks/task")}
     default_subset = root.findtext("meta/task/subset") or ""
@@ -204,7 +214,7 @@ def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skip
         name, where = image.attrib.get("name", ""), f"image {image.attrib.get('name')!r}"
         subset = image.attrib.get("subset", task_subsets.get(image.attrib.get("task_id"), default_subset))
         image_size = _image_size(image.attrib.get("width"), image.attrib.get("height"), f"{xml}: {where}")
-        path = _image_path(images_dir, subset, name, xml)
+        path = _image_path(raw_dir, subset, name, xml)
         _check_image_size(path, image_size, f"{xml}: {where}")
         shapes = []
         for element in image:
@@ -249,7 +259,7 @@ def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skip
     last = max((s.frame for states in parsed for s in states), default=-1)
     for frame in range(last + 1 if num_frames is None else num_frames):
         shapes = [s for states in parsed if (s := shape_at(states, frame)) is not None]
-        path = _frame_image(images_dir, frame, xml)
+        path = _frame_image(raw_dir, frame, xml)
         _check_image_size(path, image_size, f"{xml}: frame {frame} (meta original_size)")
         frames.append({"name": f"frame_{frame:06d}", "subset": default_subset, "image": path,
                        "height": image_size[0], "width": image_size[1], "shapes": shapes})
@@ -261,20 +271,21 @@ def read_cvat(raw_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
 
     Raises:
         FileNotFoundError: no XML, or an image listed in the XML is missing.
-        ValueError: malformed or unsafe XML, undeclared labels, bad geometry, names escaping ``raw_dir``,
+        ValueError: malformed or unsafe XML, undeclared labels, bad geometry, declared sizes that differ from the
+            image, names escaping ``raw_dir``, files (XML or images) resolving outside ``raw_dir`` through symlinks,
             unknown subset names; each message names the XML file.
     """
     raw_dir = Path(raw_dir)
     xml_files = sorted((raw_dir / "cvat").glob("*.xml"))
     if not xml_files:
         raise FileNotFoundError(f"{raw_dir}: no CVAT export found; expected XML files in {raw_dir / 'cvat'}")
-    roots = [(xml, parse_xml(xml)) for xml in xml_files]
+    roots = [(xml, parse_xml(_inside(xml, raw_dir, ""))) for xml in xml_files]
     labels = [label for xml, root in roots for label in parse_labels(root, xml)]
     labels = [label for i, label in enumerate(labels) if label[0] not in [n for n, _ in labels[:i]]]
     classes = build_classes(labels)
     label_ids = {name: classes.names.index(name) if name in classes.names else 0 for name, _ in labels}
     skipped: Counter = Counter()
-    frames = [(xml, f) for xml, root in roots for f in _frames(root, xml, raw_dir / "images", set(label_ids), skipped)]
+    frames = [(xml, f) for xml, root in roots for f in _frames(root, xml, raw_dir, set(label_ids), skipped)]
     if skipped:
         logger.info("CVAT: skipped shapes without an area: %s", dict(sorted(skipped.items())))
     keyed = {}

@@ -261,3 +261,55 @@ def test_mask_box_must_lie_inside_the_image(tmp_path, box, attribute):
                                          r"integer in \[0, \d+\], found '-?\d+' \(the mask box must lie inside the "
                                          r"8x8 \(W x H\) image\)"):
         read_cvat(raw)
+
+
+@pytest.mark.parametrize("link", ["image", "subset_folder", "images_folder", "video_frame", "xml"])
+def test_symlinks_resolving_outside_raw_dir_are_refused(tmp_path, link):
+    # A link to a file outside raw_dir was accepted, and preprocess hard-linked its target into out_dir.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cv2.imwrite(str(outside / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    raw = tmp_path / "raw"
+    body = '<image id="0" name="a.png" width="8" height="8"><box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/></image>'
+    if link == "video_frame":
+        meta = f"""<meta><task><name>v</name><size>1</size>
+<original_size><width>8</width><height>8</height></original_size>{LABELS}</task></meta>"""
+        body = '<track id="0" label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>'
+        make_export(raw, body, {}, meta=meta)
+        (raw / "images").mkdir()
+        (raw / "images" / "frame_000000.png").symlink_to(outside / "a.png")
+        message = r"annotations\.xml: frame 0: .*frame_000000\.png resolves to .*outside/a\.png, outside raw_dir"
+    elif link == "image":
+        make_export(raw, body, {})
+        (raw / "images").mkdir()
+        (raw / "images" / "a.png").symlink_to(outside / "a.png")
+        message = r"annotations\.xml: image 'a\.png': .*images/a\.png resolves to .*outside/a\.png, outside raw_dir"
+    elif link == "subset_folder":
+        make_export(raw, body.replace('height="8"', 'height="8" subset="Train"'), {})
+        (raw / "images").mkdir()
+        (raw / "images" / "Train").symlink_to(outside, target_is_directory=True)
+        message = r"annotations\.xml: image 'a\.png': .*/Train/a\.png resolves to .*outside/a\.png, outside raw_dir"
+    elif link == "images_folder":
+        make_export(raw, body, {})
+        (raw / "images").symlink_to(outside, target_is_directory=True)
+        message = r"annotations\.xml: image 'a\.png': .*images/a\.png resolves to .*outside/a\.png, outside raw_dir"
+    else:
+        make_export(outside, body, {})
+        (raw / "cvat").mkdir(parents=True)
+        (raw / "cvat" / "annotations.xml").symlink_to(outside / "cvat" / "annotations.xml")
+        (raw / "images").mkdir()
+        cv2.imwrite(str(raw / "images" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+        message = r"raw/cvat/annotations\.xml resolves to .*outside/cvat/annotations\.xml, outside raw_dir"
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run_preprocess("cvat", raw, out)
+    assert not (out / "images").exists()
+
+
+def test_symlinks_inside_raw_dir_are_followed(tmp_path):
+    body = '<image id="0" name="a.png" width="8" height="8"><box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/></image>'
+    raw = make_export(tmp_path / "raw", body, {"store/a.png": (8, 8)})
+    (raw / "images" / "a.png").symlink_to(raw / "images" / "store" / "a.png")
+    df = pd.read_parquet(run_preprocess("cvat", raw, tmp_path / "out", val_fraction=0.0))
+    assert list(df["image"]) == ["images/default/a.png"]
+    assert (tmp_path / "out" / "images/default/a.png").read_bytes() == (raw / "images/store/a.png").read_bytes()
