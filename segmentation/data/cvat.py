@@ -92,19 +92,32 @@ def build_classes(labels: list[tuple[str, tuple[int, int, int] | None]]) -> Clas
     return ClassInfo(tuple(names), tuple(colors))
 
 
+def _required(element: Element, name: str, where: str) -> str:
+    value = element.attrib.get(name)
+    if value is None:
+        raise ValueError(f"{where}: attribute {name} is missing")
+    return value
+
+
 def _floats(element: Element, names: tuple[str, ...], where: str) -> list[float]:
-    try:
-        values = [float(element.attrib.get(n, "0" if n == "rotation" else "")) for n in names]
-    except ValueError:
-        values = [math.nan]
-    if not all(math.isfinite(v) for v in values):
-        found = {n: element.attrib.get(n) for n in names}
-        raise ValueError(f"{where}: {element.tag} needs finite numeric attributes {list(names)}, found {found}")
+    """The attributes ``names`` as finite floats; ``rotation`` may be absent (0)."""
+    values = []
+    for name in names:
+        text = element.attrib.get(name, "0") if name == "rotation" else _required(element, name, where)
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: attribute {name}={text!r} must be a finite number")
+        values.append(value)
     return values
 
 
 def _int(text: str | None, what: str, where: str, low: int, high: int, why: str = "") -> int:
     """``text`` as an integer in ``[low, high]`` (``"3.0"`` is accepted, as some exporters write it)."""
+    if text is None:
+        raise ValueError(f"{where}: attribute {what} is missing (expected an integer in [{low}, {high}])")
     try:
         value = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -138,17 +151,17 @@ def parse_shape(element: Element, order: int, where: str, image_size: tuple[int,
 
     ``image_size`` is the image's ``(height, width)``: a mask's ``left/top/width/height`` box must lie inside it.
     """
-    kind, label = element.tag, element.attrib.get("label", "")
+    kind, label = element.tag, _required(element, "label", f"{where}: {element.tag}")
     where = f"{where}: {kind} {label!r}"
     z_order = _int(element.attrib.get("z_order", "0"), "z_order", where, -(2**31), 2**31 - 1)
     if kind == "polygon":
+        text = _required(element, "points", where)
         try:
-            points = np.array([[float(v) for v in p.split(",")] for p in element.attrib["points"].split(";")])
-        except (KeyError, ValueError):
+            points = np.array([[float(v) for v in p.split(",")] for p in text.split(";")])
+        except ValueError:
             points = np.zeros(0)
         if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
-            raise ValueError(f"{where}: points must be >= 3 finite 'x,y' pairs joined by ';', found "
-                             f"{element.attrib.get('points')!r}")
+            raise ValueError(f"{where}: points must be >= 3 finite 'x,y' pairs joined by ';', found {text!r}")
         return Shape(kind, label, z_order, order, points=points)
     if kind == "box":
         return Shape(kind, label, z_order, order, box=tuple(_floats(element, ("xtl", "ytl", "xbr", "ybr", "rotation"),
@@ -163,15 +176,16 @@ def parse_shape(element: Element, order: int, where: str, image_size: tuple[int,
     top = _int(element.attrib.get("top"), "top", where, 0, image_height, inside)
     width = _int(element.attrib.get("width"), "width", where, 0, image_width - left, inside)
     height = _int(element.attrib.get("height"), "height", where, 0, image_height - top, inside)
+    text = _required(element, "rle", where)
     try:
-        rle = tuple(int(v) for v in element.attrib["rle"].split(","))
-    except (KeyError, ValueError):
-        raise ValueError(f"{where}: rle must be comma-separated counts, found {element.attrib.get('rle')!r}") from None
+        rle = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{where}: rle must be comma-separated counts, found {text!r}") from None
     return Shape(kind, label, z_order, order, rle=rle, mask_box=(left, top, width, height))
 
 
 def _check_label(element: Element, declared: set[str], path: Path, where: str) -> None:
-    label = element.attrib.get("label", "")
+    label = _required(element, "label", f"{path}: {where}: {element.tag}")
     if element.tag != "tag" and label not in declared:  # CVAT allows tags with undeclared labels
         raise ValueError(f"{path}: {where}: {element.tag} uses label {label!r}, which meta does not declare "
                          f"(declared: {sorted(declared)})")
@@ -210,8 +224,9 @@ def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped
     task_subsets = {t.findtext("id"): (t.findtext("subset") or "") for t in root.findall("meta/project/tasks/task")}
     default_subset = root.findtext("meta/task/subset") or ""
     frames, order = [], 0
-    for image in root.iter("image"):
-        name, where = image.attrib.get("name", ""), f"image {image.attrib.get('name')!r}"
+    for index, image in enumerate(root.iter("image")):
+        name = _required(image, "name", f"{xml}: <image> element {index} (id {image.attrib.get('id')!r})")
+        where = f"image {name!r}"
         subset = image.attrib.get("subset", task_subsets.get(image.attrib.get("task_id"), default_subset))
         image_size = _image_size(image.attrib.get("width"), image.attrib.get("height"), f"{xml}: {where}")
         path = _image_path(raw_dir, subset, name, xml)
@@ -242,18 +257,22 @@ def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped
     # Frame numbers only bound the loop below, which stops at the first frame without an image.
     num_frames = _int(size, "meta size (frame count)", str(xml), 0, 10**9) if size else None
     parsed = []
-    for track in tracks:
-        where = f"track {track.attrib.get('id')!r}"
-        label, states = track.attrib.get("label", ""), []
+    for index, track in enumerate(tracks):
+        where = f"track {_required(track, 'id', f'{xml}: <track> element {index}')!r}"
+        label, states = _required(track, "label", f"{xml}: {where}"), []
         for element in track:
             element.attrib.setdefault("label", label)
             _check_label(element, declared, xml, where)
             if element.tag not in AREA_SHAPES:
                 skipped[element.tag] += 1
                 continue
-            frame = _int(element.attrib.get("frame"), "frame", f"{xml}: {where}", 0, 10**9)
-            states.append(TrackShape(frame, element.attrib.get("outside") == "1",
-                                     parse_shape(element, order, f"{xml}: {where}", image_size)))
+            shape_where = f"{xml}: {where}: {element.tag} {element.attrib['label']!r}"
+            frame = _int(element.attrib.get("frame"), "frame", shape_where, 0, 10**9)
+            outside = element.attrib.get("outside", "0")  # CVAT always writes it; absent means visible
+            if outside not in ("0", "1"):
+                raise ValueError(f"{shape_where}: attribute outside={outside!r} must be 0 or 1")
+            shape = parse_shape(element, order, f"{xml}: {where}", image_size)
+            states.append(TrackShape(frame, outside == "1", shape))
             order += 1
         parsed.append(states)
     last = max((s.frame for states in parsed for s in states), default=-1)

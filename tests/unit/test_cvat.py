@@ -313,3 +313,55 @@ def test_symlinks_inside_raw_dir_are_followed(tmp_path):
     df = pd.read_parquet(run_preprocess("cvat", raw, tmp_path / "out", val_fraction=0.0))
     assert list(df["image"]) == ["images/default/a.png"]
     assert (tmp_path / "out" / "images/default/a.png").read_bytes() == (raw / "images/store/a.png").read_bytes()
+
+
+BOX = '<box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/>'
+MALFORMED_VALUES = {
+    "box_not_numeric": (BOX.replace('xtl="1"', 'xtl="abc"'), r"image 'a\.png': box 'car': attribute xtl='abc' must be "
+                        r"a finite number"),
+    "box_missing": (BOX.replace(' ybr="3"', ""), r"image 'a\.png': box 'car': attribute ybr is missing"),
+    "ellipse_infinite": ('<ellipse label="car" cx="1e400" cy="3" rx="1" ry="1"/>',
+                         r"image 'a\.png': ellipse 'car': attribute cx='1e400' must be a finite number"),
+    "mask_missing_left": ('<mask label="car" rle="0, 4" top="0" width="2" height="2"/>',
+                          r"image 'a\.png': mask 'car': attribute left is missing"),
+    "mask_missing_rle": ('<mask label="car" left="0" top="0" width="2" height="2"/>',
+                         r"image 'a\.png': mask 'car': attribute rle is missing"),
+    "polygon_missing_points": ('<polygon label="car"/>',
+                               r"image 'a\.png': polygon 'car': attribute points is missing"),
+    "shape_without_label": (BOX.replace(' label="car"', ""), r"image 'a\.png': box: attribute label is missing"),
+    "image_without_width": ("", r"image 'a\.png': attribute width is missing"),
+    "image_without_name": ("", r"<image> element 0 \(id '0'\): attribute name is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_VALUES))
+def test_malformed_image_values_name_file_element_and_attribute(tmp_path, case):
+    shape, message = MALFORMED_VALUES[case]
+    image = f'<image id="0" name="a.png" width="8" height="8">{shape}</image>'
+    if case == "image_without_width":
+        image = image.replace(' width="8"', "")
+    elif case == "image_without_name":
+        image = image.replace(' name="a.png"', "")
+    raw = make_export(tmp_path, image, {"a.png": (8, 8)})
+    with pytest.raises(ValueError, match=r"annotations\.xml: " + message):
+        read_cvat(raw)
+
+
+@pytest.mark.parametrize(("track", "message"), [
+    ('<track id="0" label="car"><box outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+     r"track '0': box 'car': attribute frame is missing"),
+    ('<track id="0" label="car"><box frame="0" outside="yes" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+     r"track '0': box 'car': attribute outside='yes' must be 0 or 1"),
+    ('<track id="3" label="car"><polygon frame="0" outside="0" points="0,0;4,0;x,4"/></track>',
+     r"track '3': polygon 'car': points must be >= 3 finite 'x,y' pairs"),
+    ('<track id="0"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+     r"track '0': attribute label is missing"),
+    ('<track label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+     r"<track> element 0: attribute id is missing"),
+], ids=["frame_missing", "outside_not_binary", "points_not_numeric", "label_missing", "id_missing"])
+def test_malformed_track_values_name_file_element_and_attribute(tmp_path, track, message):
+    meta = f"""<meta><task><name>v</name><size>1</size>
+<original_size><width>8</width><height>8</height></original_size>{LABELS}</task></meta>"""
+    raw = make_export(tmp_path, track, {"frame_000000.png": (8, 8)}, meta=meta)
+    with pytest.raises(ValueError, match=r"annotations\.xml: " + message):
+        read_cvat(raw)
