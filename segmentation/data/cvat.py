@@ -167,8 +167,12 @@ def parse_shape(element: Element, order: int, where: str, image_size: tuple[int,
         return Shape(kind, label, z_order, order, box=tuple(_floats(element, ("xtl", "ytl", "xbr", "ybr", "rotation"),
                                                                      where)))
     if kind == "ellipse":
+        # CVAT 1.1 writes the radii: rx = right - cx, ry = cy - top (not the coordinates of those points).
         cx, cy, rx, ry, rotation = _floats(element, ("cx", "cy", "rx", "ry", "rotation"), where)
-        return Shape(kind, label, z_order, order, box=(cx, cy, abs(rx - cx), abs(ry - cy), rotation))
+        for name, radius in (("rx", rx), ("ry", ry)):
+            if radius < 0:
+                raise ValueError(f"{where}: attribute {name}={element.attrib[name]!r} must be a radius >= 0")
+        return Shape(kind, label, z_order, order, box=(cx, cy, rx, ry, rotation))
     # CVAT writes mask boxes inside the image; bounding them here bounds the runs decoded into them.
     image_height, image_width = image_size
     inside = f"the mask box must lie inside the {image_width}x{image_height} (W x H) image"

@@ -365,3 +365,37 @@ def test_malformed_track_values_name_file_element_and_attribute(tmp_path, track,
     raw = make_export(tmp_path, track, {"frame_000000.png": (8, 8)}, meta=meta)
     with pytest.raises(ValueError, match=r"annotations\.xml: " + message):
         read_cvat(raw)
+
+
+# Reference counts of pixel centres inside the ellipse, by hand: a radius-5 circle holds the 81 lattice points with
+# x^2 + y^2 <= 25; for rx=8, ry=3 the rows y = 0, +-1, +-2, +-3 hold 17, 2 x 15, 2 x 11 and 2 x 1 = 71.
+@pytest.mark.parametrize(("attrs", "count", "rows", "cols"), [
+    ('cx="20" cy="20" rx="5" ry="5"', 81, (15, 25), (15, 25)),
+    ('cx="20" cy="20" rx="8" ry="3"', 71, (17, 23), (12, 28)),
+    ('cx="20" cy="20" rx="8" ry="3" rotation="90"', 71, (12, 28), (17, 23)),
+    ('cx="20.00" cy="20.00" rx="5.00" ry="5.00" rotation="0.00"', 81, (15, 25), (15, 25)),  # as CVAT writes them
+])
+def test_ellipse_rx_ry_are_radii(tmp_path, attrs, count, rows, cols):
+    # CVAT 1.1 writes rx = right - cx and ry = cy - top (cvat-ai/cvat, cvat/apps/dataset_manager/formats/cvat.py):
+    # radii, not coordinates. Read as |rx - cx|, a radius-5 circle at (20, 20) labelled ~700 pixels instead of ~80.
+    body = f'<image id="0" name="e.png" width="40" height="40"><ellipse label="car" {attrs}/></image>'
+    mask = masks_by_key(make_export(tmp_path, body, {"e.png": (40, 40)}), val_fraction=0.0)["default/e"]
+    ys, xs = np.nonzero(mask == 2)
+    assert len(ys) == count
+    assert (ys.min(), ys.max()) == rows and (xs.min(), xs.max()) == cols
+
+
+def test_ellipse_rotation_is_clockwise(tmp_path):
+    # Turned 45 degrees clockwise on screen (y down), the long axis runs from top-left to bottom-right.
+    body = ('<image id="0" name="e.png" width="40" height="40">'
+            '<ellipse label="car" cx="20" cy="20" rx="8" ry="1" rotation="45"/></image>')
+    mask = masks_by_key(make_export(tmp_path, body, {"e.png": (40, 40)}), val_fraction=0.0)["default/e"]
+    assert mask[24, 24] == 2 and mask[16, 16] == 2 and mask[16, 24] == 0 and mask[24, 16] == 0
+
+
+def test_ellipse_negative_radius_is_refused(tmp_path):
+    body = ('<image id="0" name="e.png" width="40" height="40">'
+            '<ellipse label="car" cx="20" cy="20" rx="-5" ry="5"/></image>')
+    with pytest.raises(ValueError, match=r"annotations\.xml: image 'e\.png': ellipse 'car': attribute rx='-5' must "
+                                         r"be a radius >= 0"):
+        read_cvat(make_export(tmp_path, body, {"e.png": (40, 40)}))
