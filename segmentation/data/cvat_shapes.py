@@ -103,8 +103,9 @@ def _fill_ellipse(mask: np.ndarray, ellipse: tuple[float, ...], reach: float, va
     theta = math.radians(rotation)
     u = dx * math.cos(theta) + dy * math.sin(theta)
     v = dy * math.cos(theta) - dx * math.sin(theta)
-    # (u / rx)^2 + (v / ry)^2 <= 1 without dividing, so that a zero radius gives a line rather than NaN.
-    inside = (u * ry) ** 2 + (v * rx) ** 2 <= (rx * ry) ** 2
+    # (u / rx)^2 + (v / ry)^2 <= 1 without dividing; the bounds on |u| and |v| follow from it for non-zero radii
+    # and keep a zero radius to its segment (or a point) instead of NaN or the whole window.
+    inside = ((u * ry) ** 2 + (v * rx) ** 2 <= (rx * ry) ** 2) & (np.abs(u) <= rx) & (np.abs(v) <= ry)
     mask[y0 : y1 + 1, x0 : x1 + 1][inside] = value
 
 

@@ -385,6 +385,18 @@ def test_ellipse_rx_ry_are_radii(tmp_path, attrs, count, rows, cols):
     assert (ys.min(), ys.max()) == rows and (xs.min(), xs.max()) == cols
 
 
+@pytest.mark.parametrize(("attrs", "pixels"), [
+    ('cx="20" cy="20" rx="0" ry="0"', [(20, 20)]),
+    ('cx="20.5" cy="20.5" rx="0" ry="0"', []),  # no pixel centre on the point (the whole 2x2 window before)
+    ('cx="20" cy="20" rx="0" ry="2"', [(18, 20), (19, 20), (20, 20), (21, 20), (22, 20)]),
+    ('cx="20.5" cy="20" rx="0.5" ry="0"', [(20, 20), (20, 21)]),
+])
+def test_ellipse_with_a_zero_radius_labels_its_segment(tmp_path, attrs, pixels):
+    body = f'<image id="0" name="e.png" width="40" height="40"><ellipse label="car" {attrs}/></image>'
+    mask = masks_by_key(make_export(tmp_path, body, {"e.png": (40, 40)}), val_fraction=0.0)["default/e"]
+    assert [tuple(p) for p in np.argwhere(mask == 2)] == pixels
+
+
 def test_ellipse_rotation_is_clockwise(tmp_path):
     # Turned 45 degrees clockwise on screen (y down), the long axis runs from top-left to bottom-right.
     body = ('<image id="0" name="e.png" width="40" height="40">'
