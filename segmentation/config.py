@@ -11,6 +11,7 @@ The top-level sections keep the config groups of the pipeline this project repla
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,45 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Numeric bounds, checked when the config loads: a value outside them would fail (ZeroDivisionError, DataLoader or
+# NumPy errors) or silently mean something else only once the run has started. ``None``: no bound on that side.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.ignore_index": (0, 255),  # masks are uint8
+    "augmentation.crop_height": (1, None),
+    "augmentation.crop_width": (1, None),
+    "augmentation.val_height": (0, None),  # 0 = full resolution
+    "augmentation.val_width": (0, None),
+    "model.num_classes": (1, None),
+    "loss.min_k": (1, None),
+    "loss.threshold": (0, None),  # a per-pixel cross-entropy value, not a probability: values above 1 are valid
+    "loss.ignore_index": (0, 255),
+    "scheduler.warmup_steps": (0, None),
+    "train.epochs": (0, None),
+    "train.max_steps": (0, None),  # 0 = no cap
+    "train.batch_size": (1, None),
+    "train.grad_accum_steps": (1, None),
+    "train.val_every_n_steps": (1, None),  # step % n
+    "train.log_every_n_steps": (1, None),
+    "train.sanity_val_batches": (0, None),
+    "train.num_val_images_logged": (0, None),
+    "callbacks.checkpoint.top_k": (0, None),  # best checkpoints kept besides the last one
+    "callbacks.early_stopping.patience": (1, None),  # 0 would stop at the first validation
+    "eval.batch_size": (1, None),
+    "eval.sliding_window": (0, None),  # 0 = whole image
+    "eval.num_worst": (0, None),
+    "system.seed": (0, 2**32 - 1),  # NumPy's seed range
+    "system.num_workers": (0, None),
+}
+
+
+def _allowed(low: float | None, high: float | None) -> str:
+    if high is None:
+        return f">= {low}"
+    if low is None:
+        return f"<= {high}"
+    return f"in [{low}, {high}]"
+
+
 def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
     """All dotted leaf keys of the schema, e.g. ``train.batch_size``."""
     keys = []
@@ -201,17 +241,10 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"invalid value for '{key}': {value!r}; allowed: {', '.join(allowed)}")
-    positive = [
-        "train.batch_size",
-        "train.grad_accum_steps",
-        "model.num_classes",
-        "augmentation.crop_height",
-        "augmentation.crop_width",
-        "eval.batch_size",
-    ]
-    for key in positive:
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"invalid value for '{key}': {OmegaConf.select(cfg, key)}; it must be >= 1")
+    for key, (low, high) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if not (math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)):
+            raise ConfigError(f"invalid value for '{key}': {value!r}; allowed: {_allowed(low, high)}")
     if cfg.train.epochs < 1 and cfg.train.max_steps < 1:
         raise ConfigError("train.epochs and train.max_steps are both < 1: set at least one of them")
     if not 0 < cfg.augmentation.scale_min <= cfg.augmentation.scale_max:
@@ -233,7 +266,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] | str |
 
     Raises:
         FileNotFoundError: the YAML file does not exist.
-        ConfigError: unknown key, wrong type or a value outside its allowed set; the message lists valid keys.
+        ConfigError: unknown key, wrong type or a value outside its allowed set or range (:data:`RANGES`); the
+            message names the key, the value and what is allowed, or lists the valid keys.
     """
     cfg = OmegaConf.structured(Config)
     if path:

@@ -6,7 +6,8 @@ Each ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` is paired with ``gtFi
    (:mod:`segmentation.data.cityscapes_labels`; 19 classes, everything else 255);
 2. otherwise ``*_gtFine_polygons.json``, rasterised as cityscapesScripts' ``json2labelImg`` does: background
    ``unlabeled`` (id 0), objects drawn in file order (later on top), ``deleted`` objects skipped, ``<name>group``
-   mapped to ``<name>`` when ``<name>group`` itself is not a label, labels with a negative id skipped;
+   mapped to ``<name>`` when ``<name>group`` itself is not a label, labels with a negative id skipped. The declared
+   ``imgWidth``/``imgHeight`` must equal the image's size, read from its header before the label image is allocated;
 3. otherwise, for the ``test`` split only, the image is listed with an all-ignore (255) mask and ``labeled=False``
    (the public test labels are withheld). A ``train``/``val`` image without labels is an error.
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from segmentation.data.cityscapes_labels import MAX_LABEL_ID, NAME_TO_ID, id_to_train_id_lut
 from segmentation.data.classes import IGNORE_INDEX
+from segmentation.data.image_header import MAX_PIXELS, read_image_size
 from segmentation.data.samples import RawSample, read_image, read_label_png
 
 SPLITS = ("train", "val", "test")
@@ -43,22 +45,82 @@ def label_ids_to_train_ids(label_ids: np.ndarray, name: str | Path = "labelIds")
     return id_to_train_id_lut()[label_ids]
 
 
-def rasterize_polygons(annotation: dict, name: str | Path = "polygons") -> np.ndarray:
+def _excerpt(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _positive_int(annotation: dict, key: str, name: str | Path) -> int:
+    value = annotation.get(key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: {key} must be a positive integer (the image size in pixels), found {value!r}")
+    return value
+
+
+def _polygon(obj: dict, index: int, label: str, height: int, width: int, name: str | Path) -> np.ndarray:
+    """The object's polygon as an ``N x 2`` int32 array, checked before OpenCV sees it."""
+    where = f"{name}: object {index} ({label!r}): field 'polygon'"
+    polygon = obj.get("polygon")
+    if not isinstance(polygon, list) or len(polygon) < 3:
+        raise ValueError(f"{where} must be a list of >= 3 [x, y] points, found {_excerpt(polygon)}")
+    for point in polygon:
+        if not (isinstance(point, list) and len(point) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)):
+            raise ValueError(f"{where}: every point must be a list of two numbers [x, y], found {_excerpt(point)}")
+    points = np.asarray(polygon, dtype=np.float64)
+    # Annotators place vertices on or just beside the border. Far-away ones are refused: OpenCV's fill time
+    # grows with the polygon's extent (seconds at 10^9 px), and rounding beyond int32 would wrap around.
+    margin = max(height, width)
+    inside = ((points[:, 0] >= -margin) & (points[:, 0] <= width + margin) & (points[:, 1] >= -margin)
+              & (points[:, 1] <= height + margin))
+    if not inside.all():
+        x, y = points[~inside][0]
+        raise ValueError(f"{where}: point [{x:g}, {y:g}] lies outside the {width}x{height} (W x H) image by more "
+                         f"than {margin} px; coordinates must be within [-{margin}, {width + margin}] x "
+                         f"[-{margin}, {height + margin}]")
+    return np.rint(points).astype(np.int32)
+
+
+def rasterize_polygons(annotation: dict, name: str | Path = "polygons",
+                       image_size: tuple[int, int] | None = None) -> np.ndarray:
     """Draw a ``*_gtFine_polygons.json`` annotation into an ``H x W`` uint8 image of Cityscapes label ids.
 
+    Args:
+        annotation: the parsed JSON (``imgHeight``, ``imgWidth``, ``objects``).
+        name: the file, named in error messages.
+        image_size: ``(height, width)`` of the real image; when given, the declared size must equal it. It is
+            compared before anything of the declared size is allocated.
+
     Raises:
-        ValueError: a field is missing or an object names a label that the official table does not know.
+        ValueError: a field is missing or has the wrong type, the declared size differs from ``image_size``, a
+            polygon lies far outside the image, or an object names a label that the official table does not know.
+            The message names the file, the object index and the field.
     """
-    try:
-        height, width = int(annotation["imgHeight"]), int(annotation["imgWidth"])
-        objects = annotation["objects"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: expected keys imgHeight, imgWidth and objects ({exc!r})") from None
+    if not isinstance(annotation, dict):
+        raise ValueError(f"{name}: expected a JSON object with imgHeight, imgWidth and objects, "
+                         f"found {type(annotation).__name__}")
+    height, width = _positive_int(annotation, "imgHeight", name), _positive_int(annotation, "imgWidth", name)
+    if image_size is not None and (height, width) != tuple(image_size):
+        raise ValueError(f"{name}: declared imgWidth x imgHeight = {width}x{height} but the image is "
+                         f"{image_size[1]}x{image_size[0]} (W x H); the polygons must declare the image's size")
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"{name}: declared imgWidth x imgHeight = {width}x{height} exceeds the {MAX_PIXELS} pixels "
+                         "allowed (OpenCV's image limit)")
+    objects = annotation.get("objects")
+    if not isinstance(objects, list):
+        raise ValueError(f"{name}: field 'objects' must be a list of objects, found {_excerpt(objects)}")
     label_ids = np.full((height, width), NAME_TO_ID["unlabeled"], dtype=np.uint8)
     for index, obj in enumerate(objects):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{name}: object {index} must be a JSON object with label and polygon, "
+                             f"found {_excerpt(obj)}")
         if obj.get("deleted"):
             continue
-        label = obj.get("label", "")
+        label = obj.get("label")
+        if not isinstance(label, str):
+            raise ValueError(f"{name}: object {index}: field 'label' must be a string, found {_excerpt(label)}")
         # Crowd regions are annotated as e.g. "cargroup"; the official tool draws them with the base label.
         if label not in NAME_TO_ID and label.endswith("group"):
             label = label[: -len("group")]
@@ -67,10 +129,7 @@ def rasterize_polygons(annotation: dict, name: str | Path = "polygons") -> np.nd
         label_id = NAME_TO_ID[label]
         if label_id < 0:  # license plate: not part of the label images
             continue
-        points = np.rint(np.asarray(obj.get("polygon", []), dtype=np.float64)).astype(np.int32)
-        if points.ndim != 2 or points.shape[0] < 3 or points.shape[1] != 2:
-            raise ValueError(f"{name}: object {index} ({label}) needs a polygon of >= 3 [x, y] points")
-        cv2.fillPoly(label_ids, [points], int(label_id))
+        cv2.fillPoly(label_ids, [_polygon(obj, index, label, height, width, name)], int(label_id))
     return label_ids
 
 
@@ -78,12 +137,12 @@ def _mask_from_label_ids(path: Path) -> np.ndarray:
     return label_ids_to_train_ids(read_label_png(path), path)
 
 
-def _mask_from_polygons(path: Path) -> np.ndarray:
+def _mask_from_polygons(path: Path, image_path: Path) -> np.ndarray:
     try:
         annotation = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return label_ids_to_train_ids(rasterize_polygons(annotation, path), path)
+    return label_ids_to_train_ids(rasterize_polygons(annotation, path, read_image_size(image_path)), path)
 
 
 def _empty_mask(image_path: Path) -> np.ndarray:
@@ -116,7 +175,7 @@ def iter_cityscapes(raw_dir: str | Path) -> Iterator[RawSample]:
         if label_ids.is_file():
             build = partial(_mask_from_label_ids, label_ids)
         elif polygons.is_file():
-            build = partial(_mask_from_polygons, polygons)
+            build = partial(_mask_from_polygons, polygons, image_path)
         elif split == "test":
             build, labeled = partial(_empty_mask, image_path), False
         else:

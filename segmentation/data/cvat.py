@@ -10,6 +10,8 @@ or ``images/<subset>/<name>``; for videos ``images/frame_000000.<ext>``, as CVAT
 * Splits: a subset named train/training -> ``train``, val/valid/validation -> ``val``, test/testing -> ``test``
   (case-insensitive); images without a subset (or subset ``default``) get a seeded ``val_fraction`` split;
   any other subset name is an error.
+* Sizes: the declared size (``<image width height>``, or ``meta/.../original_size`` for videos) must equal the
+  image's, read from its header before any mask is allocated; a ``<mask>`` box must lie inside the image.
 * XML is parsed with ``defusedxml``: DTD entities and external references are refused.
 """
 
@@ -30,7 +32,8 @@ import numpy as np
 from defusedxml import DefusedXmlException
 
 from segmentation.data.classes import ClassInfo
-from segmentation.data.cvat_shapes import AREA_SHAPES, MAX_PIXELS, MAX_SIDE, Shape, TrackShape, rasterize, shape_at
+from segmentation.data.cvat_shapes import AREA_SHAPES, Shape, TrackShape, rasterize, shape_at
+from segmentation.data.image_header import MAX_PIXELS, MAX_SIDE, read_image_size
 from segmentation.data.samples import RawSample, read_image, seeded_split
 
 logger = logging.getLogger(__name__)
@@ -89,25 +92,39 @@ def build_classes(labels: list[tuple[str, tuple[int, int, int] | None]]) -> Clas
     return ClassInfo(tuple(names), tuple(colors))
 
 
+def _required(element: Element, name: str, where: str) -> str:
+    value = element.attrib.get(name)
+    if value is None:
+        raise ValueError(f"{where}: attribute {name} is missing")
+    return value
+
+
 def _floats(element: Element, names: tuple[str, ...], where: str) -> list[float]:
-    try:
-        values = [float(element.attrib.get(n, "0" if n == "rotation" else "")) for n in names]
-    except ValueError:
-        values = [math.nan]
-    if not all(math.isfinite(v) for v in values):
-        found = {n: element.attrib.get(n) for n in names}
-        raise ValueError(f"{where}: {element.tag} needs finite numeric attributes {list(names)}, found {found}")
+    """The attributes ``names`` as finite floats; ``rotation`` may be absent (0)."""
+    values = []
+    for name in names:
+        text = element.attrib.get(name, "0") if name == "rotation" else _required(element, name, where)
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: attribute {name}={text!r} must be a finite number")
+        values.append(value)
     return values
 
 
-def _int(text: str | None, what: str, where: str, low: int, high: int) -> int:
+def _int(text: str | None, what: str, where: str, low: int, high: int, why: str = "") -> int:
     """``text`` as an integer in ``[low, high]`` (``"3.0"`` is accepted, as some exporters write it)."""
+    if text is None:
+        raise ValueError(f"{where}: attribute {what} is missing (expected an integer in [{low}, {high}])")
     try:
         value = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         value = math.nan
     if not (math.isfinite(value) and value.is_integer() and low <= value <= high):
-        raise ValueError(f"{where}: {what} must be an integer in [{low}, {high}], found {text!r}")
+        raise ValueError(f"{where}: {what} must be an integer in [{low}, {high}], found {text!r}"
+                         + (f" ({why})" if why else ""))
     return int(value)
 
 
@@ -121,81 +138,115 @@ def _image_size(width: str | None, height: str | None, where: str) -> tuple[int,
     return h, w
 
 
-def parse_shape(element: Element, order: int, where: str) -> Shape:
-    """One area shape element (``polygon``, ``box``, ``ellipse``, ``mask``) as a :class:`Shape`."""
-    kind, label = element.tag, element.attrib.get("label", "")
+def _check_image_size(image: Path, size: tuple[int, int], where: str) -> None:
+    """Refuse a declared ``(height, width)`` that differs from the image's header, before any mask is allocated."""
+    real = read_image_size(image)
+    if real != size:
+        raise ValueError(f"{where}: declared width x height = {size[1]}x{size[0]} but {image} is {real[1]}x{real[0]} "
+                         "(W x H, from its header); the declared size must be the image's size")
+
+
+def parse_shape(element: Element, order: int, where: str, image_size: tuple[int, int] = (MAX_SIDE, MAX_SIDE)) -> Shape:
+    """One area shape element (``polygon``, ``box``, ``ellipse``, ``mask``) as a :class:`Shape`.
+
+    ``image_size`` is the image's ``(height, width)``: a mask's ``left/top/width/height`` box must lie inside it.
+    """
+    kind, label = element.tag, _required(element, "label", f"{where}: {element.tag}")
     where = f"{where}: {kind} {label!r}"
     z_order = _int(element.attrib.get("z_order", "0"), "z_order", where, -(2**31), 2**31 - 1)
     if kind == "polygon":
+        text = _required(element, "points", where)
         try:
-            points = np.array([[float(v) for v in p.split(",")] for p in element.attrib["points"].split(";")])
-        except (KeyError, ValueError):
+            points = np.array([[float(v) for v in p.split(",")] for p in text.split(";")])
+        except ValueError:
             points = np.zeros(0)
         if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
-            raise ValueError(f"{where}: points must be >= 3 finite 'x,y' pairs joined by ';', found "
-                             f"{element.attrib.get('points')!r}")
+            raise ValueError(f"{where}: points must be >= 3 finite 'x,y' pairs joined by ';', found {text!r}")
         return Shape(kind, label, z_order, order, points=points)
     if kind == "box":
         return Shape(kind, label, z_order, order, box=tuple(_floats(element, ("xtl", "ytl", "xbr", "ybr", "rotation"),
                                                                      where)))
     if kind == "ellipse":
+        # CVAT 1.1 writes the radii: rx = right - cx, ry = cy - top (not the coordinates of those points).
         cx, cy, rx, ry, rotation = _floats(element, ("cx", "cy", "rx", "ry", "rotation"), where)
-        return Shape(kind, label, z_order, order, box=(cx, cy, abs(rx - cx), abs(ry - cy), rotation))
-    left, top = (_int(element.attrib.get(n), n, where, -MAX_SIDE, MAX_SIDE) for n in ("left", "top"))
-    width, height = (_int(element.attrib.get(n), n, where, 0, MAX_SIDE) for n in ("width", "height"))
+        for name, radius in (("rx", rx), ("ry", ry)):
+            if radius < 0:
+                raise ValueError(f"{where}: attribute {name}={element.attrib[name]!r} must be a radius >= 0")
+        return Shape(kind, label, z_order, order, box=(cx, cy, rx, ry, rotation))
+    # CVAT writes mask boxes inside the image; bounding them here bounds the runs decoded into them.
+    image_height, image_width = image_size
+    inside = f"the mask box must lie inside the {image_width}x{image_height} (W x H) image"
+    left = _int(element.attrib.get("left"), "left", where, 0, image_width, inside)
+    top = _int(element.attrib.get("top"), "top", where, 0, image_height, inside)
+    width = _int(element.attrib.get("width"), "width", where, 0, image_width - left, inside)
+    height = _int(element.attrib.get("height"), "height", where, 0, image_height - top, inside)
+    text = _required(element, "rle", where)
     try:
-        rle = tuple(int(v) for v in element.attrib["rle"].split(","))
-    except (KeyError, ValueError):
-        raise ValueError(f"{where}: rle must be comma-separated counts, found {element.attrib.get('rle')!r}") from None
+        rle = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{where}: rle must be comma-separated counts, found {text!r}") from None
     return Shape(kind, label, z_order, order, rle=rle, mask_box=(left, top, width, height))
 
 
 def _check_label(element: Element, declared: set[str], path: Path, where: str) -> None:
-    label = element.attrib.get("label", "")
+    label = _required(element, "label", f"{path}: {where}: {element.tag}")
     if element.tag != "tag" and label not in declared:  # CVAT allows tags with undeclared labels
         raise ValueError(f"{path}: {where}: {element.tag} uses label {label!r}, which meta does not declare "
                          f"(declared: {sorted(declared)})")
 
 
-def _image_path(images_dir: Path, subset: str, name: str, xml: Path) -> Path:
+def _inside(path: Path, raw_dir: Path, where: str) -> Path:
+    """``path``, once it is known to resolve inside ``raw_dir``: a symlink must not pull in files from elsewhere."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(raw_dir.resolve()):
+        raise ValueError(f"{where}{path} resolves to {resolved}, outside raw_dir {raw_dir}; the files of an export "
+                         "(and the targets of symlinks in it) must lie inside raw_dir")
+    return path
+
+
+def _image_path(raw_dir: Path, subset: str, name: str, xml: Path) -> Path:
+    images_dir = raw_dir / "images"
     if not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise ValueError(f"{xml}: image name {name!r} escapes {images_dir}; names must be relative, without '..'")
     candidates = ([images_dir / subset / name] if subset else []) + [images_dir / name]
     for candidate in candidates:
         if candidate.is_file():
-            return candidate
+            return _inside(candidate, raw_dir, f"{xml}: image {name!r}: ")
     raise FileNotFoundError(f"{xml}: image {name!r} (subset {subset!r}) is listed but missing on disk; looked "
                             f"for {', '.join(str(c) for c in candidates)}")
 
 
-def _frame_image(images_dir: Path, frame: int, xml: Path) -> Path:
-    found = sorted(images_dir.glob(f"frame_{frame:06d}.*"))
+def _frame_image(raw_dir: Path, frame: int, xml: Path) -> Path:
+    found = sorted((raw_dir / "images").glob(f"frame_{frame:06d}.*"))
     if not found:
-        raise FileNotFoundError(f"{xml}: frame {frame} has no image {images_dir}/frame_{frame:06d}.<ext>")
-    return found[0]
+        raise FileNotFoundError(f"{xml}: frame {frame} has no image {raw_dir / 'images'}/frame_{frame:06d}.<ext>")
+    return _inside(found[0], raw_dir, f"{xml}: frame {frame}: ")
 
 
-def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skipped: Counter) -> list[dict]:
+def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped: Counter) -> list[dict]:
     """Frames of one XML file: ``{name, subset, image, height, width, shapes}`` dicts in document order."""
     task_subsets = {t.findtext("id"): (t.findtext("subset") or "") for t in root.findall("meta/project/tasks/task")}
     default_subset = root.findtext("meta/task/subset") or ""
     frames, order = [], 0
-    for image in root.iter("image"):
-        name, where = image.attrib.get("name", ""), f"image {image.attrib.get('name')!r}"
+    for index, image in enumerate(root.iter("image")):
+        name = _required(image, "name", f"{xml}: <image> element {index} (id {image.attrib.get('id')!r})")
+        where = f"image {name!r}"
         subset = image.attrib.get("subset", task_subsets.get(image.attrib.get("task_id"), default_subset))
+        image_size = _image_size(image.attrib.get("width"), image.attrib.get("height"), f"{xml}: {where}")
+        path = _image_path(raw_dir, subset, name, xml)
+        _check_image_size(path, image_size, f"{xml}: {where}")
         shapes = []
         for element in image:
             if element.tag not in _SHAPE_TAGS:
                 continue
             _check_label(element, declared, xml, where)
             if element.tag in AREA_SHAPES:
-                shapes.append(parse_shape(element, order, f"{xml}: {where}"))
+                shapes.append(parse_shape(element, order, f"{xml}: {where}", image_size))
             else:
                 skipped[element.tag] += 1
             order += 1
-        height, width = _image_size(image.attrib.get("width"), image.attrib.get("height"), f"{xml}: {where}")
-        frames.append({"name": name, "subset": subset, "image": _image_path(images_dir, subset, name, xml),
-                       "height": height, "width": width, "shapes": shapes})
+        frames.append({"name": name, "subset": subset, "image": path, "height": image_size[0],
+                       "width": image_size[1], "shapes": shapes})
     tracks = root.findall("track")
     if not tracks:
         return frames
@@ -206,30 +257,35 @@ def _frames(root: Element, xml: Path, images_dir: Path, declared: set[str], skip
     width = root.findtext("meta/task/original_size/width") or root.findtext("meta/job/original_size/width")
     if not (height and width):
         raise ValueError(f"{xml}: a video export must declare meta/task/original_size/width and height")
-    height, width = _image_size(width, height, f"{xml}: meta original_size")
+    image_size = _image_size(width, height, f"{xml}: meta original_size")
     # Frame numbers only bound the loop below, which stops at the first frame without an image.
     num_frames = _int(size, "meta size (frame count)", str(xml), 0, 10**9) if size else None
     parsed = []
-    for track in tracks:
-        where = f"track {track.attrib.get('id')!r}"
-        label, states = track.attrib.get("label", ""), []
+    for index, track in enumerate(tracks):
+        where = f"track {_required(track, 'id', f'{xml}: <track> element {index}')!r}"
+        label, states = _required(track, "label", f"{xml}: {where}"), []
         for element in track:
             element.attrib.setdefault("label", label)
             _check_label(element, declared, xml, where)
             if element.tag not in AREA_SHAPES:
                 skipped[element.tag] += 1
                 continue
-            frame = _int(element.attrib.get("frame"), "frame", f"{xml}: {where}", 0, 10**9)
-            states.append(TrackShape(frame, element.attrib.get("outside") == "1",
-                                     parse_shape(element, order, f"{xml}: {where}")))
+            shape_where = f"{xml}: {where}: {element.tag} {element.attrib['label']!r}"
+            frame = _int(element.attrib.get("frame"), "frame", shape_where, 0, 10**9)
+            outside = element.attrib.get("outside", "0")  # CVAT always writes it; absent means visible
+            if outside not in ("0", "1"):
+                raise ValueError(f"{shape_where}: attribute outside={outside!r} must be 0 or 1")
+            shape = parse_shape(element, order, f"{xml}: {where}", image_size)
+            states.append(TrackShape(frame, outside == "1", shape))
             order += 1
         parsed.append(states)
     last = max((s.frame for states in parsed for s in states), default=-1)
     for frame in range(last + 1 if num_frames is None else num_frames):
         shapes = [s for states in parsed if (s := shape_at(states, frame)) is not None]
-        frames.append({"name": f"frame_{frame:06d}", "subset": default_subset,
-                       "image": _frame_image(images_dir, frame, xml), "height": height, "width": width,
-                       "shapes": shapes})
+        path = _frame_image(raw_dir, frame, xml)
+        _check_image_size(path, image_size, f"{xml}: frame {frame} (meta original_size)")
+        frames.append({"name": f"frame_{frame:06d}", "subset": default_subset, "image": path,
+                       "height": image_size[0], "width": image_size[1], "shapes": shapes})
     return frames
 
 
@@ -238,20 +294,21 @@ def read_cvat(raw_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
 
     Raises:
         FileNotFoundError: no XML, or an image listed in the XML is missing.
-        ValueError: malformed or unsafe XML, undeclared labels, bad geometry, names escaping ``raw_dir``,
+        ValueError: malformed or unsafe XML, undeclared labels, bad geometry, declared sizes that differ from the
+            image, names escaping ``raw_dir``, files (XML or images) resolving outside ``raw_dir`` through symlinks,
             unknown subset names; each message names the XML file.
     """
     raw_dir = Path(raw_dir)
     xml_files = sorted((raw_dir / "cvat").glob("*.xml"))
     if not xml_files:
         raise FileNotFoundError(f"{raw_dir}: no CVAT export found; expected XML files in {raw_dir / 'cvat'}")
-    roots = [(xml, parse_xml(xml)) for xml in xml_files]
+    roots = [(xml, parse_xml(_inside(xml, raw_dir, ""))) for xml in xml_files]
     labels = [label for xml, root in roots for label in parse_labels(root, xml)]
     labels = [label for i, label in enumerate(labels) if label[0] not in [n for n, _ in labels[:i]]]
     classes = build_classes(labels)
     label_ids = {name: classes.names.index(name) if name in classes.names else 0 for name, _ in labels}
     skipped: Counter = Counter()
-    frames = [(xml, f) for xml, root in roots for f in _frames(root, xml, raw_dir / "images", set(label_ids), skipped)]
+    frames = [(xml, f) for xml, root in roots for f in _frames(root, xml, raw_dir, set(label_ids), skipped)]
     if skipped:
         logger.info("CVAT: skipped shapes without an area: %s", dict(sorted(skipped.items())))
     keyed = {}

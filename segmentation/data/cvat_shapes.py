@@ -2,8 +2,10 @@
 
 Geometry follows CVAT's XML format 1.1: coordinates in pixels of the full image, ``box`` rotation in degrees
 clockwise about the box centre, ``mask`` as run lengths (starting with background) over its own
-``left/top/width/height`` box in row-major order. Polygons and boxes are filled with ``cv2.fillPoly`` on vertices
-rounded to the nearest pixel, edges included, the convention also used for Cityscapes polygons.
+``left/top/width/height`` box in row-major order, ``ellipse`` as centre ``cx, cy``, radii ``rx, ry`` and rotation
+(clockwise, degrees). Polygons and boxes are filled with ``cv2.fillPoly`` on vertices rounded to the nearest pixel,
+edges included, the convention also used for Cityscapes polygons. An ellipse labels the pixels whose centre lies in
+it (a radius-5 circle: 81 pixels); its centre and radii keep their fractions.
 """
 
 from __future__ import annotations
@@ -14,13 +16,11 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
+from segmentation.data.image_header import MAX_PIXELS
+
 AREA_SHAPES = ("polygon", "box", "mask", "ellipse")
 # Shapes without an area: they cannot label pixels of a segmentation mask, so they are counted and skipped.
 SKIPPED_SHAPES = ("polyline", "points", "skeleton", "tag", "cuboid")
-# OpenCV refuses to decode larger images (its CV_IO_MAX_IMAGE_WIDTH/HEIGHT/PIXELS defaults), so a larger declared
-# size can never match a readable image: it is refused before any mask is allocated.
-MAX_SIDE = 1 << 20
-MAX_PIXELS = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Shape:
     z_order: int = 0
     order: int = 0
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # polygon: N x 2 (x, y)
-    box: tuple[float, ...] = ()  # box: xtl, ytl, xbr, ybr, rotation; ellipse: cx, cy, rx, ry, rotation
+    box: tuple[float, ...] = ()  # box: xtl, ytl, xbr, ybr, rotation; ellipse: cx, cy, rx, ry (radii), rotation
     rle: tuple[int, ...] = ()  # mask: run lengths over the left/top/width/height box
     mask_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # mask: left, top, width, height
 
@@ -90,11 +90,31 @@ def _check_extent(points: np.ndarray, mask: np.ndarray, where: str) -> None:
                          f"coordinates must be within {margin} px of it")
 
 
+def _fill_ellipse(mask: np.ndarray, ellipse: tuple[float, ...], reach: float, value: int) -> None:
+    """Set the pixels whose centre lies inside the ellipse ``(cx, cy, rx, ry, rotation)``, clipped to ``mask``."""
+    cx, cy, rx, ry, rotation = ellipse
+    x0, x1 = max(math.floor(cx - reach), 0), min(math.ceil(cx + reach), mask.shape[1] - 1)
+    y0, y1 = max(math.floor(cy - reach), 0), min(math.ceil(cy + reach), mask.shape[0] - 1)
+    if x1 < x0 or y1 < y0:
+        return
+    dx = np.arange(x0, x1 + 1, dtype=np.float64)[None, :] - cx
+    dy = np.arange(y0, y1 + 1, dtype=np.float64)[:, None] - cy
+    # Coordinates along the ellipse's own axes: undo its clockwise (on screen) rotation, as in box_corners.
+    theta = math.radians(rotation)
+    u = dx * math.cos(theta) + dy * math.sin(theta)
+    v = dy * math.cos(theta) - dx * math.sin(theta)
+    # (u / rx)^2 + (v / ry)^2 <= 1 without dividing; the bounds on |u| and |v| follow from it for non-zero radii
+    # and keep a zero radius to its segment (or a point) instead of NaN or the whole window.
+    inside = ((u * ry) ** 2 + (v * rx) ** 2 <= (rx * ry) ** 2) & (np.abs(u) <= rx) & (np.abs(v) <= ry)
+    mask[y0 : y1 + 1, x0 : x1 + 1][inside] = value
+
+
 def draw_shape(mask: np.ndarray, shape: Shape, value: int, where: str) -> None:
     """Paint ``shape`` into ``mask`` (in place) with ``value``; parts outside the image are clipped.
 
     Raises:
-        ValueError: the shape reaches far outside the image, or a mask shape's box or runs are invalid.
+        ValueError: the shape reaches far outside the image, a mask shape's box leaves the image, or its runs are
+            invalid.
     """
     if shape.kind == "polygon":
         _check_extent(shape.points, mask, where)
@@ -105,20 +125,17 @@ def draw_shape(mask: np.ndarray, shape: Shape, value: int, where: str) -> None:
         cv2.fillPoly(mask, [np.rint(corners).astype(np.int32)], value)
     elif shape.kind == "ellipse":
         cx, cy, rx, ry, rotation = shape.box
-        _check_extent(np.array([[cx - rx, cy - ry], [cx + rx, cy + ry]]), mask, where)
-        cv2.ellipse(mask, (round(cx), round(cy)), (max(round(rx), 0), max(round(ry), 0)), rotation, 0, 360,
-                    value, thickness=-1)
+        reach = max(abs(rx), abs(ry))  # any rotation stays within the circle of the larger radius
+        _check_extent(np.array([[cx - reach, cy - reach], [cx + reach, cy + reach]]), mask, where)
+        _fill_ellipse(mask, shape.box, reach, value)
     elif shape.kind == "mask":
         left, top, width, height = shape.mask_box
-        if width > mask.shape[1] or height > mask.shape[0]:
-            raise ValueError(f"{where}: mask box {width}x{height} (W x H) is larger than its {mask.shape[1]}x"
-                             f"{mask.shape[0]} image; CVAT mask boxes lie inside the image")
+        if left < 0 or top < 0 or left + width > mask.shape[1] or top + height > mask.shape[0]:
+            raise ValueError(f"{where}: mask box left={left} top={top} width={width} height={height} leaves its "
+                             f"{mask.shape[1]}x{mask.shape[0]} (W x H) image; CVAT mask boxes lie inside the image")
         region = decode_rle(shape.rle, width, height, where)
-        x0, y0 = max(left, 0), max(top, 0)
-        x1, y1 = min(left + width, mask.shape[1]), min(top + height, mask.shape[0])
-        if x1 > x0 and y1 > y0:
-            window = mask[y0:y1, x0:x1]
-            window[region[y0 - top : y1 - top, x0 - left : x1 - left]] = value
+        window = mask[top : top + height, left : left + width]
+        window[region] = value
     else:
         raise ValueError(f"{where}: cannot rasterise a {shape.kind!r} shape")
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -128,3 +130,74 @@ def test_bad_input(tmp_path, shared_data, case):
     with pytest.raises(error, match=message):
         run_preprocess("cityscapes", raw, tmp_path / "out")
     assert not (tmp_path / "out" / "split").exists()
+
+
+def _polygons_tree(root: Path, declared: tuple[int, int], objects: list, image: tuple[int, int] = (64, 128)) -> Path:
+    """A one-image train tree labelled by polygons: a black ``image`` (H, W) PNG and a JSON declaring ``declared``."""
+    (root / "leftImg8bit/train/aa").mkdir(parents=True)
+    (root / "gtFine/train/aa").mkdir(parents=True)
+    cv2.imwrite(str(root / "leftImg8bit/train/aa/aa_000000_000001_leftImg8bit.png"), np.zeros((*image, 3), np.uint8))
+    polygons = {"imgHeight": declared[0], "imgWidth": declared[1], "objects": objects}
+    (root / "gtFine/train/aa/aa_000000_000001_gtFine_polygons.json").write_text(json.dumps(polygons))
+    return root
+
+
+def test_polygons_declared_size_must_match_image_header(tmp_path):
+    car = {"label": "car", "polygon": [[0, 0], [20, 0], [20, 20]]}
+    ok = list(iter_cityscapes(_polygons_tree(tmp_path / "ok", (64, 128), [car])))[0].build_mask()
+    assert ok.shape == (64, 128) and ok[1, 15] == 13
+    # Declared 20000 x 20000 for a 128 x 64 image: refused from the PNG header, before 400 MB are allocated.
+    sample = list(iter_cityscapes(_polygons_tree(tmp_path / "bad", (20000, 20000), [car])))[0]
+    with pytest.raises(ValueError, match=r"polygons\.json: declared imgWidth x imgHeight = 20000x20000 but the "
+                                         r"image is 128x64 \(W x H\)"):
+        sample.build_mask()
+
+
+MALFORMED = {
+    "objects_not_list": ({"objects": {"label": "car"}}, r"field 'objects' must be a list"),
+    "object_not_dict": ({"objects": ["car"]}, r"object 0 must be a JSON object .* found 'car'"),
+    "label_not_string": ({"objects": [{"label": 7, "polygon": [[0, 0], [5, 0], [5, 5]]}]},
+                         r"object 0: field 'label' must be a string, found 7"),
+    "polygon_not_list": ({"objects": [{"label": "car", "polygon": "0,0 5,0 5,5"}]},
+                         r"object 0 \('car'\): field 'polygon' must be a list of >= 3 \[x, y\] points, found '0,0"),
+    "coordinate_not_number": ({"objects": [{"label": "car", "polygon": [[0, 0], ["5", 0], [5, 5]]}]},
+                              r"object 0 \('car'\): field 'polygon': every point must be a list of two numbers "
+                              r"\[x, y\], found \['5', 0\]"),
+    "coordinate_bool": ({"objects": [{"label": "car", "polygon": [[0, 0], [True, 0], [5, 5]]}]},
+                        r"object 0 \('car'\): field 'polygon': every point"),
+    "point_not_pair": ({"objects": [{"label": "road", "polygon": [[0, 0], [5, 0, 1], [5, 5]]}]},
+                       r"object 0 \('road'\): field 'polygon': every point"),
+    "height_not_int": ({"imgHeight": "10"}, r"imgHeight must be a positive integer .* found '10'"),
+    "width_zero": ({"imgWidth": 0}, r"imgWidth must be a positive integer .* found 0"),
+    "height_negative": ({"imgHeight": -3}, r"imgHeight must be a positive integer .* found -3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_polygons_name_file_object_and_field(case):
+    change, message = MALFORMED[case]
+    objects = [{"label": "road", "polygon": [[0, 0], [9, 0], [9, 9]]},
+               {"label": "car", "polygon": [[1, 1], [4, 1], [4, 4]]}]
+    annotation = {"imgHeight": 10, "imgWidth": 10, "objects": objects} | change
+    with pytest.raises(ValueError, match=r"^x_gtFine_polygons\.json: " + message):
+        rasterize_polygons(annotation, "x_gtFine_polygons.json")
+
+
+@pytest.mark.parametrize("far", [5e9, -5e9, 2**31, 31.0])
+def test_polygon_far_outside_the_image_is_refused_quickly(far):
+    # 5e9 overflows int32 when rounded: OpenCV spent ~18 s filling the wrapped-around polygon, then accepted it.
+    # The margin is the image's longer side (10 px here), so 31 is just beyond [-10, 20].
+    car = {"label": "car", "polygon": [[0, 0], [far, 0], [5, 5]]}
+    annotation = {"imgHeight": 10, "imgWidth": 10, "objects": [car]}
+    start = time.perf_counter()
+    message = f"p.json: object 0 ('car'): field 'polygon': point [{far:g}, 0] lies outside the 10x10 (W x H) image"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + r" by more than 10 px; .* \[-10, 20\]"):
+        rasterize_polygons(annotation, "p.json")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_polygon_just_beside_the_image_is_drawn():
+    # Released polygons do touch or cross the border (x = 2048 on a 2048-wide frame): clipped, not refused.
+    annotation = {"imgHeight": 10, "imgWidth": 10, "objects": [{"label": "car", "polygon": [[-3, -3], [12, -3],
+                                                                                             [12, 12], [-3, 12]]}]}
+    assert (rasterize_polygons(annotation, "p.json") == 26).all()

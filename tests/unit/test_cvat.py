@@ -183,7 +183,7 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[Path, type, str]:
         return raw, ValueError, "escapes"
     if case == "size_mismatch":
         make_export(raw, ok_image, {"a.png": (8, 9)})
-        return raw, ValueError, "a.png: mask is 8x8"
+        return raw, ValueError, r"image 'a.png': declared width x height = 8x8 but .*a.png is 9x8 \(W x H"
     if case == "unknown_subset":
         make_export(raw, ok_image.replace('height="8"', 'height="8" subset="holdout"'), {"a.png": (8, 8)})
         return raw, ValueError, "subset 'holdout'"
@@ -231,3 +231,183 @@ def test_copied_sample_matches_shared(shared_data):
     shared = shared_data / "cvat_sample" / "raw"
     for path in sorted(p for p in shared.rglob("*") if p.is_file()):
         assert (SAMPLE / path.relative_to(shared)).read_bytes() == path.read_bytes()
+
+
+def test_declared_size_checked_against_the_image_header(tmp_path):
+    # A 4x4 mask on a 16x16 image declared 8x8 drew onto the declared mask; only preprocess noticed the mismatch.
+    body = ('<image id="0" name="a.png" width="8" height="8"><mask label="car" rle="0, 16" left="0" top="0" '
+            'width="4" height="4"/></image>')
+    with pytest.raises(ValueError, match=r"annotations\.xml: image 'a\.png': declared width x height = 8x8 but "
+                                         r".*a\.png is 16x16 \(W x H, from its header\)"):
+        read_cvat(make_export(tmp_path / "img", body, {"a.png": (16, 16)}))
+    meta = f"""<meta><task><name>v</name><size>2</size>
+<original_size><width>40</width><height>20</height></original_size>{LABELS}</task></meta>"""
+    body = '<track id="0" label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>'
+    images = {"frame_000000.png": (20, 40), "frame_000001.jpg": (20, 41)}
+    with pytest.raises(ValueError, match=r"annotations\.xml: frame 1 \(meta original_size\): declared width x "
+                                         r"height = 40x20 but .*frame_000001\.jpg is 41x20"):
+        read_cvat(make_export(tmp_path / "video", body, images, meta=meta))
+
+
+@pytest.mark.parametrize(("box", "attribute"), [('left="6" top="0" width="4" height="2"', "width"),
+                                                ('left="-2" top="0" width="2" height="2"', "left"),
+                                                ('left="0" top="7" width="2" height="2"', "height"),
+                                                ('left="0" top="9" width="0" height="0"', "top")])
+def test_mask_box_must_lie_inside_the_image(tmp_path, box, attribute):
+    # Boxes partly outside were clipped silently; the runs over them were decoded at whatever size was declared.
+    body = f'<image id="0" name="a.png" width="8" height="8"><mask label="car" rle="0, 8" {box}/></image>'
+    raw = make_export(tmp_path, body, {"a.png": (8, 8)})
+    with pytest.raises(ValueError, match=rf"annotations\.xml: image 'a\.png': mask 'car': {attribute} must be an "
+                                         r"integer in \[0, \d+\], found '-?\d+' \(the mask box must lie inside the "
+                                         r"8x8 \(W x H\) image\)"):
+        read_cvat(raw)
+
+
+@pytest.mark.parametrize("link", ["image", "subset_folder", "images_folder", "video_frame", "xml"])
+def test_symlinks_resolving_outside_raw_dir_are_refused(tmp_path, link):
+    # A link to a file outside raw_dir was accepted, and preprocess hard-linked its target into out_dir.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cv2.imwrite(str(outside / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    raw = tmp_path / "raw"
+    body = '<image id="0" name="a.png" width="8" height="8"><box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/></image>'
+    if link == "video_frame":
+        meta = f"""<meta><task><name>v</name><size>1</size>
+<original_size><width>8</width><height>8</height></original_size>{LABELS}</task></meta>"""
+        body = '<track id="0" label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>'
+        make_export(raw, body, {}, meta=meta)
+        (raw / "images").mkdir()
+        (raw / "images" / "frame_000000.png").symlink_to(outside / "a.png")
+        message = r"annotations\.xml: frame 0: .*frame_000000\.png resolves to .*outside/a\.png, outside raw_dir"
+    elif link == "image":
+        make_export(raw, body, {})
+        (raw / "images").mkdir()
+        (raw / "images" / "a.png").symlink_to(outside / "a.png")
+        message = r"annotations\.xml: image 'a\.png': .*images/a\.png resolves to .*outside/a\.png, outside raw_dir"
+    elif link == "subset_folder":
+        make_export(raw, body.replace('height="8"', 'height="8" subset="Train"'), {})
+        (raw / "images").mkdir()
+        (raw / "images" / "Train").symlink_to(outside, target_is_directory=True)
+        message = r"annotations\.xml: image 'a\.png': .*/Train/a\.png resolves to .*outside/a\.png, outside raw_dir"
+    elif link == "images_folder":
+        make_export(raw, body, {})
+        (raw / "images").symlink_to(outside, target_is_directory=True)
+        message = r"annotations\.xml: image 'a\.png': .*images/a\.png resolves to .*outside/a\.png, outside raw_dir"
+    else:
+        make_export(outside, body, {})
+        (raw / "cvat").mkdir(parents=True)
+        (raw / "cvat" / "annotations.xml").symlink_to(outside / "cvat" / "annotations.xml")
+        (raw / "images").mkdir()
+        cv2.imwrite(str(raw / "images" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+        message = r"raw/cvat/annotations\.xml resolves to .*outside/cvat/annotations\.xml, outside raw_dir"
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run_preprocess("cvat", raw, out)
+    assert not (out / "images").exists()
+
+
+def test_symlinks_inside_raw_dir_are_followed(tmp_path):
+    body = '<image id="0" name="a.png" width="8" height="8"><box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/></image>'
+    raw = make_export(tmp_path / "raw", body, {"store/a.png": (8, 8)})
+    (raw / "images" / "a.png").symlink_to(raw / "images" / "store" / "a.png")
+    df = pd.read_parquet(run_preprocess("cvat", raw, tmp_path / "out", val_fraction=0.0))
+    assert list(df["image"]) == ["images/default/a.png"]
+    assert (tmp_path / "out" / "images/default/a.png").read_bytes() == (raw / "images/store/a.png").read_bytes()
+
+
+BOX = '<box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/>'
+MALFORMED_VALUES = {
+    "box_not_numeric": (BOX.replace('xtl="1"', 'xtl="abc"'), r"image 'a\.png': box 'car': attribute xtl='abc' must be "
+                        r"a finite number"),
+    "box_missing": (BOX.replace(' ybr="3"', ""), r"image 'a\.png': box 'car': attribute ybr is missing"),
+    "ellipse_infinite": ('<ellipse label="car" cx="1e400" cy="3" rx="1" ry="1"/>',
+                         r"image 'a\.png': ellipse 'car': attribute cx='1e400' must be a finite number"),
+    "mask_missing_left": ('<mask label="car" rle="0, 4" top="0" width="2" height="2"/>',
+                          r"image 'a\.png': mask 'car': attribute left is missing"),
+    "mask_missing_rle": ('<mask label="car" left="0" top="0" width="2" height="2"/>',
+                         r"image 'a\.png': mask 'car': attribute rle is missing"),
+    "polygon_missing_points": ('<polygon label="car"/>',
+                               r"image 'a\.png': polygon 'car': attribute points is missing"),
+    "shape_without_label": (BOX.replace(' label="car"', ""), r"image 'a\.png': box: attribute label is missing"),
+    "image_without_width": ("", r"image 'a\.png': attribute width is missing"),
+    "image_without_name": ("", r"<image> element 0 \(id '0'\): attribute name is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_VALUES))
+def test_malformed_image_values_name_file_element_and_attribute(tmp_path, case):
+    shape, message = MALFORMED_VALUES[case]
+    image = f'<image id="0" name="a.png" width="8" height="8">{shape}</image>'
+    if case == "image_without_width":
+        image = image.replace(' width="8"', "")
+    elif case == "image_without_name":
+        image = image.replace(' name="a.png"', "")
+    raw = make_export(tmp_path, image, {"a.png": (8, 8)})
+    with pytest.raises(ValueError, match=r"annotations\.xml: " + message):
+        read_cvat(raw)
+
+
+@pytest.mark.parametrize(("track", "message"), [
+    ('<track id="0" label="car"><box outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+     r"track '0': box 'car': attribute frame is missing"),
+    ('<track id="0" label="car"><box frame="0" outside="yes" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+     r"track '0': box 'car': attribute outside='yes' must be 0 or 1"),
+    ('<track id="3" label="car"><polygon frame="0" outside="0" points="0,0;4,0;x,4"/></track>',
+     r"track '3': polygon 'car': points must be >= 3 finite 'x,y' pairs"),
+    ('<track id="0"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+     r"track '0': attribute label is missing"),
+    ('<track label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+     r"<track> element 0: attribute id is missing"),
+], ids=["frame_missing", "outside_not_binary", "points_not_numeric", "label_missing", "id_missing"])
+def test_malformed_track_values_name_file_element_and_attribute(tmp_path, track, message):
+    meta = f"""<meta><task><name>v</name><size>1</size>
+<original_size><width>8</width><height>8</height></original_size>{LABELS}</task></meta>"""
+    raw = make_export(tmp_path, track, {"frame_000000.png": (8, 8)}, meta=meta)
+    with pytest.raises(ValueError, match=r"annotations\.xml: " + message):
+        read_cvat(raw)
+
+
+# Reference counts of pixel centres inside the ellipse, by hand: a radius-5 circle holds the 81 lattice points with
+# x^2 + y^2 <= 25; for rx=8, ry=3 the rows y = 0, +-1, +-2, +-3 hold 17, 2 x 15, 2 x 11 and 2 x 1 = 71.
+@pytest.mark.parametrize(("attrs", "count", "rows", "cols"), [
+    ('cx="20" cy="20" rx="5" ry="5"', 81, (15, 25), (15, 25)),
+    ('cx="20" cy="20" rx="8" ry="3"', 71, (17, 23), (12, 28)),
+    ('cx="20" cy="20" rx="8" ry="3" rotation="90"', 71, (12, 28), (17, 23)),
+    ('cx="20.00" cy="20.00" rx="5.00" ry="5.00" rotation="0.00"', 81, (15, 25), (15, 25)),  # as CVAT writes them
+])
+def test_ellipse_rx_ry_are_radii(tmp_path, attrs, count, rows, cols):
+    # CVAT 1.1 writes rx = right - cx and ry = cy - top (cvat-ai/cvat, cvat/apps/dataset_manager/formats/cvat.py):
+    # radii, not coordinates. Read as |rx - cx|, a radius-5 circle at (20, 20) labelled ~700 pixels instead of ~80.
+    body = f'<image id="0" name="e.png" width="40" height="40"><ellipse label="car" {attrs}/></image>'
+    mask = masks_by_key(make_export(tmp_path, body, {"e.png": (40, 40)}), val_fraction=0.0)["default/e"]
+    ys, xs = np.nonzero(mask == 2)
+    assert len(ys) == count
+    assert (ys.min(), ys.max()) == rows and (xs.min(), xs.max()) == cols
+
+
+@pytest.mark.parametrize(("attrs", "pixels"), [
+    ('cx="20" cy="20" rx="0" ry="0"', [(20, 20)]),
+    ('cx="20.5" cy="20.5" rx="0" ry="0"', []),  # no pixel centre on the point (the whole 2x2 window before)
+    ('cx="20" cy="20" rx="0" ry="2"', [(18, 20), (19, 20), (20, 20), (21, 20), (22, 20)]),
+    ('cx="20.5" cy="20" rx="0.5" ry="0"', [(20, 20), (20, 21)]),
+])
+def test_ellipse_with_a_zero_radius_labels_its_segment(tmp_path, attrs, pixels):
+    body = f'<image id="0" name="e.png" width="40" height="40"><ellipse label="car" {attrs}/></image>'
+    mask = masks_by_key(make_export(tmp_path, body, {"e.png": (40, 40)}), val_fraction=0.0)["default/e"]
+    assert [tuple(p) for p in np.argwhere(mask == 2)] == pixels
+
+
+def test_ellipse_rotation_is_clockwise(tmp_path):
+    # Turned 45 degrees clockwise on screen (y down), the long axis runs from top-left to bottom-right.
+    body = ('<image id="0" name="e.png" width="40" height="40">'
+            '<ellipse label="car" cx="20" cy="20" rx="8" ry="1" rotation="45"/></image>')
+    mask = masks_by_key(make_export(tmp_path, body, {"e.png": (40, 40)}), val_fraction=0.0)["default/e"]
+    assert mask[24, 24] == 2 and mask[16, 16] == 2 and mask[16, 24] == 0 and mask[24, 16] == 0
+
+
+def test_ellipse_negative_radius_is_refused(tmp_path):
+    body = ('<image id="0" name="e.png" width="40" height="40">'
+            '<ellipse label="car" cx="20" cy="20" rx="-5" ry="5"/></image>')
+    with pytest.raises(ValueError, match=r"annotations\.xml: image 'e\.png': ellipse 'car': attribute rx='-5' must "
+                                         r"be a radius >= 0"):
+        read_cvat(make_export(tmp_path, body, {"e.png": (40, 40)}))
