@@ -66,25 +66,35 @@ def _polygon(obj: dict, index: int, label: str, height: int, width: int, name: s
     if not isinstance(polygon, list) or len(polygon) < 3:
         raise ValueError(f"{where} must be a list of >= 3 [x, y] points, found {_excerpt(polygon)}")
     for point in polygon:
-        if not (isinstance(point, list) and len(point) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)):
+        if not (
+            isinstance(point, list)
+            and len(point) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
+        ):
             raise ValueError(f"{where}: every point must be a list of two numbers [x, y], found {_excerpt(point)}")
     points = np.asarray(polygon, dtype=np.float64)
     # Annotators place vertices on or just beside the border. Far-away ones are refused: OpenCV's fill time
     # grows with the polygon's extent (seconds at 10^9 px), and rounding beyond int32 would wrap around.
     margin = max(height, width)
-    inside = ((points[:, 0] >= -margin) & (points[:, 0] <= width + margin) & (points[:, 1] >= -margin)
-              & (points[:, 1] <= height + margin))
+    inside = (
+        (points[:, 0] >= -margin)
+        & (points[:, 0] <= width + margin)
+        & (points[:, 1] >= -margin)
+        & (points[:, 1] <= height + margin)
+    )
     if not inside.all():
         x, y = points[~inside][0]
-        raise ValueError(f"{where}: point [{x:g}, {y:g}] lies outside the {width}x{height} (W x H) image by more "
-                         f"than {margin} px; coordinates must be within [-{margin}, {width + margin}] x "
-                         f"[-{margin}, {height + margin}]")
+        raise ValueError(
+            f"{where}: point [{x:g}, {y:g}] lies outside the {width}x{height} (W x H) image by more "
+            f"than {margin} px; coordinates must be within [-{margin}, {width + margin}] x "
+            f"[-{margin}, {height + margin}]"
+        )
     return np.rint(points).astype(np.int32)
 
 
-def rasterize_polygons(annotation: dict, name: str | Path = "polygons",
-                       image_size: tuple[int, int] | None = None) -> np.ndarray:
+def rasterize_polygons(
+    annotation: dict, name: str | Path = "polygons", image_size: tuple[int, int] | None = None
+) -> np.ndarray:
     """Draw a ``*_gtFine_polygons.json`` annotation into an ``H x W`` uint8 image of Cityscapes label ids.
 
     Args:
@@ -99,23 +109,29 @@ def rasterize_polygons(annotation: dict, name: str | Path = "polygons",
             The message names the file, the object index and the field.
     """
     if not isinstance(annotation, dict):
-        raise ValueError(f"{name}: expected a JSON object with imgHeight, imgWidth and objects, "
-                         f"found {type(annotation).__name__}")
+        raise ValueError(
+            f"{name}: expected a JSON object with imgHeight, imgWidth and objects, found {type(annotation).__name__}"
+        )
     height, width = _positive_int(annotation, "imgHeight", name), _positive_int(annotation, "imgWidth", name)
     if image_size is not None and (height, width) != tuple(image_size):
-        raise ValueError(f"{name}: declared imgWidth x imgHeight = {width}x{height} but the image is "
-                         f"{image_size[1]}x{image_size[0]} (W x H); the polygons must declare the image's size")
+        raise ValueError(
+            f"{name}: declared imgWidth x imgHeight = {width}x{height} but the image is "
+            f"{image_size[1]}x{image_size[0]} (W x H); the polygons must declare the image's size"
+        )
     if height * width > MAX_PIXELS:
-        raise ValueError(f"{name}: declared imgWidth x imgHeight = {width}x{height} exceeds the {MAX_PIXELS} pixels "
-                         "allowed (OpenCV's image limit)")
+        raise ValueError(
+            f"{name}: declared imgWidth x imgHeight = {width}x{height} exceeds the {MAX_PIXELS} pixels "
+            "allowed (OpenCV's image limit)"
+        )
     objects = annotation.get("objects")
     if not isinstance(objects, list):
         raise ValueError(f"{name}: field 'objects' must be a list of objects, found {_excerpt(objects)}")
     label_ids = np.full((height, width), NAME_TO_ID["unlabeled"], dtype=np.uint8)
     for index, obj in enumerate(objects):
         if not isinstance(obj, dict):
-            raise ValueError(f"{name}: object {index} must be a JSON object with label and polygon, "
-                             f"found {_excerpt(obj)}")
+            raise ValueError(
+                f"{name}: object {index} must be a JSON object with label and polygon, found {_excerpt(obj)}"
+            )
         if obj.get("deleted"):
             continue
         label = obj.get("label")
@@ -158,8 +174,9 @@ def iter_cityscapes(raw_dir: str | Path) -> Iterator[RawSample]:
             train/val image has neither a labelIds PNG nor a polygons JSON.
     """
     raw_dir = Path(raw_dir)
-    images = sorted((split, path) for split in SPLITS
-                    for path in (raw_dir / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}"))
+    images = sorted(
+        (split, path) for split in SPLITS for path in (raw_dir / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}")
+    )
     if not images:
         raise FileNotFoundError(
             f"{raw_dir}: no Cityscapes images found; expected leftImg8bit/<split>/<city>/*{IMAGE_SUFFIX} "
@@ -180,5 +197,13 @@ def iter_cityscapes(raw_dir: str | Path) -> Iterator[RawSample]:
             build, labeled = partial(_empty_mask, image_path), False
         else:
             raise FileNotFoundError(f"{image_path}: no labels found (looked for {label_ids} and {polygons})")
-        yield RawSample(key=f"{split}/{city}/{stem}", split=split, load_image=partial(read_image, image_path),
-                        build_mask=build, source=image_path, subset=split, city=city, labeled=labeled)
+        yield RawSample(
+            key=f"{split}/{city}/{stem}",
+            split=split,
+            load_image=partial(read_image, image_path),
+            build_mask=build,
+            source=image_path,
+            subset=split,
+            city=city,
+            labeled=labeled,
+        )

@@ -38,8 +38,15 @@ from segmentation.data.samples import RawSample, read_image, seeded_split
 
 logger = logging.getLogger(__name__)
 
-SUBSET_TO_SPLIT = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                   "test": "test", "testing": "test"}
+SUBSET_TO_SPLIT = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 UNSPLIT_SUBSETS = ("", "default")
 _SHAPE_TAGS = (*AREA_SHAPES, "polyline", "points", "skeleton", "tag", "cuboid")
 
@@ -52,8 +59,10 @@ def parse_xml(path: Path) -> Element:
         line, column = exc.position
         raise ValueError(f"{path}: malformed XML at line {line}, column {column}: {exc}") from None
     except DefusedXmlException as exc:
-        raise ValueError(f"{path}: refused unsafe XML ({type(exc).__name__}: {exc}); entity declarations and "
-                         "external references are not allowed in CVAT exports") from None
+        raise ValueError(
+            f"{path}: refused unsafe XML ({type(exc).__name__}: {exc}); entity declarations and "
+            "external references are not allowed in CVAT exports"
+        ) from None
 
 
 def _palette(index: int) -> tuple[int, int, int]:
@@ -123,8 +132,9 @@ def _int(text: str | None, what: str, where: str, low: int, high: int, why: str 
     except (TypeError, ValueError):
         value = math.nan
     if not (math.isfinite(value) and value.is_integer() and low <= value <= high):
-        raise ValueError(f"{where}: {what} must be an integer in [{low}, {high}], found {text!r}"
-                         + (f" ({why})" if why else ""))
+        raise ValueError(
+            f"{where}: {what} must be an integer in [{low}, {high}], found {text!r}" + (f" ({why})" if why else "")
+        )
     return int(value)
 
 
@@ -133,8 +143,9 @@ def _image_size(width: str | None, height: str | None, where: str) -> tuple[int,
     w = _int(width, "width", where, 1, MAX_SIDE)
     h = _int(height, "height", where, 1, MAX_SIDE)
     if w * h > MAX_PIXELS:
-        raise ValueError(f"{where}: declared size {w}x{h} (W x H) exceeds the {MAX_PIXELS} pixels allowed "
-                         "(OpenCV's image limit)")
+        raise ValueError(
+            f"{where}: declared size {w}x{h} (W x H) exceeds the {MAX_PIXELS} pixels allowed (OpenCV's image limit)"
+        )
     return h, w
 
 
@@ -142,8 +153,10 @@ def _check_image_size(image: Path, size: tuple[int, int], where: str) -> None:
     """Refuse a declared ``(height, width)`` that differs from the image's header, before any mask is allocated."""
     real = read_image_size(image)
     if real != size:
-        raise ValueError(f"{where}: declared width x height = {size[1]}x{size[0]} but {image} is {real[1]}x{real[0]} "
-                         "(W x H, from its header); the declared size must be the image's size")
+        raise ValueError(
+            f"{where}: declared width x height = {size[1]}x{size[0]} but {image} is {real[1]}x{real[0]} "
+            "(W x H, from its header); the declared size must be the image's size"
+        )
 
 
 def parse_shape(element: Element, order: int, where: str, image_size: tuple[int, int] = (MAX_SIDE, MAX_SIDE)) -> Shape:
@@ -164,8 +177,9 @@ def parse_shape(element: Element, order: int, where: str, image_size: tuple[int,
             raise ValueError(f"{where}: points must be >= 3 finite 'x,y' pairs joined by ';', found {text!r}")
         return Shape(kind, label, z_order, order, points=points)
     if kind == "box":
-        return Shape(kind, label, z_order, order, box=tuple(_floats(element, ("xtl", "ytl", "xbr", "ybr", "rotation"),
-                                                                     where)))
+        return Shape(
+            kind, label, z_order, order, box=tuple(_floats(element, ("xtl", "ytl", "xbr", "ybr", "rotation"), where))
+        )
     if kind == "ellipse":
         # CVAT 1.1 writes the radii: rx = right - cx, ry = cy - top (not the coordinates of those points).
         cx, cy, rx, ry, rotation = _floats(element, ("cx", "cy", "rx", "ry", "rotation"), where)
@@ -191,16 +205,20 @@ def parse_shape(element: Element, order: int, where: str, image_size: tuple[int,
 def _check_label(element: Element, declared: set[str], path: Path, where: str) -> None:
     label = _required(element, "label", f"{path}: {where}: {element.tag}")
     if element.tag != "tag" and label not in declared:  # CVAT allows tags with undeclared labels
-        raise ValueError(f"{path}: {where}: {element.tag} uses label {label!r}, which meta does not declare "
-                         f"(declared: {sorted(declared)})")
+        raise ValueError(
+            f"{path}: {where}: {element.tag} uses label {label!r}, which meta does not declare "
+            f"(declared: {sorted(declared)})"
+        )
 
 
 def _inside(path: Path, raw_dir: Path, where: str) -> Path:
     """``path``, once it is known to resolve inside ``raw_dir``: a symlink must not pull in files from elsewhere."""
     resolved = path.resolve()
     if not resolved.is_relative_to(raw_dir.resolve()):
-        raise ValueError(f"{where}{path} resolves to {resolved}, outside raw_dir {raw_dir}; the files of an export "
-                         "(and the targets of symlinks in it) must lie inside raw_dir")
+        raise ValueError(
+            f"{where}{path} resolves to {resolved}, outside raw_dir {raw_dir}; the files of an export "
+            "(and the targets of symlinks in it) must lie inside raw_dir"
+        )
     return path
 
 
@@ -212,8 +230,10 @@ def _image_path(raw_dir: Path, subset: str, name: str, xml: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return _inside(candidate, raw_dir, f"{xml}: image {name!r}: ")
-    raise FileNotFoundError(f"{xml}: image {name!r} (subset {subset!r}) is listed but missing on disk; looked "
-                            f"for {', '.join(str(c) for c in candidates)}")
+    raise FileNotFoundError(
+        f"{xml}: image {name!r} (subset {subset!r}) is listed but missing on disk; looked "
+        f"for {', '.join(str(c) for c in candidates)}"
+    )
 
 
 def _frame_image(raw_dir: Path, frame: int, xml: Path) -> Path:
@@ -245,8 +265,16 @@ def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped
             else:
                 skipped[element.tag] += 1
             order += 1
-        frames.append({"name": name, "subset": subset, "image": path, "height": image_size[0],
-                       "width": image_size[1], "shapes": shapes})
+        frames.append(
+            {
+                "name": name,
+                "subset": subset,
+                "image": path,
+                "height": image_size[0],
+                "width": image_size[1],
+                "shapes": shapes,
+            }
+        )
     tracks = root.findall("track")
     if not tracks:
         return frames
@@ -284,8 +312,16 @@ def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped
         shapes = [s for states in parsed if (s := shape_at(states, frame)) is not None]
         path = _frame_image(raw_dir, frame, xml)
         _check_image_size(path, image_size, f"{xml}: frame {frame} (meta original_size)")
-        frames.append({"name": f"frame_{frame:06d}", "subset": default_subset, "image": path,
-                       "height": image_size[0], "width": image_size[1], "shapes": shapes})
+        frames.append(
+            {
+                "name": f"frame_{frame:06d}",
+                "subset": default_subset,
+                "image": path,
+                "height": image_size[0],
+                "width": image_size[1],
+                "shapes": shapes,
+            }
+        )
     return frames
 
 
@@ -315,8 +351,10 @@ def read_cvat(raw_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
     for xml, frame in frames:
         subset = frame["subset"].strip()
         if subset.lower() not in UNSPLIT_SUBSETS and subset.lower() not in SUBSET_TO_SPLIT:
-            raise ValueError(f"{xml}: subset {subset!r} of image {frame['name']!r} is not a known split name; "
-                             f"use one of {sorted(SUBSET_TO_SPLIT)} (any case), or no subset for a seeded split")
+            raise ValueError(
+                f"{xml}: subset {subset!r} of image {frame['name']!r} is not a known split name; "
+                f"use one of {sorted(SUBSET_TO_SPLIT)} (any case), or no subset for a seeded split"
+            )
         key = f"{subset or 'default'}/{Path(frame['name']).with_suffix('')}"
         if key in keyed:
             raise ValueError(f"{xml}: image {frame['name']!r} appears twice in subset {subset!r}")
@@ -325,9 +363,18 @@ def read_cvat(raw_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
     splits = seeded_split(unsplit, val_fraction, seed)
     samples = []
     for key, (xml, frame) in keyed.items():
-        build = partial(rasterize, frame["shapes"], frame["height"], frame["width"], label_ids,
-                        f"{xml}: image {frame['name']!r}")
+        build = partial(
+            rasterize, frame["shapes"], frame["height"], frame["width"], label_ids, f"{xml}: image {frame['name']!r}"
+        )
         split = splits.get(key) or SUBSET_TO_SPLIT[frame["subset"].strip().lower()]
-        samples.append(RawSample(key=key, split=split, load_image=partial(read_image, frame["image"]),
-                                 build_mask=build, source=frame["image"], subset=frame["subset"]))
+        samples.append(
+            RawSample(
+                key=key,
+                split=split,
+                load_image=partial(read_image, frame["image"]),
+                build_mask=build,
+                source=frame["image"],
+                subset=frame["subset"],
+            )
+        )
     return classes, samples

@@ -54,13 +54,17 @@ def decode_rle(rle: tuple[int, ...], width: int, height: int, where: str) -> np.
             to ``width * height``.
     """
     if width < 0 or height < 0 or width * height > MAX_PIXELS:
-        raise ValueError(f"{where}: mask box is {width}x{height} (W x H); sides must be >= 0 and the area at most "
-                         f"{MAX_PIXELS} pixels")
+        raise ValueError(
+            f"{where}: mask box is {width}x{height} (W x H); sides must be >= 0 and the area at most "
+            f"{MAX_PIXELS} pixels"
+        )
     # Sum in Python integers: a hostile count beyond int64 must be reported, not overflow numpy.
     total = sum(rle)
     if not rle or any(r < 0 for r in rle) or total != width * height:
-        raise ValueError(f"{where}: mask rle has runs summing to {total}, expected width*height = {width}*{height} "
-                         f"= {width * height} non-negative counts")
+        raise ValueError(
+            f"{where}: mask rle has runs summing to {total}, expected width*height = {width}*{height} "
+            f"= {width * height} non-negative counts"
+        )
     values = np.arange(len(rle)) % 2 == 1  # runs alternate background, foreground, background, ...
     return np.repeat(values, np.asarray(rle, dtype=np.int64)).reshape(height, width)
 
@@ -82,12 +86,18 @@ def _check_extent(points: np.ndarray, mask: np.ndarray, where: str) -> None:
     # with the polygon's extent (seconds at 10^9 px) and rounding beyond int32 would wrap around.
     height, width = mask.shape
     margin = max(height, width)
-    inside = ((points[:, 0] >= -margin) & (points[:, 0] <= width + margin) & (points[:, 1] >= -margin)
-              & (points[:, 1] <= height + margin))
+    inside = (
+        (points[:, 0] >= -margin)
+        & (points[:, 0] <= width + margin)
+        & (points[:, 1] >= -margin)
+        & (points[:, 1] <= height + margin)
+    )
     if not inside.all():
         x, y = points[~inside][0]
-        raise ValueError(f"{where}: point ({x:g}, {y:g}) lies far outside the {width}x{height} (W x H) image; "
-                         f"coordinates must be within {margin} px of it")
+        raise ValueError(
+            f"{where}: point ({x:g}, {y:g}) lies far outside the {width}x{height} (W x H) image; "
+            f"coordinates must be within {margin} px of it"
+        )
 
 
 def _fill_ellipse(mask: np.ndarray, ellipse: tuple[float, ...], reach: float, value: int) -> None:
@@ -131,8 +141,10 @@ def draw_shape(mask: np.ndarray, shape: Shape, value: int, where: str) -> None:
     elif shape.kind == "mask":
         left, top, width, height = shape.mask_box
         if left < 0 or top < 0 or left + width > mask.shape[1] or top + height > mask.shape[0]:
-            raise ValueError(f"{where}: mask box left={left} top={top} width={width} height={height} leaves its "
-                             f"{mask.shape[1]}x{mask.shape[0]} (W x H) image; CVAT mask boxes lie inside the image")
+            raise ValueError(
+                f"{where}: mask box left={left} top={top} width={width} height={height} leaves its "
+                f"{mask.shape[1]}x{mask.shape[0]} (W x H) image; CVAT mask boxes lie inside the image"
+            )
         region = decode_rle(shape.rle, width, height, where)
         window = mask[top : top + height, left : left + width]
         window[region] = value

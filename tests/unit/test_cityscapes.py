@@ -67,13 +67,17 @@ def test_real_polygons_sample(shared_data):
 
 def test_polygons_order_deleted_group_and_unknown():
     square = [[2, 2], [7, 2], [7, 7], [2, 7]]
-    ann = {"imgHeight": 10, "imgWidth": 10, "objects": [
-        {"label": "road", "polygon": [[0, 0], [9, 0], [9, 9], [0, 9]]},
-        {"label": "cargroup", "polygon": square},
-        {"label": "person", "polygon": square, "deleted": 1},
-        {"label": "license plate", "polygon": square},
-        {"label": "sky", "polygon": [[0, 0], [1, 0], [1, 1], [0, 1]]},
-    ]}
+    ann = {
+        "imgHeight": 10,
+        "imgWidth": 10,
+        "objects": [
+            {"label": "road", "polygon": [[0, 0], [9, 0], [9, 9], [0, 9]]},
+            {"label": "cargroup", "polygon": square},
+            {"label": "person", "polygon": square, "deleted": 1},
+            {"label": "license plate", "polygon": square},
+            {"label": "sky", "polygon": [[0, 0], [1, 0], [1, 1], [0, 1]]},
+        ],
+    }
     ids = rasterize_polygons(ann)
     assert ids[5, 5] == 26 and ids[9, 9] == 7 and ids[0, 0] == 23  # later on top; group -> car; deleted skipped
     ann["objects"].append({"label": "spaceship", "polygon": square})
@@ -148,25 +152,38 @@ def test_polygons_declared_size_must_match_image_header(tmp_path):
     assert ok.shape == (64, 128) and ok[1, 15] == 13
     # Declared 20000 x 20000 for a 128 x 64 image: refused from the PNG header, before 400 MB are allocated.
     sample = list(iter_cityscapes(_polygons_tree(tmp_path / "bad", (20000, 20000), [car])))[0]
-    with pytest.raises(ValueError, match=r"polygons\.json: declared imgWidth x imgHeight = 20000x20000 but the "
-                                         r"image is 128x64 \(W x H\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"polygons\.json: declared imgWidth x imgHeight = 20000x20000 but the "
+        r"image is 128x64 \(W x H\)",
+    ):
         sample.build_mask()
 
 
 MALFORMED = {
     "objects_not_list": ({"objects": {"label": "car"}}, r"field 'objects' must be a list"),
     "object_not_dict": ({"objects": ["car"]}, r"object 0 must be a JSON object .* found 'car'"),
-    "label_not_string": ({"objects": [{"label": 7, "polygon": [[0, 0], [5, 0], [5, 5]]}]},
-                         r"object 0: field 'label' must be a string, found 7"),
-    "polygon_not_list": ({"objects": [{"label": "car", "polygon": "0,0 5,0 5,5"}]},
-                         r"object 0 \('car'\): field 'polygon' must be a list of >= 3 \[x, y\] points, found '0,0"),
-    "coordinate_not_number": ({"objects": [{"label": "car", "polygon": [[0, 0], ["5", 0], [5, 5]]}]},
-                              r"object 0 \('car'\): field 'polygon': every point must be a list of two numbers "
-                              r"\[x, y\], found \['5', 0\]"),
-    "coordinate_bool": ({"objects": [{"label": "car", "polygon": [[0, 0], [True, 0], [5, 5]]}]},
-                        r"object 0 \('car'\): field 'polygon': every point"),
-    "point_not_pair": ({"objects": [{"label": "road", "polygon": [[0, 0], [5, 0, 1], [5, 5]]}]},
-                       r"object 0 \('road'\): field 'polygon': every point"),
+    "label_not_string": (
+        {"objects": [{"label": 7, "polygon": [[0, 0], [5, 0], [5, 5]]}]},
+        r"object 0: field 'label' must be a string, found 7",
+    ),
+    "polygon_not_list": (
+        {"objects": [{"label": "car", "polygon": "0,0 5,0 5,5"}]},
+        r"object 0 \('car'\): field 'polygon' must be a list of >= 3 \[x, y\] points, found '0,0",
+    ),
+    "coordinate_not_number": (
+        {"objects": [{"label": "car", "polygon": [[0, 0], ["5", 0], [5, 5]]}]},
+        r"object 0 \('car'\): field 'polygon': every point must be a list of two numbers "
+        r"\[x, y\], found \['5', 0\]",
+    ),
+    "coordinate_bool": (
+        {"objects": [{"label": "car", "polygon": [[0, 0], [True, 0], [5, 5]]}]},
+        r"object 0 \('car'\): field 'polygon': every point",
+    ),
+    "point_not_pair": (
+        {"objects": [{"label": "road", "polygon": [[0, 0], [5, 0, 1], [5, 5]]}]},
+        r"object 0 \('road'\): field 'polygon': every point",
+    ),
     "height_not_int": ({"imgHeight": "10"}, r"imgHeight must be a positive integer .* found '10'"),
     "width_zero": ({"imgWidth": 0}, r"imgWidth must be a positive integer .* found 0"),
     "height_negative": ({"imgHeight": -3}, r"imgHeight must be a positive integer .* found -3"),
@@ -176,8 +193,10 @@ MALFORMED = {
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_polygons_name_file_object_and_field(case):
     change, message = MALFORMED[case]
-    objects = [{"label": "road", "polygon": [[0, 0], [9, 0], [9, 9]]},
-               {"label": "car", "polygon": [[1, 1], [4, 1], [4, 4]]}]
+    objects = [
+        {"label": "road", "polygon": [[0, 0], [9, 0], [9, 9]]},
+        {"label": "car", "polygon": [[1, 1], [4, 1], [4, 4]]},
+    ]
     annotation = {"imgHeight": 10, "imgWidth": 10, "objects": objects} | change
     with pytest.raises(ValueError, match=r"^x_gtFine_polygons\.json: " + message):
         rasterize_polygons(annotation, "x_gtFine_polygons.json")
@@ -198,6 +217,9 @@ def test_polygon_far_outside_the_image_is_refused_quickly(far):
 
 def test_polygon_just_beside_the_image_is_drawn():
     # Released polygons do touch or cross the border (x = 2048 on a 2048-wide frame): clipped, not refused.
-    annotation = {"imgHeight": 10, "imgWidth": 10, "objects": [{"label": "car", "polygon": [[-3, -3], [12, -3],
-                                                                                             [12, 12], [-3, 12]]}]}
+    annotation = {
+        "imgHeight": 10,
+        "imgWidth": 10,
+        "objects": [{"label": "car", "polygon": [[-3, -3], [12, -3], [12, 12], [-3, 12]]}],
+    }
     assert (rasterize_polygons(annotation, "p.json") == 26).all()

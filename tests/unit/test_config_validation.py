@@ -52,9 +52,20 @@ def test_out_of_range_value_in_yaml_is_refused(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("override", ["train.val_every_n_steps=1", "system.num_workers=0", "eval.num_worst=0",
-                                      "callbacks.checkpoint.top_k=0", "loss.threshold=2.5", "train.max_steps=0",
-                                      "system.seed=0", "system.seed=4294967295", "loss.ignore_index=0"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.val_every_n_steps=1",
+        "system.num_workers=0",
+        "eval.num_worst=0",
+        "callbacks.checkpoint.top_k=0",
+        "loss.threshold=2.5",
+        "train.max_steps=0",
+        "system.seed=0",
+        "system.seed=4294967295",
+        "loss.ignore_index=0",
+    ],
+)
 def test_boundary_values_are_accepted(override):
     key, value = override.split("=")
     section, name = key.rsplit(".", 1)

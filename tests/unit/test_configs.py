@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from segmentation.config import ConfigError, load_config
-from segmentation.training.losses import build_loss
 from segmentation.models import build_model
+from segmentation.training.losses import build_loss
 from segmentation.training.optim import build_optimizer, build_scheduler
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))

@@ -23,13 +23,16 @@ LABELS = """<labels>
 </labels>"""
 
 
-def make_export(root: Path, body: str, images: dict[str, tuple[int, int]], meta: str | None = None,
-                header: str = "") -> Path:
+def make_export(
+    root: Path, body: str, images: dict[str, tuple[int, int]], meta: str | None = None, header: str = ""
+) -> Path:
     """Write ``root/cvat/annotations.xml`` and black PNG images of the given (height, width)."""
     (root / "cvat").mkdir(parents=True, exist_ok=True)
     meta = meta if meta is not None else f"<meta><task><name>t</name>{LABELS}</task></meta>"
-    xml = (f'<?xml version="1.0" encoding="utf-8"?>\n{header}<annotations>\n<version>1.1</version>\n{meta}\n'
-           f"{body}\n</annotations>\n")
+    xml = (
+        f'<?xml version="1.0" encoding="utf-8"?>\n{header}<annotations>\n<version>1.1</version>\n{meta}\n'
+        f"{body}\n</annotations>\n"
+    )
     (root / "cvat" / "annotations.xml").write_text(xml)
     for name, (h, w) in images.items():
         (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -47,8 +50,9 @@ def test_real_project_export(caplog):
     classes, samples = read_cvat(SAMPLE)
     assert classes.names == ("background", "label1", "label2")
     # Names repeat across the three subsets: six distinct samples keyed by subset + name.
-    assert sorted(s.key for s in samples) == sorted(f"{sub}/img{i}" for sub in ("Train", "Validation", "Test")
-                                                    for i in (0, 1))
+    assert sorted(s.key for s in samples) == sorted(
+        f"{sub}/img{i}" for sub in ("Train", "Validation", "Test") for i in (0, 1)
+    )
     assert {s.subset: s.split for s in samples} == {"Train": "train", "Validation": "val", "Test": "test"}
     img0 = next(s for s in samples if s.key == "Train/img0").build_mask()
     assert img0.shape == (8, 8)
@@ -75,7 +79,7 @@ def test_z_order_then_document_order(tmp_path):
     runs = [4 + 1, 2, 2, 2, 4 + 1]  # background 5, fg 2, bg 2, fg 2, bg 5 = 16 px
     assert (decode_rle(tuple(runs), 4, 4, "t") == rle_rows.astype(bool)).all()
     body = f"""<image id="0" name="a.png" width="20" height="20">
-  <mask label="person" rle="{', '.join(map(str, runs))}" left="8" top="8" width="4" height="4" z_order="3"/>
+  <mask label="person" rle="{", ".join(map(str, runs))}" left="8" top="8" width="4" height="4" z_order="3"/>
   <polygon label="road" points="0,0;19,0;19,19;0,19" z_order="0"/>
   <box label="car" xtl="5" ytl="5" xbr="14" ybr="14" z_order="2"/>
   <box label="road" xtl="12" ytl="12" xbr="16" ybr="16" z_order="2"/>
@@ -167,8 +171,9 @@ def test_unsafe_xml_refused(tmp_path, case):
 
 def _bad_input(tmp_path: Path, case: str) -> tuple[Path, type, str]:
     raw = tmp_path / "raw"
-    ok_image = ('<image id="0" name="a.png" width="8" height="8">'
-                '<box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/></image>')
+    ok_image = (
+        '<image id="0" name="a.png" width="8" height="8"><box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/></image>'
+    )
     if case == "malformed":
         make_export(raw, ok_image.replace("</image>", ""), {"a.png": (8, 8)})
         return raw, ValueError, r"malformed XML at line \d+, column \d+"
@@ -199,15 +204,33 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[Path, type, str]:
         image.write_bytes(b"")
         return raw, ValueError, "0 bytes"
     if case == "bad_rle":
-        make_export(raw, ok_image.replace('<box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/>',
-                                          '<mask label="car" rle="1, 2" left="0" top="0" width="2" height="2"/>'),
-                    {"a.png": (8, 8)})
+        make_export(
+            raw,
+            ok_image.replace(
+                '<box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/>',
+                '<mask label="car" rle="1, 2" left="0" top="0" width="2" height="2"/>',
+            ),
+            {"a.png": (8, 8)},
+        )
         return raw, ValueError, "rle has runs summing to 3"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["malformed", "undeclared_label", "missing_image", "traversal", "size_mismatch",
-                                  "unknown_subset", "corrupt_image", "truncated_image", "empty_image", "bad_rle"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "malformed",
+        "undeclared_label",
+        "missing_image",
+        "traversal",
+        "size_mismatch",
+        "unknown_subset",
+        "corrupt_image",
+        "truncated_image",
+        "empty_image",
+        "bad_rle",
+    ],
+)
 def test_bad_input_fails_and_writes_nothing(tmp_path, case):
     raw, error, message = _bad_input(tmp_path, case)
     out = tmp_path / "out"
@@ -235,31 +258,47 @@ def test_copied_sample_matches_shared(shared_data):
 
 def test_declared_size_checked_against_the_image_header(tmp_path):
     # A 4x4 mask on a 16x16 image declared 8x8 drew onto the declared mask; only preprocess noticed the mismatch.
-    body = ('<image id="0" name="a.png" width="8" height="8"><mask label="car" rle="0, 16" left="0" top="0" '
-            'width="4" height="4"/></image>')
-    with pytest.raises(ValueError, match=r"annotations\.xml: image 'a\.png': declared width x height = 8x8 but "
-                                         r".*a\.png is 16x16 \(W x H, from its header\)"):
+    body = (
+        '<image id="0" name="a.png" width="8" height="8"><mask label="car" rle="0, 16" left="0" top="0" '
+        'width="4" height="4"/></image>'
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"annotations\.xml: image 'a\.png': declared width x height = 8x8 but "
+        r".*a\.png is 16x16 \(W x H, from its header\)",
+    ):
         read_cvat(make_export(tmp_path / "img", body, {"a.png": (16, 16)}))
     meta = f"""<meta><task><name>v</name><size>2</size>
 <original_size><width>40</width><height>20</height></original_size>{LABELS}</task></meta>"""
     body = '<track id="0" label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>'
     images = {"frame_000000.png": (20, 40), "frame_000001.jpg": (20, 41)}
-    with pytest.raises(ValueError, match=r"annotations\.xml: frame 1 \(meta original_size\): declared width x "
-                                         r"height = 40x20 but .*frame_000001\.jpg is 41x20"):
+    with pytest.raises(
+        ValueError,
+        match=r"annotations\.xml: frame 1 \(meta original_size\): declared width x "
+        r"height = 40x20 but .*frame_000001\.jpg is 41x20",
+    ):
         read_cvat(make_export(tmp_path / "video", body, images, meta=meta))
 
 
-@pytest.mark.parametrize(("box", "attribute"), [('left="6" top="0" width="4" height="2"', "width"),
-                                                ('left="-2" top="0" width="2" height="2"', "left"),
-                                                ('left="0" top="7" width="2" height="2"', "height"),
-                                                ('left="0" top="9" width="0" height="0"', "top")])
+@pytest.mark.parametrize(
+    ("box", "attribute"),
+    [
+        ('left="6" top="0" width="4" height="2"', "width"),
+        ('left="-2" top="0" width="2" height="2"', "left"),
+        ('left="0" top="7" width="2" height="2"', "height"),
+        ('left="0" top="9" width="0" height="0"', "top"),
+    ],
+)
 def test_mask_box_must_lie_inside_the_image(tmp_path, box, attribute):
     # Boxes partly outside were clipped silently; the runs over them were decoded at whatever size was declared.
     body = f'<image id="0" name="a.png" width="8" height="8"><mask label="car" rle="0, 8" {box}/></image>'
     raw = make_export(tmp_path, body, {"a.png": (8, 8)})
-    with pytest.raises(ValueError, match=rf"annotations\.xml: image 'a\.png': mask 'car': {attribute} must be an "
-                                         r"integer in \[0, \d+\], found '-?\d+' \(the mask box must lie inside the "
-                                         r"8x8 \(W x H\) image\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"annotations\.xml: image 'a\.png': mask 'car': {attribute} must be an "
+        r"integer in \[0, \d+\], found '-?\d+' \(the mask box must lie inside the "
+        r"8x8 \(W x H\) image\)",
+    ):
         read_cvat(raw)
 
 
@@ -317,17 +356,28 @@ def test_symlinks_inside_raw_dir_are_followed(tmp_path):
 
 BOX = '<box label="car" xtl="1" ytl="1" xbr="3" ybr="3"/>'
 MALFORMED_VALUES = {
-    "box_not_numeric": (BOX.replace('xtl="1"', 'xtl="abc"'), r"image 'a\.png': box 'car': attribute xtl='abc' must be "
-                        r"a finite number"),
+    "box_not_numeric": (
+        BOX.replace('xtl="1"', 'xtl="abc"'),
+        r"image 'a\.png': box 'car': attribute xtl='abc' must be "
+        r"a finite number",
+    ),
     "box_missing": (BOX.replace(' ybr="3"', ""), r"image 'a\.png': box 'car': attribute ybr is missing"),
-    "ellipse_infinite": ('<ellipse label="car" cx="1e400" cy="3" rx="1" ry="1"/>',
-                         r"image 'a\.png': ellipse 'car': attribute cx='1e400' must be a finite number"),
-    "mask_missing_left": ('<mask label="car" rle="0, 4" top="0" width="2" height="2"/>',
-                          r"image 'a\.png': mask 'car': attribute left is missing"),
-    "mask_missing_rle": ('<mask label="car" left="0" top="0" width="2" height="2"/>',
-                         r"image 'a\.png': mask 'car': attribute rle is missing"),
-    "polygon_missing_points": ('<polygon label="car"/>',
-                               r"image 'a\.png': polygon 'car': attribute points is missing"),
+    "ellipse_infinite": (
+        '<ellipse label="car" cx="1e400" cy="3" rx="1" ry="1"/>',
+        r"image 'a\.png': ellipse 'car': attribute cx='1e400' must be a finite number",
+    ),
+    "mask_missing_left": (
+        '<mask label="car" rle="0, 4" top="0" width="2" height="2"/>',
+        r"image 'a\.png': mask 'car': attribute left is missing",
+    ),
+    "mask_missing_rle": (
+        '<mask label="car" left="0" top="0" width="2" height="2"/>',
+        r"image 'a\.png': mask 'car': attribute rle is missing",
+    ),
+    "polygon_missing_points": (
+        '<polygon label="car"/>',
+        r"image 'a\.png': polygon 'car': attribute points is missing",
+    ),
     "shape_without_label": (BOX.replace(' label="car"', ""), r"image 'a\.png': box: attribute label is missing"),
     "image_without_width": ("", r"image 'a\.png': attribute width is missing"),
     "image_without_name": ("", r"<image> element 0 \(id '0'\): attribute name is missing"),
@@ -347,18 +397,32 @@ def test_malformed_image_values_name_file_element_and_attribute(tmp_path, case):
         read_cvat(raw)
 
 
-@pytest.mark.parametrize(("track", "message"), [
-    ('<track id="0" label="car"><box outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
-     r"track '0': box 'car': attribute frame is missing"),
-    ('<track id="0" label="car"><box frame="0" outside="yes" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
-     r"track '0': box 'car': attribute outside='yes' must be 0 or 1"),
-    ('<track id="3" label="car"><polygon frame="0" outside="0" points="0,0;4,0;x,4"/></track>',
-     r"track '3': polygon 'car': points must be >= 3 finite 'x,y' pairs"),
-    ('<track id="0"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
-     r"track '0': attribute label is missing"),
-    ('<track label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
-     r"<track> element 0: attribute id is missing"),
-], ids=["frame_missing", "outside_not_binary", "points_not_numeric", "label_missing", "id_missing"])
+@pytest.mark.parametrize(
+    ("track", "message"),
+    [
+        (
+            '<track id="0" label="car"><box outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+            r"track '0': box 'car': attribute frame is missing",
+        ),
+        (
+            '<track id="0" label="car"><box frame="0" outside="yes" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+            r"track '0': box 'car': attribute outside='yes' must be 0 or 1",
+        ),
+        (
+            '<track id="3" label="car"><polygon frame="0" outside="0" points="0,0;4,0;x,4"/></track>',
+            r"track '3': polygon 'car': points must be >= 3 finite 'x,y' pairs",
+        ),
+        (
+            '<track id="0"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+            r"track '0': attribute label is missing",
+        ),
+        (
+            '<track label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="4" ybr="4"/></track>',
+            r"<track> element 0: attribute id is missing",
+        ),
+    ],
+    ids=["frame_missing", "outside_not_binary", "points_not_numeric", "label_missing", "id_missing"],
+)
 def test_malformed_track_values_name_file_element_and_attribute(tmp_path, track, message):
     meta = f"""<meta><task><name>v</name><size>1</size>
 <original_size><width>8</width><height>8</height></original_size>{LABELS}</task></meta>"""
@@ -369,12 +433,15 @@ def test_malformed_track_values_name_file_element_and_attribute(tmp_path, track,
 
 # Reference counts of pixel centres inside the ellipse, by hand: a radius-5 circle holds the 81 lattice points with
 # x^2 + y^2 <= 25; for rx=8, ry=3 the rows y = 0, +-1, +-2, +-3 hold 17, 2 x 15, 2 x 11 and 2 x 1 = 71.
-@pytest.mark.parametrize(("attrs", "count", "rows", "cols"), [
-    ('cx="20" cy="20" rx="5" ry="5"', 81, (15, 25), (15, 25)),
-    ('cx="20" cy="20" rx="8" ry="3"', 71, (17, 23), (12, 28)),
-    ('cx="20" cy="20" rx="8" ry="3" rotation="90"', 71, (12, 28), (17, 23)),
-    ('cx="20.00" cy="20.00" rx="5.00" ry="5.00" rotation="0.00"', 81, (15, 25), (15, 25)),  # as CVAT writes them
-])
+@pytest.mark.parametrize(
+    ("attrs", "count", "rows", "cols"),
+    [
+        ('cx="20" cy="20" rx="5" ry="5"', 81, (15, 25), (15, 25)),
+        ('cx="20" cy="20" rx="8" ry="3"', 71, (17, 23), (12, 28)),
+        ('cx="20" cy="20" rx="8" ry="3" rotation="90"', 71, (12, 28), (17, 23)),
+        ('cx="20.00" cy="20.00" rx="5.00" ry="5.00" rotation="0.00"', 81, (15, 25), (15, 25)),  # as CVAT writes them
+    ],
+)
 def test_ellipse_rx_ry_are_radii(tmp_path, attrs, count, rows, cols):
     # CVAT 1.1 writes rx = right - cx and ry = cy - top (cvat-ai/cvat, cvat/apps/dataset_manager/formats/cvat.py):
     # radii, not coordinates. Read as |rx - cx|, a radius-5 circle at (20, 20) labelled ~700 pixels instead of ~80.
@@ -385,12 +452,15 @@ def test_ellipse_rx_ry_are_radii(tmp_path, attrs, count, rows, cols):
     assert (ys.min(), ys.max()) == rows and (xs.min(), xs.max()) == cols
 
 
-@pytest.mark.parametrize(("attrs", "pixels"), [
-    ('cx="20" cy="20" rx="0" ry="0"', [(20, 20)]),
-    ('cx="20.5" cy="20.5" rx="0" ry="0"', []),  # no pixel centre on the point (the whole 2x2 window before)
-    ('cx="20" cy="20" rx="0" ry="2"', [(18, 20), (19, 20), (20, 20), (21, 20), (22, 20)]),
-    ('cx="20.5" cy="20" rx="0.5" ry="0"', [(20, 20), (20, 21)]),
-])
+@pytest.mark.parametrize(
+    ("attrs", "pixels"),
+    [
+        ('cx="20" cy="20" rx="0" ry="0"', [(20, 20)]),
+        ('cx="20.5" cy="20.5" rx="0" ry="0"', []),  # no pixel centre on the point (the whole 2x2 window before)
+        ('cx="20" cy="20" rx="0" ry="2"', [(18, 20), (19, 20), (20, 20), (21, 20), (22, 20)]),
+        ('cx="20.5" cy="20" rx="0.5" ry="0"', [(20, 20), (20, 21)]),
+    ],
+)
 def test_ellipse_with_a_zero_radius_labels_its_segment(tmp_path, attrs, pixels):
     body = f'<image id="0" name="e.png" width="40" height="40"><ellipse label="car" {attrs}/></image>'
     mask = masks_by_key(make_export(tmp_path, body, {"e.png": (40, 40)}), val_fraction=0.0)["default/e"]
@@ -399,15 +469,22 @@ def test_ellipse_with_a_zero_radius_labels_its_segment(tmp_path, attrs, pixels):
 
 def test_ellipse_rotation_is_clockwise(tmp_path):
     # Turned 45 degrees clockwise on screen (y down), the long axis runs from top-left to bottom-right.
-    body = ('<image id="0" name="e.png" width="40" height="40">'
-            '<ellipse label="car" cx="20" cy="20" rx="8" ry="1" rotation="45"/></image>')
+    body = (
+        '<image id="0" name="e.png" width="40" height="40">'
+        '<ellipse label="car" cx="20" cy="20" rx="8" ry="1" rotation="45"/></image>'
+    )
     mask = masks_by_key(make_export(tmp_path, body, {"e.png": (40, 40)}), val_fraction=0.0)["default/e"]
     assert mask[24, 24] == 2 and mask[16, 16] == 2 and mask[16, 24] == 0 and mask[24, 16] == 0
 
 
 def test_ellipse_negative_radius_is_refused(tmp_path):
-    body = ('<image id="0" name="e.png" width="40" height="40">'
-            '<ellipse label="car" cx="20" cy="20" rx="-5" ry="5"/></image>')
-    with pytest.raises(ValueError, match=r"annotations\.xml: image 'e\.png': ellipse 'car': attribute rx='-5' must "
-                                         r"be a radius >= 0"):
+    body = (
+        '<image id="0" name="e.png" width="40" height="40">'
+        '<ellipse label="car" cx="20" cy="20" rx="-5" ry="5"/></image>'
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"annotations\.xml: image 'e\.png': ellipse 'car': attribute rx='-5' must "
+        r"be a radius >= 0",
+    ):
         read_cvat(make_export(tmp_path, body, {"e.png": (40, 40)}))

@@ -26,8 +26,27 @@ FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCh
 SIDE = 8  # every image on disk is SIDE x SIDE
 
 # Attribute values a hand-edited or malicious export may carry, beside well-formed ones.
-HOSTILE = ["", "nan", "inf", "-inf", "-1", "0", "1e400", "-1e400", "99999999999999999999", "2147483648", "abc",
-           "1,2", "3.5", "0x10", " 4 ", "1e12", "-2147483649", "../x.png", "/etc/passwd"]
+HOSTILE = [
+    "",
+    "nan",
+    "inf",
+    "-inf",
+    "-1",
+    "0",
+    "1e400",
+    "-1e400",
+    "99999999999999999999",
+    "2147483648",
+    "abc",
+    "1,2",
+    "3.5",
+    "0x10",
+    " 4 ",
+    "1e12",
+    "-2147483649",
+    "../x.png",
+    "/etc/passwd",
+]
 LABELS = "<labels><label><name>car</name><color>#00008e</color></label><label><name>road</name></label></labels>"
 
 
@@ -63,8 +82,11 @@ def test_rle_round_trip(mask):
 
 
 @FUZZ
-@given(st.lists(st.integers(-(2**70), 2**70) | st.integers(0, 40), max_size=12),
-       st.integers(-3, 2**40) | st.integers(0, 8), st.integers(-3, 2**40) | st.integers(0, 8))
+@given(
+    st.lists(st.integers(-(2**70), 2**70) | st.integers(0, 40), max_size=12),
+    st.integers(-3, 2**40) | st.integers(0, 8),
+    st.integers(-3, 2**40) | st.integers(0, 8),
+)
 def test_rle_random_runs_decode_or_value_error(runs, width, height):
     try:
         decoded = decode_rle(tuple(runs), width, height, "fuzz.xml: mask 'car'")
@@ -95,8 +117,11 @@ def mostly(draw, good: st.SearchStrategy, bad: list[str], one_in: int = 10):
 
 
 def _value(kind: str) -> st.SearchStrategy:
-    well_formed = {"coord": st.integers(-3, SIDE + 3).map(str), "size": st.just(str(SIDE)),
-                   "count": st.integers(0, 4).map(str)}[kind]
+    well_formed = {
+        "coord": st.integers(-3, SIDE + 3).map(str),
+        "size": st.just(str(SIDE)),
+        "count": st.integers(0, 4).map(str),
+    }[kind]
     return mostly(well_formed, HOSTILE)
 
 
@@ -108,8 +133,11 @@ def shapes(draw, frame: int | None = None) -> str:
     if frame is not None:
         attrs |= {"frame": str(frame), "outside": draw(st.sampled_from(["0", "1"]))}
     if kind in ("polygon", "polyline"):
-        points = draw(st.lists(st.tuples(_value("coord"), _value("coord")), min_size=draw(mostly(st.just(3), [0, 1])),
-                               max_size=5))
+        points = draw(
+            st.lists(
+                st.tuples(_value("coord"), _value("coord")), min_size=draw(mostly(st.just(3), [0, 1])), max_size=5
+            )
+        )
         attrs["points"] = ";".join(f"{x},{y}" for x, y in points)
     elif kind in ("box", "ellipse"):
         names = ("xtl", "ytl", "xbr", "ybr") if kind == "box" else ("cx", "cy", "rx", "ry")
@@ -118,9 +146,12 @@ def shapes(draw, frame: int | None = None) -> str:
     elif kind == "mask":
         region = draw(bool_masks())
         runs = [str(r) for r in encode_rle(region)]
-        attrs |= {"left": draw(_value("coord")), "top": draw(_value("coord")),
-                  "width": draw(mostly(st.just(str(region.shape[1])), HOSTILE)),
-                  "height": draw(mostly(st.just(str(region.shape[0])), HOSTILE))}
+        attrs |= {
+            "left": draw(_value("coord")),
+            "top": draw(_value("coord")),
+            "width": draw(mostly(st.just(str(region.shape[1])), HOSTILE)),
+            "height": draw(mostly(st.just(str(region.shape[0])), HOSTILE)),
+        }
         attrs["rle"] = ", ".join(draw(mostly(st.just(runs), [[], ["-1", "2"], ["1e400"], ["x", "1"], runs[:-1]])))
     return f"<{kind} " + " ".join(f'{k}="{v}"' for k, v in attrs.items()) + "/>"
 
@@ -128,13 +159,19 @@ def shapes(draw, frame: int | None = None) -> str:
 @st.composite
 def image_documents(draw) -> str:
     images = []
-    names = st.lists(mostly(st.sampled_from(["a.png", "b.png"]), ["../a.png", "c.png", "", "/a.png"]), min_size=1,
-                     max_size=3, unique=True)
+    names = st.lists(
+        mostly(st.sampled_from(["a.png", "b.png"]), ["../a.png", "c.png", "", "/a.png"]),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    )
     for i, name in enumerate(draw(names)):
         subset = draw(mostly(st.sampled_from(["", ' subset="train"', ' subset="Validation"']), [' subset="holdout"']))
         body = "".join(draw(st.lists(shapes(), max_size=4)))
-        images.append(f'<image id="{i}" name="{name}" width="{draw(_value("size"))}" '
-                      f'height="{draw(_value("size"))}"{subset}>{body}</image>')
+        images.append(
+            f'<image id="{i}" name="{name}" width="{draw(_value("size"))}" '
+            f'height="{draw(_value("size"))}"{subset}>{body}</image>'
+        )
     meta = f"<meta><task><name>t</name>{LABELS}</task></meta>"
     return f'<?xml version="1.0"?><annotations><version>1.1</version>{meta}{"".join(images)}</annotations>'
 
@@ -148,8 +185,10 @@ def video_documents(draw) -> str:
         tracks.append(f'<track id="{i}" label="car">{states}</track>')
     size = draw(mostly(st.sampled_from(["3", ""]), ["-1", "abc", "1e400", "4"]))
     width, height = draw(_value("size")), draw(_value("size"))
-    meta = (f"<meta><task><name>v</name><size>{size}</size><original_size><width>{width}</width>"
-            f"<height>{height}</height></original_size>{LABELS}</task></meta>")
+    meta = (
+        f"<meta><task><name>v</name><size>{size}</size><original_size><width>{width}</width>"
+        f"<height>{height}</height></original_size>{LABELS}</task></meta>"
+    )
     return f'<?xml version="1.0"?><annotations><version>1.1</version>{meta}{"".join(tracks)}</annotations>'
 
 
@@ -160,8 +199,10 @@ def mutated(draw, documents) -> bytes:
     for _ in range(draw(mostly(st.just(0), [1, 2, 3], one_in=3))):
         at = draw(st.integers(0, len(data)))
         op = draw(st.sampled_from(["cut", "insert", "overwrite"]))
-        chunk = draw(st.binary(max_size=6) | st.sampled_from([b"<", b">", b'"', b"&amp;", b"&lol;", b"<!--",
-                                                              b"<image>", b"\xff\xfe", b"]]>"]))
+        chunk = draw(
+            st.binary(max_size=6)
+            | st.sampled_from([b"<", b">", b'"', b"&amp;", b"&lol;", b"<!--", b"<image>", b"\xff\xfe", b"]]>"])
+        )
         if op == "cut":
             del data[at : at + draw(st.integers(1, 20))]
         elif op == "insert":
@@ -201,20 +242,29 @@ GIANT = ["1000000000", "99999999999999999999", "1e400", "1048577"]
 
 
 # A 0-wide mask box is a legal empty mask, so 0 and negative sizes are bad only for images and videos.
-@pytest.mark.parametrize(("where", "size"), [(w, s) for w in ("image", "video", "mask") for s in GIANT]
-                         + [(w, s) for w in ("image", "video") for s in ("0", "-8", "nan", "")])
+@pytest.mark.parametrize(
+    ("where", "size"),
+    [(w, s) for w in ("image", "video", "mask") for s in GIANT]
+    + [(w, s) for w in ("image", "video") for s in ("0", "-8", "nan", "")],
+)
 def test_giant_or_empty_declared_sizes_fail_fast(raw_dir, where, size):
     # A 10^9 x 10^9 mask would need an exabyte: the reader must refuse the declared size before allocating.
     meta = f"<meta><task><name>t</name>{LABELS}</task></meta>"
     if where == "image":
-        body = f'<image id="0" name="a.png" width="{size}" height="{size}"><box label="car" xtl="0" ytl="0" ' \
-               'xbr="3" ybr="3"/></image>'
+        body = (
+            f'<image id="0" name="a.png" width="{size}" height="{size}"><box label="car" xtl="0" ytl="0" '
+            'xbr="3" ybr="3"/></image>'
+        )
     elif where == "mask":
-        body = (f'<image id="0" name="a.png" width="{SIDE}" height="{SIDE}"><mask label="car" rle="0, {size}" '
-                f'left="0" top="0" width="{size}" height="1"/></image>')
+        body = (
+            f'<image id="0" name="a.png" width="{SIDE}" height="{SIDE}"><mask label="car" rle="0, {size}" '
+            f'left="0" top="0" width="{size}" height="1"/></image>'
+        )
     else:
-        meta = (f"<meta><task><name>v</name><size>1</size><original_size><width>{size}</width><height>{size}"
-                f"</height></original_size>{LABELS}</task></meta>")
+        meta = (
+            f"<meta><task><name>v</name><size>1</size><original_size><width>{size}</width><height>{size}"
+            f"</height></original_size>{LABELS}</task></meta>"
+        )
         body = '<track id="0" label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="3" ybr="3"/></track>'
     document = f'<?xml version="1.0"?><annotations><version>1.1</version>{meta}{body}</annotations>'
     (raw_dir / "cvat" / "annotations.xml").write_text(document)

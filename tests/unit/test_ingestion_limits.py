@@ -32,12 +32,22 @@ def peak_memory_mb(tmp_path: Path, cases: dict[str, str]) -> dict[str, tuple[flo
     spawn (``vfork`` + ``exec``) into the child's ``ru_maxrss``, and so into the parent's ``RUSAGE_CHILDREN``: after
     one large test, every child would report the pytest process's peak.
     """
-    footer = ("import re\nstatus = open('/proc/self/status').read()\n"
-              "print('PEAK_KB', re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))\n")
+    footer = (
+        "import re\nstatus = open('/proc/self/status').read()\n"
+        "print('PEAK_KB', re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
-    procs = {name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code) + footer], cwd=tmp_path, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, code in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code) + footer],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, code in cases.items()
+    }
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -75,13 +85,17 @@ def test_cityscapes_declared_size_refused_with_little_memory(tmp_path):
     # 20000 x 20000 for a 128 x 64 image: the label image, then its train ids, took ~0.8 GB before the mismatch
     # was noticed.
     bad = write_cityscapes(tmp_path / "bad", (20000, 20000))
-    peaks = peak_memory_mb(tmp_path, {"valid": CITYSCAPES_CHILD.format(raw=str(valid)),
-                                      "refused": CITYSCAPES_CHILD.format(raw=str(bad))})
+    peaks = peak_memory_mb(
+        tmp_path, {"valid": CITYSCAPES_CHILD.format(raw=str(valid)), "refused": CITYSCAPES_CHILD.format(raw=str(bad))}
+    )
     print(f"cityscapes peak RSS: valid {peaks['valid'][0]:.0f} MB, refused {peaks['refused'][0]:.0f} MB")
     assert peaks["refused"][0] < peaks["valid"][0] + MARGIN_MB
     assert peaks["valid"][1] == "ACCEPTED"
-    assert peaks["refused"][1].startswith("REFUSED ") and "declared imgWidth x imgHeight = 20000x20000" in \
-        peaks["refused"][1] and "polygons.json" in peaks["refused"][1]
+    assert (
+        peaks["refused"][1].startswith("REFUSED ")
+        and "declared imgWidth x imgHeight = 20000x20000" in peaks["refused"][1]
+        and "polygons.json" in peaks["refused"][1]
+    )
 
 
 @pytest.mark.parametrize("size", [(1, 1), (37, 5), (64, 128), (2, 70000)])
@@ -110,14 +124,17 @@ def test_other_formats_fall_back_to_decoding(tmp_path):
     assert read_image_size(path) == (9, 13)
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b"", "file is empty"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDX" + bytes(20), "PNG without an IHDR"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00", "PNG without an IHDR"),
-    (b"\xff\xd8\xff\xe0\x00\x10JFIF", "JPEG without a frame header"),
-    (b"\xff\xd8\xff\xda\x00\x08" + bytes(8), "JPEG without a frame header"),
-    (b"\xff\xd8\x00\x00", "JPEG without a frame header"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "file is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDX" + bytes(20), "PNG without an IHDR"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "PNG without an IHDR"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "JPEG without a frame header"),
+        (b"\xff\xd8\xff\xda\x00\x08" + bytes(8), "JPEG without a frame header"),
+        (b"\xff\xd8\x00\x00", "JPEG without a frame header"),
+    ],
+)
 def test_unreadable_headers_name_the_file(tmp_path, data, message):
     path = tmp_path / "broken.png"
     path.write_bytes(data)
@@ -136,7 +153,8 @@ def write_cvat(root: Path, declared: int, runs: str) -> Path:
     (root / "cvat" / "annotations.xml").write_text(
         f'<?xml version="1.0"?><annotations><version>1.1</version><meta><task><name>t</name>{labels}</task></meta>'
         f'<image id="0" name="a.png" width="{declared}" height="{declared}"><mask label="car" rle="{runs}" left="0" '
-        f'top="0" width="{declared}" height="{declared}"/></image></annotations>')
+        f'top="0" width="{declared}" height="{declared}"/></image></annotations>'
+    )
     return root
 
 
@@ -156,10 +174,14 @@ def test_cvat_declared_size_refused_with_little_memory(tmp_path):
     # A 40-byte RLE declaring a 32768 x 32768 image and mask on an 8 x 8 PNG: the mask, then the decoded runs,
     # took ~2 GiB before the mismatch with the image was noticed.
     bad = write_cvat(tmp_path / "bad", 32768, f"0, {32768 * 32768}")
-    peaks = peak_memory_mb(tmp_path, {"valid": CVAT_CHILD.format(raw=str(valid)),
-                                      "refused": CVAT_CHILD.format(raw=str(bad))})
+    peaks = peak_memory_mb(
+        tmp_path, {"valid": CVAT_CHILD.format(raw=str(valid)), "refused": CVAT_CHILD.format(raw=str(bad))}
+    )
     print(f"cvat peak RSS: valid {peaks['valid'][0]:.0f} MB, refused {peaks['refused'][0]:.0f} MB")
     assert peaks["refused"][0] < peaks["valid"][0] + MARGIN_MB
     assert peaks["valid"][1] == "ACCEPTED"
-    assert peaks["refused"][1].startswith("REFUSED ") and "annotations.xml: image 'a.png': declared width x height " \
-        "= 32768x32768 but" in peaks["refused"][1] and "a.png is 8x8" in peaks["refused"][1]
+    assert (
+        peaks["refused"][1].startswith("REFUSED ")
+        and "annotations.xml: image 'a.png': declared width x height = 32768x32768 but" in peaks["refused"][1]
+        and "a.png is 8x8" in peaks["refused"][1]
+    )
