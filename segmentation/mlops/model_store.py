@@ -36,9 +36,18 @@ from segmentation.models.package import (
 PACKAGE_ARTIFACT = "package"
 SERVING_MODEL_FILE = Path(__file__).with_name("serving_model.py")
 CODE_DIR = Path(__file__).resolve().parent.parent  # the segmentation package, logged beside every model
-# Distributions the served pyfunc imports (segmentation itself travels as code_paths); the PyTorch model runs on
-# onnxruntime too when its parity probe passes (segmentation.inference.predictor.Predictor).
-SERVING_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "opencv-python-headless", "onnxruntime")
+# Exactly the distributions the served code imports (segmentation itself travels as code_paths; the PyTorch model
+# runs on onnxruntime too when its parity probe passes). tests/unit/test_model_requirements.py keeps this true.
+SERVING_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "numpy",
+    "pandas",
+    "opencv-python-headless",
+    "onnxruntime",
+    "pyyaml",
+    "safetensors",
+)
 
 
 def pip_requirements() -> list[str]:

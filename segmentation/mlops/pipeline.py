@@ -22,7 +22,7 @@ from segmentation.mlops.registry import filter_literal
 
 logger = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the folder holding MLproject
 
 
 EMPTY_AS_LOGGED = ("", "''")  # MLflow records an empty project parameter as the shell-quoted ``''``
