@@ -20,6 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.artifact_utils import get_artifact_repository
 
 from segmentation.mlops.model_store import log_model_package
+from segmentation.mlops.registry import document_model
+from segmentation.models.package import read_package_meta
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +115,18 @@ class Delivery:
             )
         version = getattr(info, "registered_model_version", None)
         if version is not None:
-            for key, value in record.get("version_tags", {}).items():
-                self.client.set_model_version_tag(record["registered_model"], str(version), key, str(value))
+            name, version_tags = record["registered_model"], record.get("version_tags", {})
+            for key, value in version_tags.items():
+                self.client.set_model_version_tag(name, str(version), key, str(value))
+            meta = read_package_meta(record["package"])
+            registered_model_tags = {
+                "task": "semantic-segmentation",
+                "num_classes": meta["num_classes"],
+                "training_data_digest": version_tags.get("data_digest"),
+                "latest_version_val_mIoU": version_tags.get("val/mIoU"),
+                "latest_version_run_id": self.run_id,
+            }
+            document_model(name, meta["classes"]["names"], registered_model_tags, self.client)
             self.model_version = str(version)
 
     def _end(self, batch: list[dict]) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.data.dataset import Dataset
+from mlflow.entities import LoggedModelInput
 
 from segmentation.evaluation.evaluate import EvalResult, WorstImage
 from segmentation.evaluation.visualize import render_confusion_matrix, render_iou_bars, render_panel
@@ -41,9 +43,22 @@ def _worst_title(rank: int, worst: WorstImage) -> str:
     return f"worst #{rank + 1}: {worst.name}  mIoU {worst.miou:.3f}"
 
 
-def log_evaluation(result: EvalResult, tags: Mapping[str, str] | None = None, prefix: str = "eval") -> None:
-    """Log an evaluation into the active MLflow run: metrics, tables, heatmap, IoU bars, worst panels, tags."""
-    mlflow.log_metrics(result.metrics)
+def log_evaluation(
+    result: EvalResult,
+    tags: Mapping[str, str] | None = None,
+    prefix: str = "eval",
+    dataset: Dataset | None = None,
+    model_id: str | None = None,
+) -> None:
+    """Log an evaluation into the active MLflow run: metrics, tables, heatmap, IoU bars, worst panels, tags.
+
+    With ``dataset`` it is logged as the run's ``evaluation`` input and the metrics are linked to it; with
+    ``model_id`` (the evaluated LoggedModel) they are linked to the model too, so its page shows its scores.
+    """
+    if dataset is not None:
+        model = LoggedModelInput(model_id) if model_id else None
+        mlflow.log_input(dataset, context="evaluation", model=model)
+    mlflow.log_metrics(result.metrics, dataset=dataset, model_id=model_id)
     mlflow.log_table(per_class_table(result), artifact_file=f"{prefix}/per_class.json")
     per_image = pd.DataFrame(
         {"image": pd.Series([n for n, _ in result.per_image], dtype=object), "miou": [v for _, v in result.per_image]}

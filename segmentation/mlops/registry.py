@@ -45,6 +45,7 @@ class ModelRef:
     name: str | None = None
     version: str | None = None
     run_id: str | None = None
+    model_id: str | None = None  # the MLflow 3 LoggedModel behind a registered version
 
     @property
     def tags(self) -> dict[str, str]:
@@ -92,10 +93,18 @@ def describe_model_uri(model_uri: str, client: MlflowClient | None = None) -> Mo
                 mv = client.get_model_version(name, version)
         except (MlflowException, ValueError):  # ValueError: max() of a model without versions
             return ModelRef(model_uri, name, None if version == "latest" else version)
-        return ModelRef(model_uri, name, str(mv.version), mv.run_id)
+        return ModelRef(model_uri, name, str(mv.version), mv.run_id, logged_model_id(mv))
     if match := re.fullmatch(r"runs:/([^/]+)(/.*)?", model_uri):
         return ModelRef(model_uri, run_id=match.group(1))
     return ModelRef(model_uri)
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The LoggedModel behind a registered version (its ``source`` is ``models:/<model_id>`` in MLflow 3)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", version.source or "")
+    return match.group(1) if match else None
 
 
 def get_version(model_name: str, version: str | int, client: MlflowClient | None = None) -> ModelVersion:
@@ -144,6 +153,32 @@ def record_evaluation(
     }
     for key, tag_value in tags.items():
         client.set_model_version_tag(model_name, str(version), key, tag_value)
+
+
+def document_model(
+    model_name: str, class_names: list[str], tags: Mapping[str, object], client: MlflowClient | None = None
+) -> None:
+    """Give a registered model the description and tags a deployment team reads first.
+
+    The description says what the model does, its classes and how to call it (the serving contract of
+    :mod:`segmentation.mlops.serving`); ``tags`` (task, num_classes, data digest, best score, source run...) are set
+    on the registered model, empty values skipped.
+    """
+    client = client or MlflowClient()
+    description = (
+        f"Semantic segmentation (FC-HarDNet), {len(class_names)} classes: {', '.join(class_names)}.\n\n"
+        "Input: a DataFrame column `image` of base64-encoded PNG or JPEG images of any size (BGR/RGB files as "
+        "written, decoded with their EXIF orientation). Output per image: `mask` (base64 PNG of class ids, 255 = "
+        'none, same size as the input), `height`, `width`, and with params {"colorize": true} `colorized` '
+        "(base64 RGB PNG in the class colours).\n\n"
+        f"Call it: `mlflow models serve -m models:/{model_name}@production`, then POST "
+        '`{"dataframe_records": [{"image": "<base64 PNG>"}]}` to /invocations; or '
+        f"`mlflow.pyfunc.load_model('models:/{model_name}@production').predict(df)`."
+    )
+    client.update_registered_model(model_name, description=description)
+    for key, value in tags.items():
+        if value not in (None, ""):
+            client.set_registered_model_tag(model_name, key, str(value))
 
 
 def find_evaluation(

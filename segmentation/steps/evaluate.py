@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
+import mlflow.data
+import pandas as pd
 
 from segmentation.config import AugmentationConfig, EvalConfig
 from segmentation.data.datasets import SegmentationDataset, load_split
@@ -44,7 +46,7 @@ class Protocol:
         return json.dumps({k: getattr(self, k) for k in keys})
 
 
-def _evaluate(model_uri: str, protocol: Protocol, num_worst: int) -> tuple[EvalResult, str]:
+def _evaluate(model_uri: str, protocol: Protocol, num_worst: int) -> tuple[EvalResult, str, pd.DataFrame]:
     model, classes = load_model(model_uri)
     table, data_classes, root = load_split(protocol.data, protocol.split_id)
     check_classes(classes, data_classes)
@@ -69,13 +71,14 @@ def _evaluate(model_uri: str, protocol: Protocol, num_worst: int) -> tuple[EvalR
         device=resolve_device(protocol.device),
         backend=protocol.backend,
     )
-    return result, data_key(table, protocol.split, protocol.split_id, protocol.tta, protocol.sliding_window)
+    key = data_key(table, protocol.split, protocol.split_id, protocol.tta, protocol.sliding_window)
+    return result, key, table[table["split"] == protocol.split].reset_index(drop=True)
 
 
 def incumbent_evaluator(model_name: str, protocol: Protocol):
     def evaluate_incumbent(version: str) -> float:
         logger.info("production version %s has no score on this data: evaluating it now", version)
-        result, _ = _evaluate(f"models:/{model_name}/{version}", protocol, num_worst=0)
+        result, _, _ = _evaluate(f"models:/{model_name}/{version}", protocol, num_worst=0)
         return result.metrics["eval/mIoU"]
 
     return evaluate_incumbent
@@ -107,9 +110,12 @@ def evaluate_step(
         )
     protocol = Protocol(**{**asdict(protocol), "data": str(Path(protocol.data).resolve())})
     with attached_run(run_name="evaluate") as run_id:
-        result, key = _evaluate(model_uri, protocol, protocol.num_worst)
+        result, key, rows = _evaluate(model_uri, protocol, protocol.num_worst)
         tags = {**ref.tags, registry.DATA_TAG: key, "eval/split": protocol.split, "eval/tta": protocol.tta}
-        log_evaluation(result, tags)
+        dataset = mlflow.data.from_pandas(
+            rows, source=protocol.data, name=f"{Path(protocol.data).name}/{protocol.split_id}/{protocol.split}"
+        )
+        log_evaluation(result, tags, dataset=dataset, model_id=ref.model_id)
         mlflow.flush_async_logging()
         promotion = None
         if ref.name and ref.version:
@@ -119,7 +125,10 @@ def evaluate_step(
                 result.metrics["eval/mIoU"],
                 key,
                 run_id,
-                extra_tags={registry.PROTOCOL_TAG: protocol.to_json()},
+                extra_tags={
+                    registry.PROTOCOL_TAG: protocol.to_json(),
+                    **{k: repr(result.metrics[k]) for k in ("eval/pixel_acc", "eval/mean_acc") if k in result.metrics},
+                },
             )
         if promote:
             promotion = registry.promote(

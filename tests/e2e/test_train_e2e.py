@@ -73,6 +73,12 @@ def test_mlflow_run_train_tracks_and_registers(tiny_data, tmp_path, mlflow_serve
     (version,) = client.search_model_versions("name='e2e-train-model'")
     assert version.run_id == run_id
     assert {"val/mIoU", "run_id", "data_digest"} <= set(version.tags) and version.tags["run_id"] == run_id
+    registered = client.get_registered_model("e2e-train-model")
+    assert "Semantic segmentation (FC-HarDNet), 19 classes: road" in registered.description
+    assert "/invocations" in registered.description
+    assert registered.tags["task"] == "semantic-segmentation" and registered.tags["num_classes"] == "19"
+    assert registered.tags["training_data_digest"] == version.tags["data_digest"]
+    assert registered.tags["latest_version_run_id"] == run_id
 
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(f"models:/e2e-train-model/{version.version}")

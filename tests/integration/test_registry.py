@@ -168,7 +168,16 @@ def test_evaluation_run_is_logged_linked_and_promotes(client, tmp_path):
     assert len(client.list_artifacts(run_id, "eval/worst")) == 1
     version_tags = client.get_model_version(name, version).tags
     assert float(version_tags["eval/mIoU"]) == pytest.approx(result.metrics["eval/mIoU"])
+    assert float(version_tags["eval/pixel_acc"]) == pytest.approx(result.metrics["eval/pixel_acc"])
     assert np.isfinite(result.latency.ms_per_image)
+    # The split is the run's `evaluation` input, and the scores are linked to the evaluated model and that data.
+    (evaluation_input,) = run.inputs.dataset_inputs
+    assert {t.key: t.value for t in evaluation_input.tags}["mlflow.data.context"] == "evaluation"
+    assert evaluation_input.dataset.name.endswith("/split01/val")
+    model_id = registry.logged_model_id(client.get_model_version(name, version))
+    scores = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    assert scores["eval/mIoU"].value == pytest.approx(result.metrics["eval/mIoU"])
+    assert scores["eval/mIoU"].dataset_digest == evaluation_input.dataset.digest
 
 
 def _exports(client: MlflowClient, source: str, source_versions: list[str]) -> str:
