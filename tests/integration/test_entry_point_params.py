@@ -90,6 +90,12 @@ VALUES = {
         "fuse_bn": ("false", lambda c: str(c["args"][3]).lower()),
         "registered_model": ("my-model-onnx", lambda c: c["args"][4]),
     },
+    "register": {
+        "checkpoint": ("tests", lambda c: Path(c["args"][0]).name),  # a `path` param: it must exist
+        "registered_model": ("my-model", lambda c: c["args"][1]),
+        "classes": ("/data/classes.csv", lambda c: c["args"][2]),
+        "arch": ("fchardnet70x", lambda c: c["args"][3]),
+    },
 }
 STEP_FUNCTIONS = {
     "main": "pipeline_step",
@@ -98,6 +104,7 @@ STEP_FUNCTIONS = {
     "promote": "promote_step",
     "predict": "predict_step",
     "export": "export_step",
+    "register": "register_step",
 }
 EXPECTED_OVERRIDES = {("train", "config"): "1"}  # tiny.yaml's num_val_images_logged (the schema's is 2)
 
@@ -148,7 +155,7 @@ def test_every_parameter_reaches_the_library(repo, name, monkeypatch, tmp_path):
         monkeypatch.setattr(module, STEP_FUNCTIONS[name], record)
         if name == "evaluate":
             monkeypatch.setattr(module, "format_summary", lambda result: "")
-        if name in ("main", "export"):
+        if name in ("main", "export", "register"):
             monkeypatch.setattr(module.json, "dumps", lambda *a, **kw: "")
     assert module.main(_argv(repo, entry, values, tmp_path)) == 0
     for param, (value, where) in VALUES[name].items():

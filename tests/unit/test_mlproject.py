@@ -8,7 +8,9 @@ import pytest
 from mlflow.projects import _project_spec
 
 
-@pytest.mark.parametrize("name", ["main", "preprocess", "train", "evaluate", "promote", "predict", "export"])
+@pytest.mark.parametrize(
+    "name", ["main", "preprocess", "train", "evaluate", "promote", "predict", "export", "register"]
+)
 def test_every_param_is_a_flag_of_its_entry_point(repo, name):
     entry = _project_spec.load_project(str(repo)).get_entry_point(name)
     module = importlib.import_module(f"entrypoints.{name}")
