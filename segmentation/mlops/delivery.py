@@ -7,7 +7,9 @@ of one kind (several ``metrics`` records, or one record of any other kind). Fail
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,9 +21,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.artifact_utils import get_artifact_repository
 
-from segmentation.mlops.model_store import log_model_package
+from segmentation.mlops.model_store import CLASS_NAMES_TAG, log_model_package
 from segmentation.mlops.registry import document_model
-from segmentation.models.package import read_package_meta
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,15 @@ class Delivery:
     def __init__(self, client: MlflowClient, run_id: str | None, journal_dir: Path | None) -> None:
         self.client, self.run_id, self.journal_dir = client, run_id, journal_dir
         self.model_version: str | None = None
+        self._model_ids: dict[str, str] = {}  # LoggedModel name -> id, for the models this delivery logged
         self._handlers: dict[str, Callable[[list[dict]], None]] = {
             "metrics": self._metrics,
             "image": self._image,
             "artifacts": self._artifacts,
             "delete": self._delete,
             "model": self._model,
+            "register": self._register,
+            "delete_model": self._delete_model,
             "end": self._end,
         }
 
@@ -71,7 +75,23 @@ class Delivery:
         handler(batch)
 
     def _metrics(self, batch: list[dict]) -> None:
-        metrics = [Metric(k, v, r["timestamp"], r["step"]) for r in batch for k, v in r["values"].items()]
+        metrics = []
+        for record in batch:
+            # MLflow keeps a metric's dataset only on a model's copy of it: link both, or neither.
+            model_id = self._find_model(record["model"]) if record.get("model") else None
+            name, digest = (record.get("dataset") or (None, None)) if model_id else (None, None)
+            for key, value in record["values"].items():
+                metrics.append(
+                    Metric(
+                        key,
+                        value,
+                        record["timestamp"],
+                        record["step"],
+                        model_id,
+                        dataset_name=name,
+                        dataset_digest=digest,
+                    )
+                )
         self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
     def _image(self, batch: list[dict]) -> None:
@@ -106,28 +126,49 @@ class Delivery:
 
     def _model(self, batch: list[dict]) -> None:
         record = batch[0]
+        if not Path(record["package"]).is_dir():  # a checkpoint pruned before its turn: nothing left to log
+            logger.info("model package %s is gone (pruned); not logged", record["package"])
+            return
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):  # log_model needs an active run
-            info = log_model_package(
-                record["package"],
-                name=record["name"],
-                registered_model_name=record.get("registered_model"),
-                step=record["step"],
-            )
-        version = getattr(info, "registered_model_version", None)
-        if version is not None:
-            name, version_tags = record["registered_model"], record.get("version_tags", {})
-            for key, value in version_tags.items():
-                self.client.set_model_version_tag(name, str(version), key, str(value))
-            meta = read_package_meta(record["package"])
-            registered_model_tags = {
-                "task": "semantic-segmentation",
-                "num_classes": meta["num_classes"],
-                "training_data_digest": version_tags.get("data_digest"),
-                "latest_version_val_mIoU": version_tags.get("val/mIoU"),
-                "latest_version_run_id": self.run_id,
-            }
-            document_model(name, meta["classes"]["names"], registered_model_tags, self.client)
-            self.model_version = str(version)
+            info = log_model_package(record["package"], name=record["name"], step=record["step"])
+        self._model_ids[record["name"]] = info.model_id
+
+    def _find_model(self, name: str) -> str | None:
+        """The id of this run's LoggedModel ``name`` (logged by this delivery, or before a resume or a restart)."""
+        if name in self._model_ids:
+            return self._model_ids[name]
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        found = self.client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{name}'"
+        )
+        return found[0].model_id if found else None
+
+    def _register(self, batch: list[dict]) -> None:
+        record = batch[0]
+        model_id = self._find_model(record["name"])
+        if model_id is None:
+            raise FileNotFoundError(f"run {self.run_id} has no logged model {record['name']!r} to register")
+        name, version_tags = record["registered_model"], record.get("version_tags", {})
+        version = str(mlflow.register_model(f"models:/{model_id}", name).version)
+        for key, value in version_tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value))
+        class_names = json.loads(self.client.get_logged_model(model_id).tags.get(CLASS_NAMES_TAG, "[]"))
+        registered_model_tags = {
+            "task": "semantic-segmentation",
+            "num_classes": len(class_names),
+            "training_data_digest": version_tags.get("data_digest"),
+            "latest_version_val_mIoU": version_tags.get("val/mIoU"),
+            "latest_version_run_id": self.run_id,
+        }
+        document_model(name, class_names, registered_model_tags, self.client)
+        self.model_version = version
+
+    def _delete_model(self, batch: list[dict]) -> None:
+        model_id = self._find_model(batch[0]["name"])
+        if model_id is not None:
+            self.client.delete_logged_model(model_id)
+        if batch[0].get("package"):
+            shutil.rmtree(batch[0]["package"], ignore_errors=True)
 
     def _end(self, batch: list[dict]) -> None:
         self.client.set_terminated(self.run_id, batch[0]["status"], end_time=batch[0]["timestamp"])

@@ -7,6 +7,7 @@ an artifact and the ``segmentation`` code as ``code_paths``, so nothing is pickl
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from importlib import metadata
@@ -38,6 +39,7 @@ SERVING_MODEL_FILE = Path(__file__).with_name("serving_model.py")
 CODE_DIR = Path(__file__).resolve().parent.parent  # the segmentation package, logged beside every model
 # Exactly the distributions the served code imports (segmentation itself travels as code_paths; the PyTorch model
 # runs on onnxruntime too when its parity probe passes). tests/unit/test_model_requirements.py keeps this true.
+CLASS_NAMES_TAG = "segmentation.classes"  # on every LoggedModel: its class names, as JSON
 SERVING_REQUIREMENTS = (
     "mlflow",
     "torch",
@@ -110,6 +112,7 @@ def log_model_package(
             registered_model_name=registered_model_name or None,
             step=step or 0,
             metadata={"backend": backend, "preprocessing": PREPROCESSING, **extra},
+            tags={CLASS_NAMES_TAG: json.dumps(meta["classes"]["names"]), "num_classes": str(meta["num_classes"])},
         )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,16 +101,21 @@ class Tracker:
         if self.enabled:
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_dataset(self, table: Any, source: str, name: str, context: str) -> None:
-        """Record the split table as a run input (MLflow dataset with a digest)."""
-        if self.enabled:
-            dataset = mlflow.data.from_pandas(table, source=source, name=name)
+    def log_dataset(self, table: Any, source: str, name: str, context: str, log: bool = True) -> tuple[str, str]:
+        """Record a table of samples as a run input (an MLflow dataset with a digest); returns ``(name, digest)``.
+
+        ``log=False`` only computes the reference (a resumed run has its inputs already). The ``training`` dataset's
+        digest becomes :attr:`dataset_digest`; metrics logged with ``dataset=(name, digest)`` are linked to it.
+        """
+        dataset = mlflow.data.from_pandas(table, source=source, name=name)
+        if context == "training":
             self._digest = dataset.digest
+        if self.enabled and log:
             inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
             for attempt in range(3):
                 try:
                     self.client.log_inputs(self.run_id, inputs)
-                    return
+                    break
                 except MlflowException as exc:
                     # The server inserts a new dataset row after checking that none exists; when several trainings
                     # of one experiment start together, the losers hit the unique constraint (sqlite and
@@ -118,6 +124,7 @@ class Tracker:
                     if not duplicate or attempt == 2:
                         raise
                     time.sleep(0.2 * (attempt + 1))
+        return name, dataset.digest
 
     @property
     def dataset_digest(self) -> str | None:
@@ -126,7 +133,8 @@ class Tracker:
             return self._digest
         inputs = self.client.get_run(self.run_id).inputs
         datasets = inputs.dataset_inputs if inputs is not None else []
-        self._digest = datasets[0].dataset.digest if datasets else None
+        training = [d for d in datasets if {t.key: t.value for t in d.tags}.get(MLFLOW_DATASET_CONTEXT) == "training"]
+        self._digest = (training or datasets)[0].dataset.digest if datasets else None
         return self._digest
 
     def skip_logged_steps(self) -> None:
@@ -183,8 +191,17 @@ class Tracker:
         else:
             self.journal.append(record)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log numeric metrics at ``step``. A non-numeric value raises instead of vanishing.
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int,
+        dataset: tuple[str, str] | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Log numeric metrics at ``step``; with ``dataset`` (``(name, digest)``) and ``model`` (the name of a
+        LoggedModel of this run, logged before) they are linked to both.
+
+        A non-numeric value raises instead of vanishing.
 
         Raises:
             TypeError: a value is not a real number.
@@ -199,7 +216,12 @@ class Tracker:
                 values[key] = float(value)
                 self._logged_steps[key] = step
         if values:
-            self._write({"kind": "metrics", "step": step, "timestamp": int(time.time() * 1000), "values": values})
+            record = {"kind": "metrics", "step": step, "timestamp": int(time.time() * 1000), "values": values}
+            if dataset is not None:
+                record["dataset"] = list(dataset)
+            if model is not None:
+                record["model"] = model
+            self._write(record)
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         """A step-indexed image (H x W x 3 uint8 RGB): the UI shows a slider over steps."""
@@ -234,21 +256,33 @@ class Tracker:
         if self.enabled:
             self._write({"kind": "delete", "path": path})
 
-    def log_model(
-        self, package: str | Path, step: int, registered_model: str | None, version_tags: Mapping[str, Any]
-    ) -> None:
-        """Log a saved model package as the run's model ``model`` (and register a version), in the background."""
+    def log_model(self, package: str | Path, step: int, name: str) -> None:
+        """Log a saved model package as a LoggedModel ``name`` of the run at ``step``, in the background.
+
+        MLflow links the run's metrics at ``step`` (the validation that chose this checkpoint) to the model.
+        """
+        if self.enabled:
+            self._write({"kind": "model", "package": str(Path(package).resolve()), "name": name, "step": step})
+
+    def register_model(self, name: str, registered_model: str, version_tags: Mapping[str, Any]) -> None:
+        """Register this run's LoggedModel ``name`` as a new version of ``registered_model``, in the background."""
         if self.enabled:
             self._write(
                 {
-                    "kind": "model",
-                    "package": str(Path(package).resolve()),
-                    "name": "model",
-                    "step": step,
+                    "kind": "register",
+                    "name": name,
                     "registered_model": registered_model,
                     "version_tags": dict(version_tags),
                 }
             )
+
+    def delete_model(self, name: str, package: str | Path) -> None:
+        """Delete the LoggedModel ``name`` of this run (a pruned checkpoint's), then its local ``package``, after
+        what was queued before (the package's own upload included)."""
+        if self.enabled:
+            self._write({"kind": "delete_model", "name": name, "package": str(Path(package).resolve())})
+        else:
+            shutil.rmtree(package, ignore_errors=True)
 
     def end(self, status: str = "FINISHED", timeout: float = 120.0) -> bool:
         """Queue the final status and wait up to ``timeout`` s for the journal to reach the server.

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 # A training's output folder, <output_dir>/<run_id>/: checkpoints/, the model package model/, the journal tracking/.
 ARTIFACT_DIR = "checkpoints"
 CHECKPOINT_DIR = "checkpoints"
-MODEL_PACKAGE_DIR = "model"
+MODEL_PACKAGE_DIR = "models"  # one model package per kept checkpoint, logged as a LoggedModel of the run
 JOURNAL_DIR = "tracking"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -66,6 +67,11 @@ class TrainerState:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
+
+
+def logged_model_name(checkpoint: str | Path) -> str:
+    """The name of a checkpoint's LoggedModel in the run, e.g. ``checkpoint-step-0000300``."""
+    return f"checkpoint-{Path(checkpoint).name}"
 
 
 def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -103,16 +109,30 @@ class CheckpointManager:
         directory: local folder for the ``step-*`` checkpoints.
         monitor: metric that ranks checkpoints (``val/mIoU``); ``mode`` is ``max`` or ``min``.
         top_k: best checkpoints kept besides the last one.
-        store: receives the uploads (the run's tracker; a no-op one on non-main ranks).
+        store: receives the uploads and the checkpoints' models (the run's tracker; a no-op one on non-main ranks).
+        packages: folder of the checkpoints' model packages (``write_package`` in :meth:`save`).
     """
 
-    def __init__(self, directory: str | Path, monitor: str, mode: str, top_k: int, store: ArtifactStore) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        monitor: str,
+        mode: str,
+        top_k: int,
+        store: ArtifactStore,
+        packages: str | Path | None = None,
+    ) -> None:
         self.directory = Path(directory)
+        self.packages = Path(packages) if packages else self.directory.parent / MODEL_PACKAGE_DIR
         self.monitor, self.mode, self.top_k = monitor, mode, top_k
         self.store = store
 
-    def save(self, accelerator: Any, state: TrainerState) -> Path:
-        """Write a checkpoint of the current step on every rank; the main rank commits, prunes and uploads it."""
+    def save(self, accelerator: Any, state: TrainerState, write_package: Callable[[Path], None] | None = None) -> Path:
+        """Write a checkpoint of the current step on every rank; the main rank commits, prunes and uploads it.
+
+        With ``write_package`` (main rank: it writes the model package of the current weights into the folder it is
+        given) the checkpoint also becomes a LoggedModel of the run at this step, linked to the step's metrics.
+        """
         final = self.directory / checkpoint_name(state.global_step)
         tmp = self.directory / f".tmp-{final.name}"
         if accelerator.is_main_process and tmp.exists():
@@ -127,6 +147,10 @@ class CheckpointManager:
             tmp.rename(final)
             # Queued: uploaded in the background, the state file last (see fetch_last).
             self.store.log_artifacts(final, f"{ARTIFACT_DIR}/{final.name}", last=STATE_FILE)
+            if write_package is not None:
+                package = self.packages / final.name
+                write_package(package)
+                self.store.log_model(package, state.global_step, logged_model_name(final))
             self._prune(state)
         accelerator.wait_for_everyone()
         return final
@@ -143,6 +167,9 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
                 # Queued after its upload; an upload whose folder is gone by then is skipped.
                 self.store.delete_artifacts(f"{ARTIFACT_DIR}/{path.name}")
+                if (self.packages / path.name).is_dir():
+                    # The store removes the package after its LoggedModel (its upload may still be queued).
+                    self.store.delete_model(logged_model_name(path), self.packages / path.name)
 
     def best(self) -> Path | None:
         """The best kept checkpoint by the monitored metric, else the last one."""

@@ -33,12 +33,11 @@ from segmentation.models.preprocessing import to_bgr_image
 from segmentation.training.checkpoint import (
     CHECKPOINT_DIR,
     JOURNAL_DIR,
-    MODEL_PACKAGE_DIR,
     STATE_FILE,
     CheckpointManager,
     TrainerState,
     is_better,
-    load_weights,
+    logged_model_name,
 )
 from segmentation.training.hooks import NullTracker, RunTracker
 from segmentation.training.losses import build_loss
@@ -77,6 +76,8 @@ class _Run:
     losses: list[float] = field(default_factory=list)
     images: int = 0
     tic: float = field(default_factory=time.perf_counter)
+    log_models: bool = True  # each checkpoint becomes a LoggedModel of the run (its package under models/)
+    val_dataset: tuple[str, str] | None = None  # (name, digest) the validation metrics are linked to
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -197,7 +198,11 @@ def _set_epoch(loader: Any, epoch: int, seed: int) -> None:
 
 
 def _validate_and_save(run: _Run) -> dict[str, float]:
-    """Validate, log metrics and pictures, update early stopping and save a checkpoint."""
+    """Validate, update early stopping, save a checkpoint (a LoggedModel too), then log metrics and pictures.
+
+    The checkpoint's model is queued before the metrics so that they are logged linked to it (``model_id``) and to
+    the validation dataset: the model page shows the scores that chose it.
+    """
     cfg, state = run.cfg, run.state
     result, matrix, sample = validate(
         run.model, run.criterion, run.val_loader, run.accelerator, cfg.model.num_classes, cfg.data.ignore_index
@@ -205,12 +210,6 @@ def _validate_and_save(run: _Run) -> dict[str, float]:
     metrics = {"val/loss": result["loss"], "val/mIoU": result["mIoU"], "val/pixel_acc": result["pixel_acc"]}
     metrics |= {f"val/IoU/{name}": v for name, v in zip(run.classes.names, result["iou"], strict=True)}
     step = state.global_step
-    run.tracker.log_metrics(metrics, step=step)
-    if run.tracker.enabled and cfg.train.num_val_images_logged > 0 and sample is not None:
-        image, mask, pred = sample
-        panel = render_panel(to_bgr_image(image), mask.numpy(), pred.numpy(), run.classes, title=f"step {step}")
-        run.tracker.log_image(panel, key="val/prediction", step=step)
-        run.tracker.log_image(render_confusion_matrix(matrix, run.classes.names), key="val/confusion", step=step)
     monitor = cfg.callbacks.checkpoint
     value = metrics.get(monitor.monitor, math.nan)
     state.history.append({"step": step, "value": value})
@@ -224,7 +223,15 @@ def _validate_and_save(run: _Run) -> dict[str, float]:
         else:
             state.early_stopping_counter += 1
     state.metrics = metrics
-    run.checkpoints.save(run.accelerator, state)
+    write_package = _package_writer(run) if run.log_models and run.accelerator.is_main_process else None
+    checkpoint = run.checkpoints.save(run.accelerator, state, write_package)
+    model = logged_model_name(checkpoint) if write_package else None
+    run.tracker.log_metrics(metrics, step=step, dataset=run.val_dataset, model=model)
+    if run.tracker.enabled and cfg.train.num_val_images_logged > 0 and sample is not None:
+        image, mask, pred = sample
+        panel = render_panel(to_bgr_image(image), mask.numpy(), pred.numpy(), run.classes, title=f"step {step}")
+        run.tracker.log_image(panel, key="val/prediction", step=step)
+        run.tracker.log_image(render_confusion_matrix(matrix, run.classes.names), key="val/confusion", step=step)
     return metrics
 
 
@@ -295,13 +302,15 @@ def _start(run: _Run, resume: bool, table: Any) -> None:
             "segmentation.checkpoint_dir": run.checkpoints.directory.resolve(),
         }
     )
+    source = str(resolve_split_table(run.cfg.data.root, run.cfg.data.split_id))
+    name = f"{Path(run.cfg.data.root).name}/{run.cfg.data.split_id}"
+    # A resumed run has its inputs already: the references are only recomputed (same rows, same digest).
+    tracker.log_dataset(table, source=source, name=name, context="training", log=not resume)
+    val_rows = table[table["split"] == run.cfg.data.val_split].reset_index(drop=True)
+    run.val_dataset = tracker.log_dataset(
+        val_rows, source=source, name=f"{name}/{run.cfg.data.val_split}", context="validation", log=not resume
+    )
     if not resume:
-        tracker.log_dataset(
-            table,
-            source=str(resolve_split_table(run.cfg.data.root, run.cfg.data.split_id)),
-            name=f"{Path(run.cfg.data.root).name}/{run.cfg.data.split_id}",
-            context="training",
-        )
         return
     path = run.checkpoints.fetch_last() if accelerator.is_main_process else None
     path = broadcast_object_list([None if path is None else str(path)])[0]
@@ -316,28 +325,28 @@ def _start(run: _Run, resume: bool, table: Any) -> None:
     logger.info("resumed run %s from %s at step %d", tracker.run_id, path, run.state.global_step)
 
 
-def _log_best_model(run: _Run, registered_model: str | None) -> None:
-    """Save the best checkpoint's weights as a model package and queue it as the run's model; main process only."""
+def _package_writer(run: _Run):
+    """Writes the model package of the current weights (main rank), for the checkpoint being saved."""
+
+    def write(folder: Path) -> None:
+        save_model_package(run.accelerator.unwrap_model(run.model), run.classes, run.cfg.model, folder)
+
+    return write
+
+
+def _register_best(run: _Run, registered_model: str) -> None:
+    """Register the best checkpoint's LoggedModel as a new version of ``registered_model``; main process only."""
     best = run.checkpoints.best()
     if best is None:
         return
     best_state = TrainerState.read(best / STATE_FILE)
-    net = run.accelerator.unwrap_model(run.model)
-    net.load_state_dict(load_weights(best))
-    package = save_model_package(
-        net.eval(), run.classes, run.cfg.model, run.checkpoints.directory.parent / MODEL_PACKAGE_DIR
-    )
-    run.tracker.log_model(
-        package,
-        best_state.global_step,
-        registered_model or None,
-        {
-            "val/mIoU": best_state.metrics.get("val/mIoU"),
-            "run_id": run.tracker.run_id,
-            "step": best_state.global_step,
-            "data_digest": run.tracker.dataset_digest,
-        },
-    )
+    version_tags = {
+        "val/mIoU": best_state.metrics.get("val/mIoU"),
+        "run_id": run.tracker.run_id,
+        "step": best_state.global_step,
+        "data_digest": run.tracker.dataset_digest,
+    }
+    run.tracker.register_model(logged_model_name(best), registered_model, version_tags)
 
 
 def fit(
@@ -356,7 +365,7 @@ def fit(
         tracker: the run's tracker on the main process (a :class:`NullTracker` elsewhere, or for no tracking).
         resume: continue the tracker's run from its last checkpoint (local, else its ``checkpoints/`` artifacts).
         registered_model: register the best weights as a new version of this model (empty: do not register).
-        log_model: log the best weights as the run's model (False skips it and the registration).
+        log_model: log each checkpoint as a LoggedModel and register the best (False skips both).
         tracking_timeout: seconds to wait at the end for the tracker's journal to reach the server.
 
     Returns:
@@ -418,6 +427,7 @@ def _fit(
         checkpoints,
         TrainerState(mlflow_run_id=run_id),
         total_steps,
+        log_models=log_model,
     )
     logger.info(
         "rank %d/%d: %d steps (%d per epoch)",
@@ -460,7 +470,7 @@ def _fit(
     run.progress.close()
     if not state.history or state.history[-1]["step"] != state.global_step:
         _validate_and_save(run)  # the loop ended off the validation schedule (early stop keeps its last one)
-    if accelerator.is_main_process and log_model:
-        _log_best_model(run, registered_model)
+    if accelerator.is_main_process and log_model and registered_model:
+        _register_best(run, registered_model)
     delivered = tracker.end("FINISHED", tracking_timeout)
     return FitResult(run_id, state.global_step, state.metrics, checkpoints.best(), tracker.model_version, delivered)

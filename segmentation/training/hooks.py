@@ -7,6 +7,7 @@ an :class:`ArtifactStore`. :class:`NullTracker` records nothing (untracked train
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,9 +28,13 @@ class ArtifactStore(Protocol):
 
     def download_artifacts(self, path: str, dst_dir: str | Path) -> Path: ...
 
+    def log_model(self, package: str | Path, step: int, name: str) -> None: ...
+
+    def delete_model(self, name: str, package: str | Path) -> None: ...
+
 
 class RunTracker(ArtifactStore, Protocol):
-    """The record of one training: params, the dataset, metrics, images, the model and the final status."""
+    """The record of one training: params, datasets, metrics, images, models and the final status."""
 
     enabled: bool
     tracking_uri: str | None
@@ -39,7 +44,7 @@ class RunTracker(ArtifactStore, Protocol):
 
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
-    def log_dataset(self, table: Any, source: str, name: str, context: str) -> None: ...
+    def log_dataset(self, table: Any, source: str, name: str, context: str, log: bool = True) -> tuple[str, str]: ...
 
     @property
     def dataset_digest(self) -> str | None: ...
@@ -48,13 +53,11 @@ class RunTracker(ArtifactStore, Protocol):
 
     def open_journal(self, directory: str | Path) -> None: ...
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int, dataset: tuple[str, str] | None = None) -> None: ...
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
 
-    def log_model(
-        self, package: str | Path, step: int, registered_model: str | None, version_tags: Mapping
-    ) -> None: ...
+    def register_model(self, name: str, registered_model: str, version_tags: Mapping[str, Any]) -> None: ...
 
     def end(self, status: str = "FINISHED", timeout: float = 120.0) -> bool: ...
 
@@ -74,8 +77,8 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         return None
 
-    def log_dataset(self, table: Any, source: str, name: str, context: str) -> None:
-        return None
+    def log_dataset(self, table: Any, source: str, name: str, context: str, log: bool = True) -> tuple[str, str]:
+        return name, ""
 
     def skip_logged_steps(self) -> None:
         return None
@@ -83,7 +86,9 @@ class NullTracker:
     def open_journal(self, directory: str | Path) -> None:
         return None
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int, dataset: tuple[str, str] | None = None, model: str | None = None
+    ) -> None:
         return None
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
@@ -101,8 +106,14 @@ class NullTracker:
     def download_artifacts(self, path: str, dst_dir: str | Path) -> Path:
         raise FileNotFoundError(f"an untracked training has no artifact {path!r}")
 
-    def log_model(self, package: str | Path, step: int, registered_model: str | None, version_tags: Mapping) -> None:
+    def log_model(self, package: str | Path, step: int, name: str) -> None:
         return None
+
+    def register_model(self, name: str, registered_model: str, version_tags: Mapping[str, Any]) -> None:
+        return None
+
+    def delete_model(self, name: str, package: str | Path) -> None:
+        shutil.rmtree(package, ignore_errors=True)  # nothing was logged: only the local package goes
 
     def end(self, status: str = "FINISHED", timeout: float = 120.0) -> bool:
         return True

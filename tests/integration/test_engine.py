@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -68,6 +69,31 @@ def test_fit_tracks_everything_and_steps_lr_once_per_step(tiny_data, tmp_path, t
     expected = [(s, 0.02 * (1 - (s - 1) / 4) ** 0.9) for s in range(1, 5)]
     assert [s for s, _ in logged] == [s for s, _ in expected]
     assert all(math.isclose(v, e, rel_tol=1e-6) for (_, v), (_, e) in zip(logged, expected, strict=True))
+
+
+def test_checkpoints_are_logged_models_with_their_scores_and_the_best_is_registered(tiny_data, tmp_path, tracking_uri):
+    name = f"engine-models-{uuid.uuid4().hex[:8]}"
+    # top_k=0 keeps only the last checkpoint: step 2's model is pruned with its checkpoint.
+    cfg = tiny_cfg(tiny_data, tmp_path, "callbacks.checkpoint.top_k=0")
+    result = train_step(cfg, experiment="engine-models", registered_model=name)
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    validation = inputs[f"{tiny_data.name}/split01/val"]
+    assert {t.key: t.value for t in validation.tags}["mlflow.data.context"] == "validation"
+    models = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
+    assert [m.name for m in models] == ["checkpoint-step-0000004"]  # step 2's was deleted when it was pruned
+    (model,) = models
+    scores = {m.key: m for m in model.metrics}
+    assert scores["val/mIoU"].step == 4 and scores["val/mIoU"].value == pytest.approx(result.metrics["val/mIoU"])
+    assert scores["val/mIoU"].dataset_digest == validation.dataset.digest
+    assert result.model_version == "1"
+    version = client.get_model_version(name, "1")
+    assert version.source == f"models:/{model.model_id}" and version.tags["step"] == "4"
+    assert (tmp_path / "out" / result.run_id / "models" / "step-0000004" / "model.json").is_file()
+    assert not (tmp_path / "out" / result.run_id / "models" / "step-0000002").exists()
 
 
 @pytest.mark.parametrize("where", ["epoch_boundary_local", "mid_epoch_from_artifacts"])
