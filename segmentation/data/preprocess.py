@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from segmentation.data.cityscapes import iter_cityscapes
 from segmentation.data.classes import IGNORE_INDEX, ClassInfo, colorize
@@ -199,7 +200,7 @@ def run_preprocess(
     try:
         samples.sort(key=lambda s: (SPLIT_ORDER.get(s.split, 3), s.key))
         digest, rows, pixels = hashlib.sha256(), [], {}
-        for sample in samples:
+        for sample in tqdm(samples, desc=f"preprocess {dataset}", unit="image", mininterval=2.0):
             row, counts = _write_sample(sample, classes, staging, digest)
             rows.append(row)
             pixels[sample.split] = pixels.get(sample.split, 0) + counts

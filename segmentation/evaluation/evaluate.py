@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from segmentation.config import EvalConfig
 from segmentation.data.classes import ClassInfo
@@ -167,7 +168,9 @@ def evaluate_model(
     timings: list[tuple[float, int]] = []
     index = 0
     with torch.inference_mode():
+        progress = tqdm(total=len(dataset), desc="evaluate", unit="image", mininterval=2.0)
         for images, masks in _batches(loader):
+            progress.update(len(images))
             start = time.perf_counter()
             logits = predict_logits(runner, images.to(device), tta=tta, scales=scales, sliding_window=sliding_window)
             preds = logits.argmax(1).cpu()  # .cpu() waits for the device, so the timing is complete

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm.auto import tqdm
 
 from segmentation.data.classes import ClassInfo, colorize
 from segmentation.evaluation.visualize import overlay
@@ -106,7 +107,7 @@ def predict_images(
     out_dir = Path(out_dir)
     stems = _output_stems(files, root)
     report = PredictReport(out_dir)
-    for source, stem in zip(files, stems, strict=True):
+    for source, stem in tqdm(list(zip(files, stems, strict=True)), desc="predict", unit="image", mininterval=2.0):
         # IMREAD_COLOR turns grey, 16-bit and RGBA inputs into the 8-bit BGR the model expects.
         image = cv2.imread(str(source), cv2.IMREAD_COLOR)
         if image is None:
