@@ -44,6 +44,12 @@ from segmentation.models import MIN_INPUT_SIDE
 
 logger = logging.getLogger(__name__)
 
+# The up-front estimate of a request's time must never exceed it, or a request that would fit is refused. Per-image
+# overhead makes small images slower per pixel, and a cold start or a busy neighbour slows any image: the rate is
+# measured on images of 512 x 512 or more only, its best value kept, and the estimate takes twice that speed.
+_RATE_MIN_PIXELS = 512 * 512
+_RATE_MARGIN = 2.0
+
 IMAGE_COLUMN = "image"
 BACKEND_ENV = "SEGMENTATION_INFERENCE_BACKEND"  # auto | eager | channels_last | onnxruntime (PyTorch packages)
 
@@ -218,7 +224,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.limits = load_limits(config)
         backend = os.environ.get(BACKEND_ENV) or config.get("backend", DEFAULT_BACKEND)
         self.predictor, self.classes = load_predictor(package, backend)
-        self.seconds_per_pixel = 0.0  # the fastest rate this process has measured: a lower bound on any image's cost
+        self.seconds_per_pixel = 0.0  # the fastest rate measured on an image of _RATE_MIN_PIXELS or more; 0: none yet
         return self
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -275,23 +281,24 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 row["colorized"] = encode_image(colorize(mask, self.classes)[..., ::-1])  # RGB -> BGR for cv2
             out.append(row)
             rate = (time.monotonic() - row_started) / header.padded_pixels
-            self.seconds_per_pixel = min(self.seconds_per_pixel or rate, rate)
+            if header.padded_pixels >= _RATE_MIN_PIXELS:
+                self.seconds_per_pixel = min(self.seconds_per_pixel or rate, rate)
             remaining -= header.padded_pixels
         columns = ["mask", "height", "width"] + (["colorized"] if want_color else [])
         return pd.DataFrame(out, columns=columns)
 
     def _check_budget(self, started: float, remaining: int, done: int, rows: int) -> None:
-        """Refuse to start work that cannot end within the deadline: time spent, plus the remaining padded pixels
-        at the fastest rate measured so far (0 before the first image: then only the time spent counts)."""
-        elapsed, needed = time.monotonic() - started, remaining * self.seconds_per_pixel
+        """Refuse to start work that cannot end within the deadline: the time spent, plus the remaining padded
+        pixels at a lower bound of their cost (0 until an image large enough to measure has been computed)."""
+        elapsed, needed = time.monotonic() - started, remaining * self.seconds_per_pixel / _RATE_MARGIN
         if elapsed + needed <= self.limits.deadline_s:
             return
         budget = f"the compute budget of {self.limits.deadline_s:g} s per request ({LIMIT_ENV['deadline_s']} sets it)"
         if done == 0 and needed:
             message = (
-                f"refused before computing: the request's {remaining} padded pixels need at least {needed:.1f} s at "
-                f"the fastest rate this server has measured ({1e-6 / self.seconds_per_pixel:.2f} Mpx/s), more than "
-                f"{budget}"
+                f"refused before computing: the request's {remaining} padded pixels need at least {needed:.1f} s "
+                f"(at {_RATE_MARGIN:g}x the fastest rate this server has measured, "
+                f"{_RATE_MARGIN * 1e-6 / self.seconds_per_pixel:.2f} Mpx/s), more than {budget}"
             )
         else:
             message = (

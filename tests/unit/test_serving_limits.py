@@ -207,13 +207,13 @@ def test_an_unexpected_failure_is_a_one_line_internal_error(tmp_path):
 
 def test_the_deadline_stops_the_work_between_images_then_refuses_up_front(serve):
     served = serve(request_deadline_s=0.2)
-    request = _request(*[encode_image(np.zeros((256, 256, 3), np.uint8))] * 40)  # 2.6 Mpx: seconds on a CPU
+    request = _request(*[encode_image(np.zeros((512, 512, 3), np.uint8))] * 40)  # 10 Mpx: seconds on a CPU
     with pytest.raises(ServingError, match=r"stopped after \d+ of 40 images .* compute budget of 0.2 s") as info:
         served.predict(None, request)
     assert info.value.error_code == "RESOURCE_EXHAUSTED" and info.value.get_http_status_code() == 429
     rate = served.seconds_per_pixel
     assert rate > 0  # measured on the images it did compute
-    with pytest.raises(ServingError, match=r"refused before computing: the request's 2621440 padded pixels need"):
+    with pytest.raises(ServingError, match=r"refused before computing: the request's 10485760 padded pixels need"):
         served.predict(None, request)
     assert served.seconds_per_pixel == rate  # nothing was computed
     assert served.predict(None, _request(encode_image(_image(64, 64))))["height"][0] == 64
