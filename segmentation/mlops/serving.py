@@ -1,20 +1,31 @@
 """The serving contract: one MLflow pyfunc that turns base64 images into base64 masks, for every backend.
 
-Request: a DataFrame with a string column ``image`` holding a base64 PNG or JPEG of any size (MLflow builds it
-from the ``dataframe_split``, ``dataframe_records``, ``instances`` and ``inputs`` JSON forms alike).
-Response, one row per image: ``mask`` (base64 PNG of class ids at the input size), ``height``, ``width`` and,
-with params ``{"colorize": true}``, ``colorized`` (base64 RGB PNG in the class colours).
+Request: a DataFrame with a string column ``image`` holding a base64 PNG or JPEG (MLflow builds it from the
+``dataframe_split``, ``dataframe_records``, ``instances`` and ``inputs`` JSON forms alike). Images are decoded with
+their EXIF orientation, as a photo viewer shows them.
+Response, one row per image: ``mask`` (base64 PNG of class ids at the oriented input size), ``height``, ``width``
+and, with params ``{"colorize": true}``, ``colorized`` (base64 RGB PNG in the class colours).
 
 The same class serves a PyTorch package (``weights.pt``) and an ONNX package (``model.onnx``); which one it is
-comes from the package's ``model.json``. Bad input raises ``MlflowException.invalid_parameter_value``, which the
-scoring server answers with a 400 carrying only the message (any other exception would add a stack trace).
+comes from the package's ``model.json``.
+
+Limits (:class:`Limits`) bound the work of a request before any pixel is decoded: rows, base64 bytes, and the
+padded pixels the network computes per image and per request, all read from headers; a compute deadline then
+stops the work between images. Every failure raises a :class:`ServingError`: one line, no stack trace, never the
+request's data (see that class for why MLflow's own exceptions would quote the whole input back).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import math
 import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +33,93 @@ import cv2
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED
 
 from segmentation.data.classes import colorize
+from segmentation.inference.image_bytes import ImageHeader, decode_oriented, read_header
 from segmentation.inference.predictor import DEFAULT_BACKEND, load_predictor
+from segmentation.models import MIN_INPUT_SIDE
+
+logger = logging.getLogger(__name__)
+
+# The up-front estimate of a request's time must never exceed it, or a request that would fit is refused. Per-image
+# overhead makes small images slower per pixel, and a cold start or a busy neighbour slows any image: the rate is
+# measured on images of 512 x 512 or more only, its best value kept, and the estimate takes twice that speed.
+_RATE_MIN_PIXELS = 512 * 512
+_RATE_MARGIN = 2.0
 
 IMAGE_COLUMN = "image"
-# 4096 x 4096: four times a Cityscapes frame. Logits alone take 76 bytes per pixel, so a limit of tens of
-# megapixels would let one request take several GB. Override per deployment with SEGMENTATION_MAX_PIXELS.
-DEFAULT_MAX_PIXELS = 4096 * 4096
-MAX_PIXELS_ENV = "SEGMENTATION_MAX_PIXELS"
-# Base64 image data one request may carry: one 4096 x 4096 PNG of pure noise takes 67 MB. MLflow's scoring server
-# has already read and parsed the whole body when this is checked (it offers no body limit; see docs/serving.md),
-# so it bounds the decoding and inference work of a request, not the upload: cap that in a proxy in front.
-DEFAULT_MAX_REQUEST_BYTES = 100 * 2**20
-MAX_REQUEST_BYTES_ENV = "SEGMENTATION_MAX_REQUEST_BYTES"
 BACKEND_ENV = "SEGMENTATION_INFERENCE_BACKEND"  # auto | eager | channels_last | onnxruntime (PyTorch packages)
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# JPEG start-of-frame markers carry the image size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _bad_request(message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(message)
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost. Each comes from ``model_config[<field>]``, overridden by its environment variable.
+
+    Pixels are counted as the network computes them: an image under 64 px on a side is padded up to 64 first.
+    """
+
+    # 4096 x 4096: four Cityscapes frames. Logits take 76 bytes per pixel, so tens of megapixels cost several GB.
+    max_pixels: int = 4096 * 4096  # per image
+    max_request_pixels: int = 4 * 4096 * 4096  # all images of a request: ~10-25 s on 2 CPU cores
+    max_rows: int = 256
+    # One 4096 x 4096 PNG of noise takes 67 MB of base64. MLflow has parsed the whole body when this is checked.
+    max_request_bytes: int = 100 * 2**20
+    # Compute budget of a request, checked between images; 0 means MLflow's request timeout (`serve -t`, 60 s).
+    deadline_s: float = 0.0
+
+
+LIMIT_ENV = {
+    "max_pixels": "SEGMENTATION_MAX_PIXELS",
+    "max_request_pixels": "SEGMENTATION_MAX_REQUEST_PIXELS",
+    "max_rows": "SEGMENTATION_MAX_ROWS",
+    "max_request_bytes": "SEGMENTATION_MAX_REQUEST_BYTES",
+    "deadline_s": "SEGMENTATION_REQUEST_DEADLINE_S",
+}
+
+
+def load_limits(config: Mapping[str, Any] | None = None) -> Limits:
+    """:class:`Limits` from a model_config mapping and the environment (which wins); ``ValueError`` names a bad one."""
+    limits = Limits()
+    for field in fields(Limits):
+        env = LIMIT_ENV[field.name]
+        source, raw = (env, os.environ[env]) if os.environ.get(env) else (field.name, (config or {}).get(field.name))
+        if raw is None:
+            continue
+        kind = float if field.name == "deadline_s" else int
+        try:
+            value = kind(raw)
+        except (TypeError, ValueError):
+            value = -1
+        if not (math.isfinite(value) and value > 0) or (kind is int and str(raw).strip() != str(value)):
+            raise ValueError(f"serving limit {source}={raw!r}: expected a positive {kind.__name__}")
+        limits = replace(limits, **{field.name: value})
+    if not limits.deadline_s:
+        limits = replace(limits, deadline_s=float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()))
+    return limits
+
+
+class ServingError(MlflowException):
+    """A one-line failure whose message reaches the client as written.
+
+    MLflow's scoring server rewrites the message of any MlflowException from ``predict`` into ``Failed to predict
+    data '<the whole input>'. Error: <message>``, so a refused 150 MiB request would be answered with 150 MiB, and
+    answers any other exception with its stack trace. This class keeps the first message it is given.
+    """
+
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
+        super().__init__(message, error_code=error_code)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
 
 
 def encode_image(image: np.ndarray) -> str:
@@ -55,122 +130,179 @@ def encode_image(image: np.ndarray) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """``(height, width)`` read from a PNG or JPEG header without decoding the pixels; None for other data."""
-    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
-            i += 2
-            continue
-        if marker in _JPEG_SOF and i + 9 <= len(data):
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]*(?:=\s*){0,2}")
+_DATA_URL = re.compile(r"\s*data:[^,]{0,200},")  # data:image/png;base64,
+_HEADER_CHARS = 4 * 2**14  # the base64 characters of the first 48 KiB, where a PNG or JPEG header normally is
 
 
-def decode_image(text: Any, max_pixels: int = DEFAULT_MAX_PIXELS, row: int = 0) -> np.ndarray:
-    """Decode one base64 PNG/JPEG into an ``H x W x 3`` uint8 BGR image, checking its size before decoding.
+def _data_start(text: str) -> int:
+    data_url = _DATA_URL.match(text)
+    return data_url.end() if data_url else 0
 
-    Args:
-        text: the base64 string (a ``data:image/...;base64,`` prefix is accepted).
-        max_pixels: largest ``height * width`` accepted; checked on the header, so a decompression bomb is
-            refused before any pixel is decoded.
-        row: the row number, named in error messages.
+
+def _base64_span(text: Any, where: str) -> tuple[int, int]:
+    """Where the base64 data of ``text`` starts (after a ``data:...;base64,`` prefix) and how many bytes it
+    decodes to, checked without copying ``text``."""
+    if not isinstance(text, str):
+        raise ServingError(f"{where}: expected a base64-encoded PNG or JPEG string, got {type(text).__name__}")
+    start = _data_start(text)
+    chars = len(text) - start - sum(text.count(space, start) for space in " \t\n\r\v\f")
+    if not _BASE64.fullmatch(text, start) or chars % 4:
+        raise ServingError(f"{where}: not valid base64; expected a base64-encoded PNG or JPEG file")
+    return start, chars // 4 * 3 - text.count("=", max(start, len(text) - 64))
+
+
+def _b64decode(text: str, start: int, stop: int | None = None) -> bytes:
+    chars = "".join(text[start:stop].split())
+    return base64.b64decode(chars[: len(chars) // 4 * 4] if stop is not None else chars, validate=True)
+
+
+def inspect_image(text: Any, max_pixels: int = Limits.max_pixels, row: int = 0) -> ImageHeader:
+    """Check one base64 image value without decoding its pixels: base64 alphabet, PNG/JPEG header, size.
 
     Raises:
-        MlflowException: INVALID_PARAMETER_VALUE (HTTP 400) when the value is not a base64 string, not a
-            PNG/JPEG, larger than ``max_pixels`` or corrupt.
+        ServingError: INVALID_PARAMETER_VALUE (HTTP 400) naming the row when the value is not a base64 string,
+            not a PNG/JPEG, empty, or more than ``max_pixels`` once padded for the network.
     """
     where = f"row {row}, column '{IMAGE_COLUMN}'"
-    if not isinstance(text, str):
-        raise _bad_request(f"{where}: expected a base64-encoded PNG or JPEG string, got {type(text).__name__}")
-    text = text.strip()
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise _bad_request(f"{where}: not valid base64; expected a base64-encoded PNG or JPEG file") from None
-    size = image_size(data)
-    if size is None:
-        raise _bad_request(
-            f"{where}: not a PNG or JPEG image ({len(data)} bytes decoded from base64, "
-            f"starting with {data[:8]!r}); expected a base64-encoded PNG or JPEG file"
+    start, size = _base64_span(text, where)
+    data = _b64decode(text, start, start + _HEADER_CHARS)
+    header = read_header(data)
+    cut = header is None if data.startswith(b"\xff\xd8") else data.startswith(b"\x89PNG") and b"IDAT" not in data
+    if cut and len(text) - start > _HEADER_CHARS:  # metadata pushes the JPEG frame header or PNG pixels further
+        data = _b64decode(text, start)
+        header = read_header(data)
+    if header is None:
+        raise ServingError(
+            f"{where}: not a PNG or JPEG image ({size} bytes decoded from base64, starting with {data[:8]!r}); "
+            "expected a base64-encoded PNG or JPEG file"
         )
-    height, width = size
-    if height * width > max_pixels:
-        raise _bad_request(
-            f"{where}: image is {width}x{height} = {height * width} pixels, more than the limit of "
-            f"{max_pixels} pixels; send a smaller image"
+    (height, width), padded = header.shape, header.padded_pixels
+    if padded > max_pixels:
+        size = f"{width}x{height} = {height * width} pixels"
+        if padded != height * width:
+            size = f"{width}x{height}, padded to {max(width, MIN_INPUT_SIDE)}x{max(height, MIN_INPUT_SIDE)} = "
+            size += f"{padded} pixels for the network"
+        raise ServingError(
+            f"{where}: image is {size}, more than the limit of {max_pixels} pixels; send a smaller image "
+            f"({LIMIT_ENV['max_pixels']} sets the limit)"
         )
     if height == 0 or width == 0:
-        raise _bad_request(f"{where}: image header says {width}x{height}; expected a non-empty image")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.shape[:2] != (height, width):
-        raise _bad_request(f"{where}: the PNG/JPEG data is corrupt or truncated and could not be decoded")
+        raise ServingError(f"{where}: image header says {width}x{height}; expected a non-empty image")
+    return header
+
+
+def _decode_pixels(text: str, header: ImageHeader, row: int) -> np.ndarray:
+    try:
+        image = decode_oriented(_b64decode(text, _data_start(text)), header)
+    except (binascii.Error, ValueError):
+        image = None
+    if image is None:
+        raise ServingError(
+            f"row {row}, column '{IMAGE_COLUMN}': the PNG/JPEG data is corrupt or truncated and could not be decoded"
+        )
     return image
+
+
+def decode_image(text: Any, max_pixels: int = Limits.max_pixels, row: int = 0) -> np.ndarray:
+    """Decode one base64 PNG/JPEG into an ``H x W x 3`` uint8 BGR image in its EXIF orientation, checked first by
+    :func:`inspect_image`. Raises ServingError (HTTP 400) as that does, and for corrupt or truncated data."""
+    return _decode_pixels(text, inspect_image(text, max_pixels, row), row)
 
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
     """The pyfunc behind every served segmentation model; see the module docstring for the contract."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        config = context.model_config or {}
-        self.setup(
-            context.artifacts["package"],
-            config.get("max_pixels", DEFAULT_MAX_PIXELS),
-            config.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
-            config.get("backend", DEFAULT_BACKEND),
-        )
+        self.setup(context.artifacts["package"], context.model_config)
 
-    def setup(
-        self,
-        package: str | Path,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        backend: str = DEFAULT_BACKEND,
-    ) -> SegmentationModel:
-        """Load a package directly (tests, benchmarks). ``SEGMENTATION_MAX_PIXELS``,
-        ``SEGMENTATION_MAX_REQUEST_BYTES`` and ``SEGMENTATION_INFERENCE_BACKEND`` in the environment override
-        ``max_pixels``, ``max_request_bytes`` and ``backend`` (a PyTorch package's Predictor backend)."""
-        self.predictor, self.classes = load_predictor(package, os.environ.get(BACKEND_ENV, backend))
-        self.max_pixels = int(os.environ.get(MAX_PIXELS_ENV, max_pixels))
-        self.max_request_bytes = int(os.environ.get(MAX_REQUEST_BYTES_ENV, max_request_bytes))
+    def setup(self, package: str | Path, config: Mapping[str, Any] | None = None) -> SegmentationModel:
+        """Load a package directly (tests, benchmarks). ``config`` takes the model_config keys: the fields of
+        :class:`Limits` and ``backend`` (a PyTorch package's Predictor backend); the environment variables of
+        :data:`LIMIT_ENV` and ``SEGMENTATION_INFERENCE_BACKEND`` override them."""
+        config = config or {}
+        self.limits = load_limits(config)
+        backend = os.environ.get(BACKEND_ENV) or config.get("backend", DEFAULT_BACKEND)
+        self.predictor, self.classes = load_predictor(package, backend)
+        self.seconds_per_pixel = 0.0  # the fastest rate measured on an image of _RATE_MIN_PIXELS or more; 0: none yet
         return self
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        try:
+            return self._predict(model_input, params)
+        except ServingError:
+            raise
+        except MemoryError:
+            message = "the server ran out of memory for this request; send fewer or smaller images per request"
+            raise ServingError(message, RESOURCE_EXHAUSTED) from None
+        except Exception as exc:  # the traceback goes to the server's log, never to the client
+            logger.exception("prediction failed")
+            message = f"prediction failed ({type(exc).__name__}); the server's log has the details"
+            raise ServingError(message, INTERNAL_ERROR) from None
+
+    def _predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None) -> pd.DataFrame:
+        started, limits = time.monotonic(), self.limits
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
-            found = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
-            raise _bad_request(
-                f"expected a column '{IMAGE_COLUMN}' of base64-encoded PNG/JPEG strings, found columns {found}"
+            if isinstance(model_input, pd.DataFrame):
+                found = f"columns {[str(column)[:40] for column in model_input.columns[:10]]}"
+            else:
+                found = type(model_input).__name__
+            raise ServingError(f"expected a column '{IMAGE_COLUMN}' of base64-encoded PNG/JPEG strings, found {found}")
+        rows = len(model_input)
+        if rows > limits.max_rows:
+            raise ServingError(
+                f"the request has {rows} rows, more than the limit of {limits.max_rows} images per request; send "
+                f"fewer images per request ({LIMIT_ENV['max_rows']} sets the limit)"
             )
-        want_color = str((params or {}).get("colorize", False)).lower() in ("true", "1")
         texts = model_input[IMAGE_COLUMN].tolist()
         size = sum(len(text) for text in texts if isinstance(text, str))
-        if size > self.max_request_bytes:  # checked before any image is decoded
-            raise _bad_request(
-                f"the request carries {size} bytes of base64 image data in {len(texts)} row(s), "
-                f"more than the limit of {self.max_request_bytes} bytes; send fewer or smaller "
-                f"images per request ({MAX_REQUEST_BYTES_ENV} sets the limit)"
+        if size > limits.max_request_bytes:
+            raise ServingError(
+                f"the request carries {size} bytes of base64 image data in {rows} row(s), more than the limit of "
+                f"{limits.max_request_bytes} bytes; send fewer or smaller images per request "
+                f"({LIMIT_ENV['max_request_bytes']} sets the limit)"
             )
-        rows = []
-        for i, text in enumerate(texts):
-            mask = self.predictor.predict_mask(decode_image(text, self.max_pixels, row=i))
+        headers = [inspect_image(text, limits.max_pixels, row=i) for i, text in enumerate(texts)]
+        remaining = sum(header.padded_pixels for header in headers)
+        if remaining > limits.max_request_pixels:
+            raise ServingError(
+                f"the request's {rows} image(s) take {remaining} pixels padded for the network, more than the limit "
+                f"of {limits.max_request_pixels} pixels per request; send fewer or smaller images per request "
+                f"({LIMIT_ENV['max_request_pixels']} sets the limit)"
+            )
+        want_color = str((params or {}).get("colorize", False)).lower() in ("true", "1")
+        out = []
+        for i, (text, header) in enumerate(zip(texts, headers, strict=True)):
+            self._check_budget(started, remaining, i, rows)
+            row_started = time.monotonic()
+            mask = self.predictor.predict_mask(_decode_pixels(text, header, i))
             row = {"mask": encode_image(mask), "height": mask.shape[0], "width": mask.shape[1]}
             if want_color:
                 row["colorized"] = encode_image(colorize(mask, self.classes)[..., ::-1])  # RGB -> BGR for cv2
-            rows.append(row)
+            out.append(row)
+            rate = (time.monotonic() - row_started) / header.padded_pixels
+            if header.padded_pixels >= _RATE_MIN_PIXELS:
+                self.seconds_per_pixel = min(self.seconds_per_pixel or rate, rate)
+            remaining -= header.padded_pixels
         columns = ["mask", "height", "width"] + (["colorized"] if want_color else [])
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(out, columns=columns)
+
+    def _check_budget(self, started: float, remaining: int, done: int, rows: int) -> None:
+        """Refuse to start work that cannot end within the deadline: the time spent, plus the remaining padded
+        pixels at a lower bound of their cost (0 until an image large enough to measure has been computed)."""
+        elapsed, needed = time.monotonic() - started, remaining * self.seconds_per_pixel / _RATE_MARGIN
+        if elapsed + needed <= self.limits.deadline_s:
+            return
+        budget = f"the compute budget of {self.limits.deadline_s:g} s per request ({LIMIT_ENV['deadline_s']} sets it)"
+        if done == 0 and needed:
+            message = (
+                f"refused before computing: the request's {remaining} padded pixels need at least {needed:.1f} s "
+                f"(at {_RATE_MARGIN:g}x the fastest rate this server has measured, "
+                f"{_RATE_MARGIN * 1e-6 / self.seconds_per_pixel:.2f} Mpx/s), more than {budget}"
+            )
+        else:
+            message = (
+                f"stopped after {done} of {rows} images and {elapsed:.1f} s: the remaining {remaining} padded pixels "
+                f"need at least {needed:.1f} s more, beyond {budget}"
+            )
+        raise ServingError(message + "; send fewer or smaller images per request", RESOURCE_EXHAUSTED)

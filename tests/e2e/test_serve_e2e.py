@@ -7,11 +7,14 @@ there; only the tracking URI, the model name and the port are substituted.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -23,6 +26,7 @@ import cv2
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from conftest import REPO, free_port, stop_process, wait_http
@@ -40,6 +44,7 @@ pytestmark = pytest.mark.e2e
 DOC = REPO / "docs" / "serving.md"
 DOC_TRACKING_URI, DOC_MODEL, DOC_PORT = "http://127.0.0.1:5000", "fchardnet-synthetic", "5001"
 IMAGES = {"70x90": (70, 90), "64x128": (64, 128), "tiny": (30, 40)}
+MAX_REFUSAL_BYTES = 4096  # a refusal never quotes the request back, whatever its size
 
 
 def doc_commands() -> tuple[str, str]:
@@ -91,18 +96,16 @@ def registered(mlflow_server) -> str:
         yield name
 
 
-@pytest.fixture(scope="module", params=["pytorch", "onnx"])
-def server(request, registered, mlflow_server, tmp_path_factory):
-    """`mlflow models serve` started with the docs' command; yields its URL and the same model loaded in-process."""
-    name = registered if request.param == "pytorch" else f"{registered}-onnx"
+@contextlib.contextmanager
+def serve_docs_command(name: str, mlflow_server: str, workdir: Path, options: str = ""):
+    """`mlflow models serve` of `models:/<name>@production` started with the docs' command (plus ``options``)."""
     port = free_port()
     serve, _ = doc_commands()
     serve = (
         serve.replace(DOC_TRACKING_URI, mlflow_server)
         .replace(f"models:/{DOC_MODEL}@", f"models:/{name}@")
-        .replace(f"-p {DOC_PORT}", f"-p {port}")
+        .replace(f"-p {DOC_PORT}", f"-p {port} {options}".rstrip())
     )
-    workdir = tmp_path_factory.mktemp(f"serve-{request.param}")
     log = workdir / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -116,16 +119,19 @@ def server(request, registered, mlflow_server, tmp_path_factory):
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=240, proc=proc, log=log)
-        yield SimpleNamespace(
-            url=f"http://127.0.0.1:{port}",
-            port=port,
-            backend=request.param,
-            log=log,
-            proc=proc,
-            pyfunc=mlflow.pyfunc.load_model(f"models:/{name}@production"),
-        )
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, log=log, proc=proc)
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="module", params=["pytorch", "onnx"])
+def server(request, registered, mlflow_server, tmp_path_factory):
+    """`mlflow models serve` started with the docs' command; yields its URL and the same model loaded in-process."""
+    name = registered if request.param == "pytorch" else f"{registered}-onnx"
+    with serve_docs_command(name, mlflow_server, tmp_path_factory.mktemp(f"serve-{request.param}")) as served:
+        served.backend = request.param
+        served.pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@production")
+        yield served
 
 
 def _requests(b64: list[str]) -> dict[str, dict]:
@@ -196,6 +202,7 @@ def test_bad_request_is_a_400_with_the_message_and_the_server_stays_up(server, c
     body, message = BAD_REQUESTS[case]
     status, text = post(server.url, body)
     assert status == 400, text[:500]
+    assert len(text) < MAX_REFUSAL_BYTES, f"{len(text)} bytes: {text[:300]}"
     payload = json.loads(text)
     assert message in payload["message"]
     assert "stack_trace" not in payload and "Traceback" not in text
@@ -226,9 +233,103 @@ def test_oversized_body_is_a_400_and_the_server_survives(server):
     blob = "A" * (60 * 2**20)
     status, text = post(server.url, {"dataframe_split": {"columns": ["image"], "data": [[blob], [blob]]}})
     assert status == 400, text[:500]
+    assert len(text) < MAX_REFUSAL_BYTES, f"{len(text)} bytes: {text[:300]}"
     message = json.loads(text)["message"]
     assert "125829120 bytes of base64 image data in 2 row(s), more than the limit of 104857600 bytes" in message
     assert "stack_trace" not in text
     assert server.proc.poll() is None, f"the server died:\n{server.log.read_text()[-2000:]}"
     status, _ = post(server.url, _requests([encode_image(_image(64, 64, seed=9))])["dataframe_split"])
     assert status == 200
+
+
+def ping(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/ping", timeout=30) as resp:
+        return resp.status
+
+
+def _flat_png(height: int, width: int) -> str:
+    return encode_image(np.zeros((height, width, 3), np.uint8))
+
+
+# case: (request body builder, message): each refused with the default limits, from headers or before decoding.
+HOSTILE = {
+    "1 x 1,000,000 strip": (lambda: {"inputs": {"image": [_flat_png(1, 1_000_000)]}}, "1000000x64 = 64000000 pixels"),
+    "six flat 4096 x 4096": (lambda: {"inputs": {"image": [_flat_png(4096, 4096)] * 6}}, "take 100663296 pixels"),
+    "257 rows": (
+        lambda: {"dataframe_split": {"columns": ["image"], "data": [[_flat_png(1, 1)]] * 257}},
+        "257 rows, more than the limit of 256",
+    ),
+    "20 MiB not base64": (
+        lambda: {"inputs": {"image": ["%" * 20 * 2**20]}},
+        "row 0, column 'image': not valid base64",
+    ),
+    "15 MiB of zeros": (
+        lambda: {"instances": [{"image": base64.b64encode(bytes(15 * 2**20)).decode()}]},
+        "not a PNG or JPEG image (15728640 bytes decoded",
+    ),
+    "a number and 20 MiB": (lambda: {"inputs": {"image": [7, "A" * 20 * 2**20]}}, "row 0, column 'image': not valid"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_request_gets_a_short_one_line_400_and_the_server_stays_up(server, case):
+    body, message = HOSTILE[case]
+    status, text = post(server.url, body())
+    assert status == 400, text[:500]
+    assert len(text) < MAX_REFUSAL_BYTES, f"{len(text)} bytes: {text[:300]}"
+    payload = json.loads(text)
+    assert message in payload["message"] and "\n" not in payload["message"], payload["message"]
+    assert "stack_trace" not in payload and "Failed to predict data" not in text
+    assert ping(server.url) == 200
+
+
+def _jpeg_with_orientation(image: np.ndarray, orientation: int) -> str:
+    """A JPEG stored as ``image`` with an APP1 Exif segment (big-endian TIFF, IFD0 = one Orientation entry)."""
+    tiff = b"MM" + struct.pack(">HIH", 42, 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
+    app1 = b"\xff\xe1" + (len(tiff) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + tiff
+    data = cv2.imencode(".jpg", image)[1].tobytes()
+    return base64.b64encode(data[:2] + app1 + data[2:]).decode()
+
+
+def test_a_portrait_phone_photo_is_segmented_as_displayed(server):
+    # Stored 64 x 96 (landscape) with EXIF orientation 6: displayed, and segmented, as 96 high x 64 wide.
+    status, text = post(server.url, _requests([_jpeg_with_orientation(_image(64, 96, seed=12), 6)])["inputs"])
+    assert status == 200, text[:500]
+    prediction = json.loads(text)["predictions"][0]
+    assert (prediction["height"], prediction["width"]) == (96, 64) == _decode(prediction["mask"]).shape
+
+
+@pytest.fixture(scope="module")
+def timeout_server(registered, mlflow_server, tmp_path_factory):
+    """The PyTorch model served with the docs' command and a 3 s request timeout (`-t 3`)."""
+    with serve_docs_command(registered, mlflow_server, tmp_path_factory.mktemp("serve-timeout"), "-t 3") as served:
+        yield served
+
+
+def _cpu_seconds(proc: subprocess.Popen) -> float:
+    """CPU time used so far by ``proc`` and every process under it (the uvicorn worker does the inference)."""
+    total = 0.0
+    root = psutil.Process(proc.pid)
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def test_a_request_over_the_timeout_stops_computing_and_its_repeat_is_refused_up_front(timeout_server):
+    # 200 flat 512 x 512 images: within every size limit, 52 Mpx: 10-20 s of inference on 2 CPU cores. The compute
+    # budget defaults to the server's request timeout (3 s): the work stops there, whoever answers the client.
+    body = {"inputs": {"image": [_flat_png(512, 512)] * 200}}
+    status, text = post(timeout_server.url, body)
+    assert status in (429, 504), text[:500]  # our refusal, or MLflow's timeout when it answers first
+    time.sleep(1)
+    before = _cpu_seconds(timeout_server.proc)
+    time.sleep(2)
+    busy = _cpu_seconds(timeout_server.proc) - before
+    assert busy < 0.5, f"the server kept computing after the request ended: {busy:.1f} s of CPU in 2 s"
+    assert ping(timeout_server.url) == 200
+    status, text = post(timeout_server.url, body)  # the server has measured its speed: refused before any work
+    assert status == 429 and len(text) < MAX_REFUSAL_BYTES, text[:500]
+    assert "refused before computing: the request's 52428800 padded pixels need" in json.loads(text)["message"]
+    assert post(timeout_server.url, _requests([_flat_png(64, 64)])["inputs"])[0] == 200
