@@ -72,6 +72,7 @@ class _Run:
     checkpoints: CheckpointManager
     state: TrainerState
     total_steps: int
+    on_validation: Callable[[int, dict[str, float]], bool] | None = None
     progress: Any = None
     losses: list[float] = field(default_factory=list)
     images: int = 0
@@ -235,6 +236,14 @@ def _validate_and_save(run: _Run) -> dict[str, float]:
     return metrics
 
 
+def _ask_to_stop(run: _Run, step: int, metrics: dict[str, float]) -> bool:
+    """Call ``run.on_validation`` on the main rank; every rank gets its answer (they must stop together)."""
+    if run.on_validation is None:
+        return False
+    stop = bool(run.on_validation(step, dict(metrics))) if run.accelerator.is_main_process else False
+    return bool(broadcast_object_list([stop])[0])
+
+
 def _on_step(run: _Run, loss: float, images: int, lr: float) -> bool:
     """Log training scalars, validate on schedule; True stops training (last step or early stopping)."""
     cfg, step = run.cfg, run.state.global_step
@@ -254,7 +263,10 @@ def _on_step(run: _Run, loss: float, images: int, lr: float) -> bool:
         run.losses, run.images, run.tic = [], 0, time.perf_counter()
     last = step >= run.total_steps
     if step % cfg.train.val_every_n_steps == 0 or last:
-        _validate_and_save(run)
+        metrics = _validate_and_save(run)
+        if _ask_to_stop(run, step, metrics):
+            logger.info("stopped at step %d: on_validation asked to stop", step)
+            return True
         patience = cfg.callbacks.early_stopping
         if patience.enabled and run.state.early_stopping_counter >= patience.patience:
             logger.info(
@@ -357,6 +369,7 @@ def fit(
     registered_model: str | None = None,
     log_model: bool = True,
     tracking_timeout: float = 120.0,
+    on_validation: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> FitResult:
     """Train ``cfg``, recording everything through ``tracker``; every process of a launch calls this.
 
@@ -367,6 +380,9 @@ def fit(
         registered_model: register the best weights as a new version of this model (empty: do not register).
         log_model: log each checkpoint as a LoggedModel and register the best (False skips both).
         tracking_timeout: seconds to wait at the end for the tracker's journal to reach the server.
+        on_validation: called on the main process after each validation with ``(global step, metrics)``
+            (``val/mIoU``, ``val/loss``...); returning True stops training there, as early stopping does (the
+            best checkpoint is still logged). A hyperparameter search reports to its pruner through it.
 
     Returns:
         A :class:`FitResult`; ``delivered`` is False when the tracker could not send everything in time (the rest
@@ -379,7 +395,7 @@ def fit(
     """
     tracker = tracker or NullTracker()
     try:
-        return _fit(cfg, tracker, resume, registered_model, log_model, tracking_timeout)
+        return _fit(cfg, tracker, resume, registered_model, log_model, tracking_timeout, on_validation)
     except KeyboardInterrupt:
         tracker.end("KILLED", tracking_timeout)
         raise
@@ -395,6 +411,7 @@ def _fit(
     registered_model: str | None,
     log_model: bool,
     tracking_timeout: float,
+    on_validation: Callable[[int, dict[str, float]], bool] | None,
 ) -> FitResult:
     accelerator = build_accelerator(cfg)
     table, classes, _ = load_split(cfg.data.root, cfg.data.split_id)
@@ -427,6 +444,7 @@ def _fit(
         checkpoints,
         TrainerState(mlflow_run_id=run_id),
         total_steps,
+        on_validation=on_validation,
         log_models=log_model,
     )
     logger.info(
@@ -469,7 +487,8 @@ def _fit(
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     run.progress.close()
     if not state.history or state.history[-1]["step"] != state.global_step:
-        _validate_and_save(run)  # the loop ended off the validation schedule (early stop keeps its last one)
+        # The loop ended off the validation schedule (early stop keeps its last one); there is nothing left to stop.
+        _ask_to_stop(run, state.global_step, _validate_and_save(run))
     if accelerator.is_main_process and log_model and registered_model:
         _register_best(run, registered_model)
     delivered = tracker.end("FINISHED", tracking_timeout)
