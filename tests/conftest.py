@@ -141,13 +141,44 @@ def mlflow_server(tmp_path_factory) -> str:
     stop_process(proc)
 
 
+# Set by `mlflow run` for its child process; a test's own runs must not attach to an outer run.
+MLFLOW_RUN_VARS = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def child_env(tracking_uri: str, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess that logs to ``tracking_uri``: no inherited run, this venv's tools first."""
+    env = {key: value for key, value in os.environ.items() if key not in MLFLOW_RUN_VARS}
+    env.update(
+        MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    )
+    env.update(extra)
+    return env
+
+
+def random_bn_model(num_classes: int, seed: int = 0):
+    """An FC-HarDNet in eval mode with non-trivial BatchNorm statistics, so that a wrong BN fusion shows up."""
+    import torch
+
+    from segmentation.models import FCHarDNet
+
+    torch.manual_seed(seed)
+    model = FCHarDNet(num_classes=num_classes)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
 @pytest.fixture
 def tracking_uri(mlflow_server, monkeypatch) -> str:
     """Point this test's MLflow client at the session server."""
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for var in MLFLOW_RUN_VARS:
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(mlflow_server)
     yield mlflow_server

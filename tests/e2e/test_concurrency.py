@@ -12,7 +12,6 @@ The test prints the values/s it held.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, drop_postgres_db, make_postgres_db, start_mlflow_server, stop_process, wait_http
+from conftest import REPO, child_env, drop_postgres_db, make_postgres_db, start_mlflow_server, stop_process, wait_http
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.e2e
@@ -71,9 +70,7 @@ def test_four_trainings_at_once(backend, servers, data, tmp_path):
     proc, uri, server_log = servers[backend]
     wait_http(f"{uri}/health", timeout=120, proc=proc, log=server_log)
     name = f"concurrency_{backend}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(var, None)
+    env = child_env(uri, OMP_NUM_THREADS="1")
     started = time.monotonic()
     trainings = []
     for i in range(RUNS):

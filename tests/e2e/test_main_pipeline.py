@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import MLFLOW, REPO
+from conftest import MLFLOW, REPO, child_env
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
@@ -19,13 +16,7 @@ STEPS = ("preprocess", "train", "evaluate", "export", "promote")
 
 
 def run_main(tracking_uri: str, params: dict[str, str]) -> float:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(var, None)
+    env = child_env(tracking_uri)
     cmd = [MLFLOW, "run", str(REPO), "--env-manager", "local", "--experiment-name", "e2e-main"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]

@@ -9,15 +9,13 @@ import pytest
 from mlflow import MlflowClient
 from test_train_e2e import mlflow_run
 
-from segmentation.data.preprocess import run_preprocess
 from segmentation.training.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.e2e
 
 
-def test_two_cpu_ranks_one_run_each_step_once(tmp_path, mlflow_server):
-    data = tmp_path / "data"
-    run_preprocess("synthetic", "", data, num_images=5, height=64, width=128, val_fraction=0.2)
+def test_two_cpu_ranks_one_run_each_step_once(tmp_path, mlflow_server, tiny_data):
+    data = tiny_data
     # 4 train images, batch 2 per rank, 2 ranks: 1 step per epoch; 4 epochs = 4 steps.
     proc = mlflow_run(
         mlflow_server,

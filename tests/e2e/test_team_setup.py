@@ -6,7 +6,6 @@ to start it. Each session gets its own database, dropped afterwards.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,13 @@ import pytest
 from conftest import (
     PG_START_HINT,
     REPO,
+    child_env,
     drop_postgres_db,
     free_port,
     make_postgres_db,
     start_mlflow_server,
     stop_process,
 )
-
-from segmentation.data.preprocess import run_preprocess
 
 pytestmark = pytest.mark.e2e
 
@@ -53,9 +51,7 @@ def train(
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`python -m entrypoints.train` on the tiny recipe with MLFLOW_TRACKING_URI set, as a team member runs it."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **(extra_env or {})}
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(var, None)
+    env = child_env(tracking_uri, **(extra_env or {}))
     cmd = [
         sys.executable,
         "-m",
@@ -88,10 +84,11 @@ def local_path(artifacts_root: Path, uri: str) -> Path:
     return artifacts_root / uri.removeprefix("mlflow-artifacts:").lstrip("/")
 
 
-def test_training_run_and_registered_model_live_in_postgres_and_proxied_store(team_server, postgres_uri, tmp_path):
+def test_training_run_and_registered_model_live_in_postgres_and_proxied_store(
+    team_server, postgres_uri, tmp_path, tiny_data
+):
     tracking_uri, artifacts_root = team_server
-    data = tmp_path / "data"
-    run_preprocess("synthetic", "", data, num_images=5, height=64, width=128, val_fraction=0.2)
+    data = tiny_data
     proc = train(tracking_uri, data, tmp_path / "out", "team-m", "team-setup")
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stderr[-5000:]}"
 

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import MLFLOW, REPO
+from conftest import MLFLOW, REPO, child_env
 from mlflow import MlflowClient
 
-from segmentation.data.preprocess import run_preprocess
 from segmentation.mlops.serving import encode_image
 
 pytestmark = pytest.mark.e2e
@@ -24,26 +20,13 @@ pytestmark = pytest.mark.e2e
 
 def mlflow_run(tracking_uri: str, experiment: str, params: dict[str, str], timeout: float = 300):
     """Run the train entry point in a subprocess with the venv on PATH; returns the CompletedProcess."""
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(var, None)
+    env = child_env(tracking_uri)
     cmd = [MLFLOW, "run", str(REPO), "-e", "train", "--env-manager", "local", "--experiment-name", experiment]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("e2e_data")
-    run_preprocess("synthetic", "", out, num_images=5, height=64, width=128, val_fraction=0.2)
-    return out
 
 
 def test_mlflow_run_train_tracks_and_registers(tiny_data, tmp_path, mlflow_server):

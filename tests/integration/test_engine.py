@@ -14,20 +14,11 @@ import torch
 from mlflow import MlflowClient
 
 from segmentation.config import CONFIG_DIR, load_config
-from segmentation.data.preprocess import run_preprocess
 from segmentation.mlops.tracker import Tracker
 from segmentation.steps.train import train_step
 from segmentation.training.checkpoint import STATE_FILE, TrainerState, list_checkpoints, load_weights
 
 TINY = CONFIG_DIR / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    """5 synthetic scenes: 4 train images (2 batches of 2 = 2 steps per epoch) and 1 val image."""
-    out = tmp_path_factory.mktemp("tiny_data")
-    run_preprocess("synthetic", "", out, num_images=5, height=64, width=128, val_fraction=0.2)
-    return out
 
 
 def tiny_cfg(data: Path, tmp_path: Path, *overrides: str):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_bn_model
 from torch import nn
 
 from segmentation.config import ModelConfig
@@ -165,15 +166,7 @@ def test_backward_reaches_every_parameter():
 
 
 def test_fused_model_matches_unfused():
-    torch.manual_seed(0)
-    net = FCHarDNet(num_classes=5)
-    for module in net.modules():  # non-trivial statistics, so that a wrong fusion shows
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    net.eval()
+    net = random_bn_model(num_classes=5)
     fused = fuse_bn(net)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules()), "fuse_bn must not modify its input"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import random_bn_model
 
 from segmentation.inference.parity import ParityError, check_parity
 from segmentation.inference.predictor import BACKENDS, Predictor
@@ -14,16 +14,7 @@ from segmentation.models.preprocessing import to_input_tensor
 
 @pytest.fixture(scope="module")
 def model() -> FCHarDNet:
-    torch.manual_seed(0)
-    net = FCHarDNet(num_classes=5)
-    # Non-trivial BatchNorm statistics, so that a wrong fusion shows up in the logits.
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return net.train()  # the Predictor must not depend on the caller having called eval()
+    return random_bn_model(num_classes=5).train()  # the Predictor must not depend on the caller having called eval()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

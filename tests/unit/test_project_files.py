@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import tomllib
 import yaml
 
@@ -31,8 +33,12 @@ def test_ci_runs_the_readme_test_command(repo):
     assert "\npytest\n" in readme
 
 
-def test_pytest_markers_are_declared(repo):
+def test_pytest_markers_are_declared_and_used(repo):
     config = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     declared = {m.split(":")[0] for m in config["markers"]}
-    assert {"e2e", "slow", "gpu"} <= declared
+    used = set()
+    for path in (repo / "tests").rglob("test_*.py"):
+        used |= set(re.findall(r"pytest\.mark\.(\w+)", path.read_text()))
+    used -= {"parametrize", "skipif", "xfail", "usefixtures", "filterwarnings"}
+    assert used == declared, f"declared {sorted(declared)}, used {sorted(used)}"
     assert "--strict-markers" in config["addopts"]

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import random_bn_model
 from mlflow.exceptions import MlflowException
 
 from segmentation.config import ModelConfig
@@ -25,13 +26,7 @@ CLASSES = ClassInfo(("road", "car", "sky"), ((128, 64, 128), (0, 0, 142), (70, 1
 
 
 def _random_model() -> FCHarDNet:
-    torch.manual_seed(0)
-    model = FCHarDNet(num_classes=CLASSES.num_classes)
-    for module in model.modules():  # non-trivial BN statistics, so that fusing them is not a no-op
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return random_bn_model(CLASSES.num_classes)
 
 
 @pytest.fixture(scope="module")
