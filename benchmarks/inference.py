@@ -24,10 +24,9 @@ from torch import nn
 
 from benchmarks import ceilings
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
-from segmentation.inference.onnx import create_session
+from segmentation.inference.onnx import create_session, export_onnx
 from segmentation.inference.parity import check_parity
 from segmentation.inference.predictor import Predictor
-from segmentation.inference.predictor import _export_onnx as export_onnx_bytes
 from segmentation.models import FCHarDNet, fuse_bn
 
 SIZES = ((512, 1024), (1024, 2048))
@@ -119,7 +118,7 @@ def channels_last(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def onnx_session(model: nn.Module, arena: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    onnx_model = export_onnx_bytes(fuse_bn(model))
+    onnx_model = export_onnx(fuse_bn(model), fuse_bn=False)
     session = create_session(onnx_model)
     if not arena:
         import onnxruntime as ort
@@ -323,7 +322,9 @@ def profile_top_ops(size: tuple[int, int], top: int = 15) -> str:
         options.intra_op_num_threads = torch.get_num_threads()
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tmp, "ort")
-        session = ort.InferenceSession(export_onnx_bytes(fuse_bn(model)), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            export_onnx(fuse_bn(model), fuse_bn=False), options, providers=["CPUExecutionProvider"]
+        )
         for _ in range(3):
             session.run(None, {"image": x.numpy()})
         events = json.load(open(session.end_profiling()))

@@ -110,6 +110,8 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
 def instrument(tracker_cls, journal_cls) -> dict[str, float]:
     """Accumulate the seconds the calling (training) thread spends in each timed Tracker method, count the
     journal's deliveries, and record the CPU time of the background sender and system-metrics threads."""
+    from segmentation.mlops import delivery, system_metrics
+
     spent: dict[str, float] = {}
 
     def timed(name, method):
@@ -143,8 +145,8 @@ def instrument(tracker_cls, journal_cls) -> dict[str, float]:
 
     for name in TIMED:
         setattr(tracker_cls, name, timed(name, getattr(tracker_cls, name)))
-    tracker_cls._send = counted(tracker_cls._send)
-    tracker_cls._sample_system = thread_cpu("sampler_cpu", tracker_cls._sample_system)
+    delivery.Delivery.send = counted(delivery.Delivery.send)
+    system_metrics.SystemMetricsSampler._run = thread_cpu("sampler_cpu", system_metrics.SystemMetricsSampler._run)
     journal_cls._run = thread_cpu("sender_cpu", journal_cls._run)
     return spent
 
@@ -183,7 +185,7 @@ def measure(
     Between runs the page cache is flushed (``os.sync``) so that one run's disk writes do not land in the next.
     """
     from segmentation.config import CONFIG_DIR, load_config
-    from segmentation.training.engine import fit
+    from segmentation.steps.train import train_step
 
     cfg = load_config(
         CONFIG_DIR / "tiny.yaml",
@@ -204,7 +206,7 @@ def measure(
         os.sync()
         time.sleep(1.0)
         t0 = time.perf_counter()
-        fit(cfg, track=mode in uris, log_model=False, experiment="bench-tracking")
+        train_step(cfg, track=mode in uris, log_model=False, experiment="bench-tracking")
         return time.perf_counter() - t0
 
     for mode in ["off", *uris]:  # warm-up: imports, allocator, database schemas, first-call costs
