@@ -308,7 +308,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 def flatten(cfg: Config, prefix: str = "") -> dict[str, Any]:
-    """Dotted ``{"optimizer.lr": 0.02, ...}``; lists become their string form."""
+    """Dotted ``{"train.lr": 0.02, ...}`` (with ``prefix`` in front of every key); lists stay lists."""
     out: dict[str, Any] = {}
 
     def walk(node: Mapping[str, Any], path: str) -> None:
