@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED
 
 from segmentation.data.classes import colorize
-from segmentation.inference.image_bytes import ImageHeader, decode_oriented, read_header
+from segmentation.inference.image_bytes import ImageHeader, decode_oriented, padded_pixels, read_header
 from segmentation.inference.predictor import DEFAULT_BACKEND, load_predictor
 from segmentation.models import MIN_INPUT_SIDE
 
@@ -177,7 +177,7 @@ def inspect_image(text: Any, max_pixels: int = Limits.max_pixels, row: int = 0) 
             f"{where}: not a PNG or JPEG image ({size} bytes decoded from base64, starting with {data[:8]!r}); "
             "expected a base64-encoded PNG or JPEG file"
         )
-    (height, width), padded = header.shape, header.padded_pixels
+    (height, width), padded = header.shape, padded_pixels(header)
     if padded > max_pixels:
         size = f"{width}x{height} = {height * width} pixels"
         if padded != height * width:
@@ -263,7 +263,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 f"({LIMIT_ENV['max_request_bytes']} sets the limit)"
             )
         headers = [inspect_image(text, limits.max_pixels, row=i) for i, text in enumerate(texts)]
-        remaining = sum(header.padded_pixels for header in headers)
+        remaining = sum(padded_pixels(header) for header in headers)
         if remaining > limits.max_request_pixels:
             raise ServingError(
                 f"the request's {rows} image(s) take {remaining} pixels padded for the network, more than the limit "
@@ -280,10 +280,10 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             if want_color:
                 row["colorized"] = encode_image(colorize(mask, self.classes)[..., ::-1])  # RGB -> BGR for cv2
             out.append(row)
-            rate = (time.monotonic() - row_started) / header.padded_pixels
-            if header.padded_pixels >= _RATE_MIN_PIXELS:
+            rate = (time.monotonic() - row_started) / padded_pixels(header)
+            if padded_pixels(header) >= _RATE_MIN_PIXELS:
                 self.seconds_per_pixel = min(self.seconds_per_pixel or rate, rate)
-            remaining -= header.padded_pixels
+            remaining -= padded_pixels(header)
         columns = ["mask", "height", "width"] + (["colorized"] if want_color else [])
         return pd.DataFrame(out, columns=columns)
 
