@@ -187,7 +187,9 @@ def _truncated_png() -> str:
 
 
 BAD_REQUESTS = {
-    "wrong column": ({"dataframe_split": {"columns": ["picture"], "data": [["abc"]]}}, "missing inputs ['image']"),
+    "wrong column": ({"dataframe_split": {"columns": ["picture"], "data": [["abc"]]}}, "expected a column 'image'"),
+    # 2 MiB in the `inputs` form without the column: refused in one short line, the request is not quoted back.
+    "wrong column, large": ({"inputs": {"picture": ["A" * (2 * 2**20)]}}, "expected a column 'image'"),
     "not base64": ({"dataframe_records": [{"image": "%%% not base64 %%%"}]}, "not valid base64"),
     "not an image": ({"inputs": {"image": [base64.b64encode(b"just some text").decode()]}}, "not a PNG or JPEG"),
     "bomb": ({"instances": [{"image": _bomb()}]}, "more than the limit of 16777216 pixels"),
