@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import uuid
 
 import mlflow
 import torch
+from conftest import MLFLOW, child_env
 from mlflow import MlflowClient
 
 from entrypoints.register import main as register_main
@@ -47,6 +49,20 @@ def test_released_weights_register_evaluate_promote_and_export(tmp_path, trackin
     assert promotion.promoted and client.get_registered_model(name).aliases == {"production": "1"}
     exported = export_step(f"models:/{name}@production", registered_model=f"{name}-onnx", sizes=((64, 128),))
     assert exported["registered_version"] == "1" and exported["aliases"] == {"production": "1"}
+    # The image a deployment team builds for the production alias (`docker build` needs a Docker engine).
+    docker = subprocess.run(
+        [MLFLOW, "models", "generate-dockerfile", "-m", f"models:/{name}@production", "-d", str(tmp_path / "image")],
+        env=child_env(tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert docker.returncode == 0, docker.stderr[-3000:]
+    dockerfile = (tmp_path / "image" / "Dockerfile").read_text()
+    assert "model_dir" in dockerfile and (tmp_path / "image" / "model_dir" / "MLmodel").is_file()
+    requirements = (tmp_path / "image" / "model_dir" / "requirements.txt").read_text()
+    assert "torch==" in requirements and "+cpu" not in requirements
 
 
 def test_mismatched_weights_are_refused_with_the_keys_named(tmp_path, tracking_uri, capsys):
