@@ -167,8 +167,8 @@ def document_model(
     client = client or MlflowClient()
     description = (
         f"Semantic segmentation (FC-HarDNet), {len(class_names)} classes: {', '.join(class_names)}.\n\n"
-        "Input: a DataFrame column `image` of base64-encoded PNG or JPEG images of any size (BGR/RGB files as "
-        "written, decoded with their EXIF orientation). Output per image: `mask` (base64 PNG of class ids, 255 = "
+        "Input: a DataFrame column `image` of base64-encoded PNG or JPEG files of any size (decoded with their EXIF "
+        "orientation). Output per image: `mask` (base64 PNG of class ids, 255 = "
         'none, same size as the input), `height`, `width`, and with params {"colorize": true} `colorized` '
         "(base64 RGB PNG in the class colours).\n\n"
         f"Call it: `mlflow models serve -m models:/{model_name}@production`, then POST "
