@@ -106,7 +106,8 @@ def _validate_and_save(run: _Run) -> dict[str, float]:
         else:
             state.early_stopping_counter += 1
     state.metrics = metrics
-    write_package = _package_writer(run) if run.log_models and run.accelerator.is_main_process else None
+    keep_model = run.log_models and run.accelerator.is_main_process and run.tracker.enabled
+    write_package = _package_writer(run) if keep_model else None
     checkpoint = run.checkpoints.save(run.accelerator, state, write_package)
     model = logged_model_name(checkpoint) if write_package else None
     run.tracker.log_metrics(metrics, step=step, dataset=run.val_dataset, model=model)
