@@ -112,3 +112,11 @@ def colorize(mask: np.ndarray, classes: ClassInfo) -> np.ndarray:
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[: classes.num_classes] = classes.colormap
     return lut[np.asarray(mask, dtype=np.uint8)]
+
+
+def overlay(image_bgr: np.ndarray, mask: np.ndarray, classes: ClassInfo, alpha: float = 0.5) -> np.ndarray:
+    """Blend the colourised mask over the image (BGR in, BGR out); ignored pixels keep the image as it is."""
+    color = colorize(mask, classes)[..., ::-1].astype(np.float32)
+    blended = (1 - alpha) * image_bgr.astype(np.float32) + alpha * color
+    keep = (np.asarray(mask) == classes.ignore_index)[..., None]
+    return np.where(keep, image_bgr, np.rint(blended).astype(np.uint8))

@@ -126,11 +126,3 @@ def render_panel(
         _text(head, title, (4, 15), 0.45)
         panel = np.vstack([head, panel])
     return np.ascontiguousarray(panel)
-
-
-def overlay(image_bgr: np.ndarray, mask: np.ndarray, classes: ClassInfo, alpha: float = 0.5) -> np.ndarray:
-    """Blend the colourised mask over the image (BGR in, BGR out); ignored pixels keep the image as it is."""
-    color = colorize(mask, classes)[..., ::-1].astype(np.float32)
-    blended = (1 - alpha) * image_bgr.astype(np.float32) + alpha * color
-    keep = (np.asarray(mask) == classes.ignore_index)[..., None]
-    return np.where(keep, image_bgr, np.rint(blended).astype(np.uint8))

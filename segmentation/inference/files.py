@@ -17,8 +17,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from segmentation.data.classes import ClassInfo, colorize
-from segmentation.evaluation.visualize import overlay
+from segmentation.data.classes import ClassInfo, colorize, overlay
 from segmentation.inference.predictor import Predictor
 from segmentation.inference.tta import check_tta_settings
 from segmentation.io import atomic_path

@@ -17,8 +17,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from segmentation.data.classes import ClassInfo
-from segmentation.evaluation.visualize import overlay
+from segmentation.data.classes import ClassInfo, overlay
 
 SPLIT_PRIORITY = ("val", "train", "test")
 

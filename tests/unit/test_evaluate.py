@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from segmentation.data.classes import ClassInfo
+from segmentation.data.classes import ClassInfo, overlay
 from segmentation.evaluation.evaluate import check_classes, evaluate_model
-from segmentation.evaluation.visualize import overlay, render_confusion_matrix, render_iou_bars, render_panel
+from segmentation.evaluation.visualize import render_confusion_matrix, render_iou_bars, render_panel
 from segmentation.inference.tta import predict_logits
 from segmentation.mlops.eval_logging import data_key
 from segmentation.models import FCHarDNet
