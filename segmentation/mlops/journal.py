@@ -19,9 +19,10 @@ process dies is delivered again: metric batches are idempotent on the server, an
 Nothing blocks the records behind it. Failures the ``is_transient`` callback names (server down, 5xx) are retried;
 a record the server refuses for good goes to ``rejected.jsonl``; a record that cannot be sent from here goes to
 ``quarantine.jsonl`` with its line number and the reason: a complete line that is not a record (invalid UTF-8 or
-JSON, not an object, no ``kind``, or refused by the ``check`` callback), or a local error (``OSError``: a file it
-names is gone or unreadable; :class:`DamagedRecord`). Both files keep the record; the journal itself is never
-rewritten. :attr:`Journal.rejected` and :attr:`Journal.quarantined` count every record these files hold.
+JSON, not an object, no ``kind``, or refused by the ``check`` callback), or a local error (:class:`DamagedRecord`,
+or an ``OSError`` such as a file it names being gone, once two more tries a moment apart failed too). Both files
+keep the record; the journal itself is never rewritten. :attr:`Journal.rejected` and :attr:`Journal.quarantined`
+count every record these files hold.
 
 Reading the file back is :mod:`segmentation.mlops.journal_file`. This module knows nothing about MLflow:
 :mod:`segmentation.mlops.delivery` provides ``send``, ``is_transient``, ``check`` and ``superseded``.
@@ -56,6 +57,7 @@ REJECTED_FILE = "rejected.jsonl"
 QUARANTINE_FILE = "quarantine.jsonl"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 SENDER_NICE = 10  # how much nicer than training the sender thread runs (Linux): training's threads come first
+LOCAL_RETRY_WAITS = (0.2, 1.0)  # seconds before each new attempt after a local file error, then it is quarantined
 
 
 def _kind(entry: dict | DamagedLine) -> str | None:
@@ -86,8 +88,8 @@ class Journal:
         min_interval_s: shortest time between the start of a request and the next metrics request; metric records
             queued meanwhile go out together. 0 sends each one as soon as the previous request is done.
         check: raises :class:`DamagedRecord` for a record read back from the file that ``send`` could not handle.
-        superseded: ``superseded(record, later_records)``: whether a record that failed for good is undone anyway
-            by a later one (an upload of a folder pruned since); it is then skipped rather than quarantined.
+        superseded: ``superseded(record, later_records)``: whether a record that failed for a local cause is undone
+            anyway by a later one (an upload of a folder pruned since); it is then skipped rather than quarantined.
 
     Raises:
         JournalError: the journal or its cursor cannot be read (the message names the file and what it holds).
@@ -126,6 +128,7 @@ class Journal:
         self.sender_error: str | None = None  # the first unexpected failure of the sender thread
         self.cursor_error: str | None = None  # set while the cursor on disk lags behind (a later sync resends)
         self._backoff = self._initial_backoff = min(0.5, max_backoff_s)
+        self._local_failures = 0  # local file errors of the record in hand, tried again up to LOCAL_RETRY_WAITS
         self._not_before = 0.0
         self._thread = threading.Thread(target=self._run, name="tracking-journal", daemon=True)
         self._thread.start()
@@ -259,7 +262,6 @@ class Journal:
                 if self._stop:
                     return False
             start, batch = self._sent, self._next_batch()
-            later = [r for r in self._records[start + len(batch) :] if isinstance(r, dict)]
         self._not_before = time.monotonic() + self._min_interval
         try:
             self._send(batch)
@@ -271,28 +273,43 @@ class Journal:
                 self.last_error = str(exc)
                 self._retry_wait()
                 return True
-            self._give_up(batch, start, later, exc)
+            if not self._give_up(batch, start, exc):
+                return True  # tried again
         if self.failing_since is not None:
             logger.warning(
                 "tracking server reachable again after %.0f s; sending the backlog", time.time() - self.failing_since
             )
         self.failing_since, self.last_error, self._backoff = None, None, self._initial_backoff
+        self._local_failures = 0
         with self._cond:
             self._advance(len(batch))
         return True
 
-    def _give_up(self, batch: list[dict], start: int, later: list[dict], exc: Exception) -> None:
-        """Set aside records that failed for good: quarantined for a local cause, else rejected by the server."""
+    def _give_up(self, batch: list[dict], start: int, exc: Exception) -> bool:
+        """Set aside records that failed for good: quarantined for a local cause, else rejected by the server.
+
+        A local file error may be the middle of a change the training is making (a checkpoint folder being pruned or
+        replaced): it is tried again after :data:`LOCAL_RETRY_WAITS` before the record is quarantined, and skipped
+        when a record appended meanwhile undoes it. Returns False when the record is to be tried again.
+        """
         local = isinstance(exc, (OSError, DamagedRecord))
+        with self._cond:
+            later = [r for r in self._records[start + len(batch) :] if isinstance(r, dict)]
         if local and self._superseded is not None and self._superseded(batch[0], later):
             logger.info("journal line %d (%s) skipped: %s; a later record undoes it", start + 1, batch[0]["kind"], exc)
-            return
+            return True
+        if isinstance(exc, OSError) and self._local_failures < len(LOCAL_RETRY_WAITS):
+            self._stopping.wait(LOCAL_RETRY_WAITS[self._local_failures])
+            self._local_failures += 1
+            return False
+        self._local_failures = 0
         entries = [{"line": start + i + 1, "error": str(exc), "record": r} for i, r in enumerate(batch)]
         where = f"line {start + 1}" if len(batch) == 1 else f"lines {start + 1}-{start + len(batch)}"
         with self._cond:
             self._set_aside(
                 QUARANTINE_FILE if local else REJECTED_FILE, entries, f"{where} ({batch[0]['kind']}): {exc}"
             )
+        return True
 
     def _set_aside(self, name: str, entries: list[dict], reason: str) -> None:
         """Keep records that will not be delivered in side file ``name``, counted and logged (lock held)."""

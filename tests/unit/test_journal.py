@@ -227,6 +227,22 @@ def test_an_upload_of_a_folder_pruned_later_is_skipped_not_quarantined(tmp_path)
     assert [e["line"] for e in quarantine(tmp_path)] == [3]  # step-2 was deleted by hand: nothing undoes it
 
 
+def test_a_folder_replaced_or_pruned_during_its_upload_is_not_quarantined(tmp_path):
+    """The training replaces a checkpoint folder (rmtree + rename) or prunes it (rmtree, then the delete record)
+    while the sender uploads it: the upload fails with a missing file for a moment only."""
+    server = FlakyServer()
+    journal = Journal(tmp_path, server.send, is_transient, superseded=superseded)
+    replaced = {"kind": "artifacts", "local": str(tmp_path), "path": "checkpoints/step-1"}
+    journal.append({**replaced, "file": str(tmp_path / "step-1.bin")})  # not there yet
+    threading.Timer(0.1, (tmp_path / "step-1.bin").write_bytes, [b"w"]).start()  # back after the "rename"
+    assert journal.drain(5) and [r["path"] for r in server.received] == ["checkpoints/step-1"]
+    journal.append({**replaced, "path": "checkpoints/step-2", "file": str(tmp_path / "step-2.bin")})
+    time.sleep(0.05)
+    journal.append({"kind": "delete", "path": "checkpoints/step-2"})  # journaled just after the rmtree
+    assert journal.close(5) and [r["kind"] for r in server.received] == ["artifacts", "delete"]
+    assert journal.quarantined == 0 and not (tmp_path / QUARANTINE_FILE).exists()
+
+
 def test_the_sender_survives_a_cursor_it_cannot_save(tmp_path):
     server = FlakyServer()
     journal = Journal(tmp_path, server.send, lambda e: False)
