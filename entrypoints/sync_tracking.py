@@ -4,8 +4,11 @@
 
 Sends the records in order (metrics keep their original steps and timestamps, checkpoints, images, the model and its
 registered version, the final run status). Safe to run twice: delivered records are not sent again.
-Exit codes (see ``entrypoints/_cli.py``): 0 everything delivered; 2 no journal there; 3 records still undelivered or
-rejected (the message says how many).
+Damaged journal lines and records whose local files are gone are moved to ``quarantine.jsonl`` (with the reason)
+and the rest is still delivered; records the server refuses go to ``rejected.jsonl``.
+Exit codes (see ``entrypoints/_cli.py``): 0 everything delivered; 2 no journal there, or an unusable one (corrupt
+``run.json`` or ``sent`` cursor); 3 records not delivered: still pending, quarantined or rejected (the message says
+how many; the side files count until you move them away).
 """
 
 from __future__ import annotations

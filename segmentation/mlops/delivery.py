@@ -2,11 +2,14 @@
 
 The journal's sender thread (:mod:`segmentation.mlops.journal`) calls :meth:`Delivery.send` with a batch of records
 of one kind (several ``metrics`` records, or one record of any other kind). Failures are classified by
-:func:`is_transient`: the journal retries those and sets the others aside.
+:func:`is_transient`: the journal retries those (network, server) and sets the others aside: a local file that is
+gone or unreadable (``OSError``) or a record that does not fit :data:`RECORD_FIELDS` (:class:`DamagedRecord`) is
+quarantined, anything else the server refused is rejected. :func:`check_record` vets records read back from disk.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -21,6 +24,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.artifact_utils import get_artifact_repository
 
+from segmentation.mlops.journal import DamagedRecord
 from segmentation.mlops.model_store import CLASS_NAMES_TAG, log_model_package
 from segmentation.mlops.registry import document_model
 
@@ -36,11 +40,63 @@ _TRANSIENT_CODES = {
 }
 
 
+# A file error on this machine (the file to upload is gone or unreadable) will not heal by retrying.
+_LOCAL_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+
+# The fields each record kind must carry, and their types (records are read back from a file that may be damaged).
+RECORD_FIELDS: dict[str, dict[str, type]] = {
+    "metrics": {"step": int, "timestamp": int, "values": dict},
+    "image": {"key": str, "step": int, "timestamp": int, "file": str},
+    "artifacts": {"local": str, "path": str},
+    "delete": {"path": str},
+    "model": {"package": str, "name": str, "step": int},
+    "register": {"name": str, "registered_model": str, "version_tags": dict},
+    "delete_model": {"name": str, "package": str},
+    "end": {"status": str, "timestamp": int},
+}
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether a failed tracking write may succeed later (server down, 5xx, auth to fix) rather than never."""
+    """Whether a failed tracking write may succeed later (server down, 5xx, auth to fix) rather than never.
+
+    Network errors are transient (``requests``' errors are ``OSError`` too); a local file error such as a missing or
+    unreadable file is not. Other ``OSError`` (a full disk while packaging the model) may heal and is retried.
+    """
     if isinstance(exc, MlflowException):
         return exc.error_code in _TRANSIENT_CODES or exc.get_http_status_code() >= 500
-    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "urllib3"))
+    if type(exc).__module__.startswith(("requests", "urllib3")) or isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno not in _LOCAL_ERRNOS
+
+
+def check_record(record: dict) -> None:
+    """Raise :class:`DamagedRecord` unless ``record`` has a known kind and the fields :class:`Delivery` needs."""
+    kind = record["kind"]
+    fields = RECORD_FIELDS.get(kind)
+    if fields is None:
+        raise DamagedRecord(f"unknown record kind {kind!r}; known: {', '.join(RECORD_FIELDS)}")
+    for name, expected in fields.items():
+        if name not in record:
+            raise DamagedRecord(f"{kind} record without its {name!r} field")
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise DamagedRecord(f"{kind} record: {name!r} is {value!r}, expected {expected.__name__}")
+    if kind == "metrics":
+        dataset, model = record.get("dataset"), record.get("model")
+        if dataset is not None and not (isinstance(dataset, list) and len(dataset) == 2):
+            raise DamagedRecord(f"metrics record: 'dataset' is {dataset!r}, expected [name, digest]")
+        if model is not None and not isinstance(model, str):
+            raise DamagedRecord(f"metrics record: 'model' is {model!r}, expected the name of a logged model")
+        for key, value in record["values"].items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DamagedRecord(f"metrics record: value of {key!r} is {value!r}, expected a number")
+
+
+def superseded(record: dict, later: list[dict]) -> bool:
+    """Whether a later record deletes what ``record`` uploads (a checkpoint folder pruned before its upload)."""
+    return record["kind"] == "artifacts" and any(
+        r["kind"] == "delete" and r.get("path") == record["path"] for r in later
+    )
 
 
 class Delivery:
@@ -71,7 +127,7 @@ class Delivery:
         kind = batch[0]["kind"]
         handler = self._handlers.get(kind)
         if handler is None:
-            raise ValueError(f"unknown journal record kind {kind!r}; known: {', '.join(self._handlers)}")
+            raise DamagedRecord(f"unknown journal record kind {kind!r}; known: {', '.join(self._handlers)}")
         handler(batch)
 
     def _metrics(self, batch: list[dict]) -> None:
@@ -96,7 +152,11 @@ class Delivery:
 
     def _image(self, batch: list[dict]) -> None:
         record = batch[0]
-        image = cv2.imread(str(self.journal_dir / record["file"]), cv2.IMREAD_COLOR)[..., ::-1]
+        path = self.journal_dir / record["file"]
+        image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)  # OSError names the file
+        if image is None:
+            raise DamagedRecord(f"image file {path} is not a readable image")
+        image = image[..., ::-1]
         self.client.log_image(
             self.run_id,
             np.ascontiguousarray(image),
@@ -108,8 +168,10 @@ class Delivery:
 
     def _artifacts(self, batch: list[dict]) -> None:
         record = batch[0]
-        local = Path(record["local"])  # a folder pruned before its turn has nothing left to upload
-        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
+        local = Path(record["local"])
+        if not local.is_dir():  # a pruned checkpoint's upload is skipped by the journal (see ``superseded``)
+            raise FileNotFoundError(errno.ENOENT, "folder to upload is gone", str(local))
+        files = sorted(p for p in local.rglob("*") if p.is_file())
         # The marker file goes last: a reader that finds it on the server finds the rest too.
         for file in sorted(files, key=lambda f: f.name == record.get("last")):
             parent = file.parent.relative_to(local).as_posix()
@@ -126,9 +188,8 @@ class Delivery:
 
     def _model(self, batch: list[dict]) -> None:
         record = batch[0]
-        if not Path(record["package"]).is_dir():  # a checkpoint pruned before its turn: nothing left to log
-            logger.info("model package %s is gone (pruned); not logged", record["package"])
-            return
+        if not Path(record["package"]).is_dir():  # a pruned checkpoint's package goes only after its model record
+            raise FileNotFoundError(errno.ENOENT, "model package folder is gone", record["package"])
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):  # log_model needs an active run
             info = log_model_package(record["package"], name=record["name"], step=record["step"])
         self._model_ids[record["name"]] = info.model_id

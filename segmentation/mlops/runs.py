@@ -9,7 +9,6 @@ name on ``mlflow.get_tracking_uri()``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import urllib.error
@@ -23,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-from segmentation.mlops.tracker import JOURNAL_DIR, META_FILE, Tracker
+from segmentation.mlops.journal_file import META_FILE, read_run_meta
+from segmentation.mlops.tracker import JOURNAL_DIR, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -180,10 +180,11 @@ def sync_journal(directory: str | Path, tracking_uri: str | None = None, timeout
         timeout: seconds to keep trying.
 
     Returns:
-        The tracker; ``tracker.journal.pending`` is 0 when everything arrived.
+        The tracker; ``tracker.undelivered()`` is None when everything arrived.
 
     Raises:
         FileNotFoundError: ``directory`` holds no journal.
+        JournalError: the journal folder is unusable (corrupt ``run.json`` or cursor); the message names the file.
     """
     directory = Path(directory)
     if not (directory / META_FILE).is_file() and (directory / JOURNAL_DIR / META_FILE).is_file():
@@ -193,7 +194,7 @@ def sync_journal(directory: str | Path, tracking_uri: str | None = None, timeout
             f"no tracking journal in {directory} (expected {META_FILE}); pass the "
             f"'{JOURNAL_DIR}' folder of a training output, <output_dir>/<run_id>/{JOURNAL_DIR}"
         )
-    meta = json.loads((directory / META_FILE).read_text())
+    meta = read_run_meta(directory)
     tracking_uri = tracking_uri or meta["tracking_uri"]
     mlflow.set_tracking_uri(tracking_uri)  # the model record logs through MLflow's fluent API
     use_journal_http_defaults()

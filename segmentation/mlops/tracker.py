@@ -29,9 +29,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from segmentation.config import Config, flatten, to_yaml
-from segmentation.io import write_text_atomic
-from segmentation.mlops.delivery import Delivery, is_transient
-from segmentation.mlops.journal import Journal
+from segmentation.io import write_bytes_atomic, write_text_atomic
+from segmentation.mlops.delivery import Delivery, check_record, is_transient, superseded
+from segmentation.mlops.journal import QUARANTINE_FILE, REJECTED_FILE, Journal
+from segmentation.mlops.journal_file import META_FILE
 from segmentation.mlops.system_metrics import SystemMetricsSampler
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ CONFIG_PARAM_PREFIX = "cfg."
 CONFIG_ARTIFACT = "config/resolved.yaml"
 MAX_PARAM_CHARS = 6000  # the server silently truncates longer values
 JOURNAL_DIR = "tracking"  # beside checkpoints/ in <output_dir>/<run_id>/
-META_FILE = "run.json"
 SYNC_COMMAND = "python -m entrypoints.sync_tracking"
 # Metric records logged within this many seconds travel in one request (see segmentation.mlops.journal): the server
 # and the sender then cost a training that logs every step a request every 2 s rather than one per step.
@@ -66,6 +66,8 @@ class Tracker:
         self._digest: str | None = None
         self._sampler: SystemMetricsSampler | None = None
         self.system_metrics = True
+        self.unjournaled = 0  # writes lost because the journal could not take them (disk full...)
+        self.unjournaled_error: str | None = None  # the first such failure
 
     @property
     def model_version(self) -> str | None:
@@ -175,7 +177,14 @@ class Tracker:
         meta = {"run_id": self.run_id, "tracking_uri": self.tracking_uri}
         write_text_atomic(directory / META_FILE, json.dumps(meta))
         self._delivery.journal_dir = directory  # before the Journal: its thread may send a backlog at once
-        self.journal = Journal(directory, self._delivery.send, is_transient, min_interval_s=metrics_interval)
+        self.journal = Journal(
+            directory,
+            self._delivery.send,
+            is_transient,
+            min_interval_s=metrics_interval,
+            check=check_record,
+            superseded=superseded,
+        )
         for record in self.journal.records:
             if record["kind"] in ("metrics", "image"):
                 for key in record["values"] if record["kind"] == "metrics" else [record["key"]]:
@@ -188,8 +197,19 @@ class Tracker:
     def _write(self, record: dict) -> None:
         if self.journal is None:  # no journal (a tool, not a training): write synchronously
             self._delivery.send([record])
-        else:
+            return
+        try:
             self.journal.append(record)
+        except OSError as exc:  # a full disk must not stop training through its tracking; end() reports it
+            self._unjournaled(f"{record['kind']} record: {exc}")
+
+    def _unjournaled(self, error: str) -> None:
+        if self.unjournaled_error is None:
+            self.unjournaled_error = error
+            logger.error(
+                "tracking journal %s cannot take writes (%s); training goes on", self.journal.directory, error
+            )
+        self.unjournaled += 1
 
     def log_metrics(
         self,
@@ -231,9 +251,12 @@ class Tracker:
             self.client.log_image(self.run_id, image, key=key, step=step)
             return
         path = self.journal.directory / "images" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}-{step:08d}.png"
-        path.parent.mkdir(exist_ok=True)
-        cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]))
         self._logged_steps[key] = step
+        try:
+            write_bytes_atomic(path, cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))[1].tobytes())
+        except OSError as exc:
+            self._unjournaled(f"image {path}: {exc}")
+            return
         self._write(
             {
                 "kind": "image",
@@ -288,8 +311,9 @@ class Tracker:
         """Queue the final status and wait up to ``timeout`` s for the journal to reach the server.
 
         Returns:
-            True when everything was delivered and accepted; undelivered records stay in the journal for
-            :data:`SYNC_COMMAND`, rejected ones are listed in its ``rejected.jsonl``.
+            True when everything was journaled, delivered and accepted; otherwise :meth:`undelivered` says what is
+            missing (and it is logged): undelivered records stay in the journal for :data:`SYNC_COMMAND`, records
+            set aside are listed in its ``quarantine.jsonl`` and ``rejected.jsonl``.
         """
         if not self.enabled:
             return True
@@ -306,16 +330,34 @@ class Tracker:
         if self._sampler is not None:
             self._sampler.stop()
         self._write({"kind": "end", "status": status, "timestamp": int(time.time() * 1000)})
-        delivered = self.journal.close(timeout) and not self.journal.rejected
-        if self.journal.pending:
-            logger.error(
-                "tracking server %s unreachable (%s): %d record(s) of run %s kept in %s; upload them with `%s %s`",
-                self.tracking_uri,
-                self.journal.last_error,
-                self.journal.pending,
-                self.run_id,
-                self.journal.directory,
-                SYNC_COMMAND,
-                self.journal.directory,
+        self.journal.close(timeout)
+        report = self.undelivered()
+        if report:
+            logger.error("run %s: tracking incomplete: %s", self.run_id, report)
+        return report is None
+
+    def undelivered(self) -> str | None:
+        """What of the run's journaled tracking did not reach the server, in one line; None when nothing."""
+        journal, parts = self.journal, []
+        if journal is None:
+            return None
+        if self.unjournaled:
+            parts.append(f"{self.unjournaled} write(s) could not be journaled (first error: {self.unjournaled_error})")
+        if journal.pending:
+            parts.append(
+                f"{journal.pending} record(s) not delivered yet to {self.tracking_uri} ({journal.last_error}); upload "
+                f"them with `{SYNC_COMMAND} {journal.directory}`"
             )
-        return delivered
+        if journal.quarantined:
+            reasons = "; ".join(journal.quarantine_reasons[:3])
+            parts.append(
+                f"{journal.quarantined} record(s) quarantined in {journal.directory / QUARANTINE_FILE} (damaged, or "
+                f"their local files are gone{': ' + reasons if reasons else ''})"
+            )
+        if journal.rejected:
+            parts.append(
+                f"{journal.rejected} record(s) rejected by the server, listed in {journal.directory / REJECTED_FILE}"
+            )
+        if journal.failure:
+            parts.append(f"the journal's sender failed: {journal.failure}")
+        return "; ".join(parts) or None

@@ -13,14 +13,16 @@ def sync_tracking_step(directory: str | Path, tracking_uri: str | None = None, t
 
     Raises:
         FileNotFoundError: no journal there.
-        TrackingIncompleteError: records are still undelivered or were rejected (the message says how many).
+        JournalError: the journal folder is unusable (a corrupt ``run.json`` or cursor; the message names the file).
+        TrackingIncompleteError: records are still undelivered, quarantined or rejected (the message says how many
+            and where they are kept).
     """
     tracker = sync_journal(directory, tracking_uri, timeout)
-    journal = tracker.journal
-    if journal.pending or journal.rejected:
+    report = tracker.undelivered()
+    if report:
+        journal = tracker.journal
+        missing = journal.pending + journal.quarantined + journal.rejected
         raise TrackingIncompleteError(
-            f"run {tracker.run_id}: {journal.pending} record(s) still undelivered to {tracker.tracking_uri} "
-            f"({journal.last_error}), {journal.rejected} rejected (see {journal.directory}/rejected.jsonl); run the "
-            f"command again when the server is up"
+            f"run {tracker.run_id}: {missing} record(s) of journal {journal.directory} not delivered: {report}"
         )
     return tracker

@@ -7,7 +7,6 @@ import logging
 
 from segmentation.config import Config, load_config
 from segmentation.mlops.runs import TrackingIncompleteError, start_run
-from segmentation.mlops.tracker import SYNC_COMMAND
 from segmentation.training.engine import FitResult, fit
 from segmentation.training.launch import inside_launch, is_main_process, relaunch
 
@@ -76,12 +75,9 @@ def train_step(
         tracking_timeout=tracking_timeout,
     )
     if not result.delivered:
-        journal = tracker.journal
         error = TrackingIncompleteError(
             f"training finished (best checkpoint {result.best_checkpoint}) but the tracking server "
-            f"{tracker.tracking_uri} did not receive everything: {journal.pending} record(s) left, "
-            f"{journal.rejected} rejected (see rejected.jsonl). Upload the rest with "
-            f"`{SYNC_COMMAND} {journal.directory}`"
+            f"{tracker.tracking_uri} did not receive everything: {tracker.undelivered()}"
         )
         error.result = result
         raise error

@@ -164,9 +164,9 @@ class CheckpointManager:
         keep |= {p for _, p in scored[: self.top_k]}
         for path in checkpoints:
             if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
-                # Queued after its upload; an upload whose folder is gone by then is skipped.
+                # Queued after its upload and before the folder goes: an upload still waiting is then skipped.
                 self.store.delete_artifacts(f"{ARTIFACT_DIR}/{path.name}")
+                shutil.rmtree(path, ignore_errors=True)
                 if (self.packages / path.name).is_dir():
                     # The store removes the package after its LoggedModel (its upload may still be queued).
                     self.store.delete_model(logged_model_name(path), self.packages / path.name)
