@@ -339,6 +339,10 @@ def _start(run: _Run, resume: bool, table: Any) -> None:
         logger.warning("checkpoint %s cannot be loaded (%s); trying the one before it", path, errors[0])
         run.checkpoints.mark_damaged(path, errors[0])
     tracker.skip_logged_steps()
+    # A kill between a checkpoint's rename and the journaling of its validation leaves that step without metrics;
+    # the checkpoint's state holds them. Keys already logged at this step or later are skipped.
+    if run.state.metrics:
+        tracker.log_metrics(run.state.metrics, step=run.state.global_step, dataset=run.val_dataset)
     logger.info("resumed run %s from %s at step %d", tracker.run_id, path, run.state.global_step)
 
 
