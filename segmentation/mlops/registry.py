@@ -15,15 +15,18 @@ the new holder was never exported, the companion keeps its alias and a warning s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+
+from segmentation.mlops.locks import TagLock
 
 PRODUCTION = "production"
 PREVIOUS = "previous"
@@ -33,6 +36,8 @@ RUN_TAG = "eval/run_id"
 PROTOCOL_TAG = "eval/protocol"  # JSON: data path, split, TTA; lets promote re-run the evaluation on an incumbent
 SOURCE_NAME_TAG = "source_model_name"  # on a companion version (the ONNX export): the model it was made from
 SOURCE_VERSION_TAG = "source_model_version"
+PROMOTION_LOCK_TAG = "segmentation.promotion_lock"
+LOCK_TIMEOUT_S = 1800.0  # an incumbent's evaluation (inside the lock) can take minutes on a large split
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +288,31 @@ def sync_companions(
     return synced
 
 
+def promotion_lock(model_name: str, client: MlflowClient | None = None) -> TagLock:
+    """The lock that serializes promotions and rollbacks of ``model_name`` (registered-model tag
+    ``segmentation.promotion_lock``; guarantees and limits in :mod:`segmentation.mlops.locks`)."""
+    client = client or MlflowClient()
+
+    def read() -> str | None:
+        return client.get_registered_model(model_name).tags.get(PROMOTION_LOCK_TAG)
+
+    return TagLock(
+        f"registered model {model_name!r}",
+        read,
+        lambda value: client.set_registered_model_tag(model_name, PROMOTION_LOCK_TAG, value),
+        lambda: client.delete_registered_model_tag(model_name, PROMOTION_LOCK_TAG),
+    )
+
+
+@contextlib.contextmanager
+def _held(lock: TagLock, timeout: float) -> Iterator[None]:
+    lock.acquire(timeout)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.6f}"
 
@@ -299,11 +329,16 @@ def promote(
     force: bool = False,
     run_id: str | None = None,
     client: MlflowClient | None = None,
+    lock_timeout: float = LOCK_TIMEOUT_S,
 ) -> Promotion:
     """Give ``alias`` to ``version`` if its ``metric`` is >= the current holder's on the same data.
 
-    The previous holder gets alias ``previous``. The decision and the numbers go into the candidate's tags
-    (``promotion_reason``, ``compared_with``, ``promoted_by_run``, ``promotion_forced``, ``eval/mIoU``).
+    The previous holder gets alias ``previous``. The comparison and the alias moves happen under the registered
+    model's promotion lock (:func:`promotion_lock`), so concurrent promoters are serialized: however many run at
+    once, ``alias`` ends on the best-scoring one and ``previous`` on the version it displaced. A missing or NaN
+    score (an unlabeled split) is never promoted without ``force``. The decision and the numbers go into the
+    candidate's tags (``promotion_reason``, ``compared_with``, ``promoted_by_run``, ``promotion_forced``,
+    ``eval/mIoU``).
 
     Args:
         model_name: registered model.
@@ -316,13 +351,15 @@ def promote(
         force: promote whatever the numbers say (recorded in the tags).
         run_id: the evaluation run that decided, recorded as ``promoted_by_run``.
         client: MLflow client (default: the current tracking/registry URI).
+        lock_timeout: seconds to wait for other promotions of this model to finish.
 
     Returns:
         A :class:`Promotion` saying whether the alias moved and why.
 
     Raises:
         ValueError: the version does not exist (existing versions listed), or a number needed for the comparison
-            is missing and ``force`` is not set.
+            is missing or NaN and ``force`` is not set.
+        TimeoutError: another promotion held the model's lock for ``lock_timeout`` seconds (the message names it).
     """
     client = client or MlflowClient()
     version = str(get_version(model_name, version, client).version)
@@ -334,6 +371,34 @@ def promote(
             f"version {version} of {model_name!r} has no {metric} on data {data_key!r}: evaluate it "
             "first (evaluate entry point with promote=true) or pass force=true"
         )
+    if candidate_value is not None and math.isnan(candidate_value) and not force:
+        raise ValueError(
+            f"version {version} of {model_name!r} scored {metric}=nan on data {data_key!r} (a split without labels "
+            "gives no score): a NaN score is never promoted; evaluate it on a labelled split or pass force=true"
+        )
+    with _held(promotion_lock(model_name, client), lock_timeout):
+        return _promote_locked(
+            client, model_name, version, alias, metric, candidate_value, data_key, evaluate_incumbent, force, run_id
+        )
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def _promote_locked(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    alias: str,
+    metric: str,
+    candidate_value: float | None,
+    data_key: str | None,
+    evaluate_incumbent: Callable[[str], float] | None,
+    force: bool,
+    run_id: str | None,
+) -> Promotion:
+    """:func:`promote` from reading the holder to moving the aliases; the caller holds the promotion lock."""
     incumbent = _alias_holder(client, model_name, alias)
     if incumbent == version:  # still bring companions exported since the promotion in line
         return Promotion(
@@ -355,21 +420,19 @@ def promote(
             incumbent_value = float(evaluate_incumbent(incumbent))
             if data_key:
                 record_evaluation(model_name, incumbent, incumbent_value, data_key, metric=metric, client=client)
-        if incumbent_value is None and not force:
+        if not _finite(incumbent_value) and not force:
+            found = "no" if incumbent_value is None else "a NaN"
             raise ValueError(
-                f"the {alias!r} version {incumbent} of {model_name!r} has no {metric} on data "
-                f"{data_key!r} to compare with; evaluate it on the same data or pass force=true"
+                f"the {alias!r} version {incumbent} of {model_name!r} has {found} {metric} on data "
+                f"{data_key!r} to compare with; evaluate it on the same (labelled) data or pass force=true"
             )
     compared = (
         f"version {incumbent} ({metric}={_fmt(incumbent_value)})"
         if incumbent is not None
         else f"none (no version held {alias!r})"
     )
-    better = incumbent is None or (
-        candidate_value is not None
-        and incumbent_value is not None
-        and not math.isnan(candidate_value)
-        and candidate_value >= incumbent_value
+    better = _finite(candidate_value) and (
+        incumbent is None or (_finite(incumbent_value) and candidate_value >= incumbent_value)
     )
     if better:
         reason = (
@@ -411,20 +474,33 @@ def promote(
     )
 
 
-def rollback(model_name: str, *, alias: str = PRODUCTION, client: MlflowClient | None = None) -> Promotion:
+def rollback(
+    model_name: str,
+    *,
+    alias: str = PRODUCTION,
+    client: MlflowClient | None = None,
+    lock_timeout: float = LOCK_TIMEOUT_S,
+) -> Promotion:
     """Swap ``alias`` and ``previous``: the version that held ``alias`` before the last promotion gets it back.
 
-    Companion models (the ONNX export) follow, as in :func:`promote`.
+    Companion models (the ONNX export) follow, as in :func:`promote`, under the same promotion lock.
 
     Raises:
         ValueError: the model does not exist, or no version holds ``previous``.
+        TimeoutError: a promotion held the model's lock for ``lock_timeout`` seconds.
     """
     client = client or MlflowClient()
     try:
-        aliases = aliases_of(model_name, client)
+        aliases_of(model_name, client)
     except MlflowException:
         models = sorted(m.name for m in client.search_registered_models())
         raise ValueError(f"registered model {model_name!r} does not exist; registered models: {models}") from None
+    with _held(promotion_lock(model_name, client), lock_timeout):
+        return _rollback_locked(client, model_name, alias)
+
+
+def _rollback_locked(client: MlflowClient, model_name: str, alias: str) -> Promotion:
+    aliases = aliases_of(model_name, client)
     previous, current = aliases.get(PREVIOUS), aliases.get(alias)
     if previous is None:
         raise ValueError(f"model {model_name!r} has no {PREVIOUS!r} alias to roll back to (aliases: {aliases})")

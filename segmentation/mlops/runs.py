@@ -22,7 +22,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
+from segmentation.config import Config
 from segmentation.mlops.journal_file import META_FILE, read_run_meta
+from segmentation.mlops.run_guard import (
+    RUN_KIND_TAG,
+    TRAIN_KIND,
+    check_resumable,
+    hold_run_lock,
+    release_run_lock,
+    resume_experiment,
+)
 from segmentation.mlops.tracker import JOURNAL_DIR, Tracker
 
 logger = logging.getLogger(__name__)
@@ -93,6 +102,9 @@ def start_run(
     log_system_metrics: bool = True,
     enabled: bool = True,
     durable: bool = False,
+    *,
+    train: bool = False,
+    resume_config: Config | None = None,
 ) -> Tracker:
     """Start, attach to or resume an MLflow run.
 
@@ -101,19 +113,25 @@ def start_run(
     Args:
         experiment: experiment name used only when no run is given by ``mlflow run`` (``MLFLOW_RUN_ID``); default
             ``MLFLOW_EXPERIMENT_NAME`` or ``"segmentation"``.
-        resume_run_id: continue this existing run (its params stay, new metrics continue its step axis).
+        resume_run_id: continue this existing run (its params stay, new metrics continue its step axis). It is
+            checked first (:func:`~segmentation.mlops.run_guard.check_resumable`); a refused run is not touched.
         run_name: name of a newly created run.
         log_system_metrics: sample CPU/memory (and GPU when available) as ``system/*`` metrics.
         enabled: False on non-main processes: nothing is contacted.
         durable: open no fluent active run; the caller calls :meth:`Tracker.open_journal` and logs through the
             journal (training). Otherwise the run becomes MLflow's active run with async logging (evaluation).
+        train: the run is a training: it is tagged ``segmentation.run_kind=train`` and holds the run's lock
+            until :func:`~segmentation.mlops.run_guard.release_run_lock`, so that nobody resumes it meanwhile.
+        resume_config: the config the resume will train with; it must match the run's
+            (:data:`~segmentation.mlops.run_guard.RESUME_KEYS`).
 
     Returns:
         A :class:`Tracker` bound to the run.
 
     Raises:
         ConnectionError: the tracking server is unreachable.
-        ValueError: ``resume_run_id`` does not exist on the tracking server.
+        ValueError: ``resume_run_id`` does not exist, is not a training of this experiment, was trained with an
+            incompatible config, has no checkpoint, or another process holds its lock.
     """
     if not enabled:
         return Tracker(None, enabled=False)
@@ -121,15 +139,8 @@ def start_run(
     client = MlflowClient(uri)
     launcher_run = os.environ.get("MLFLOW_RUN_ID")
     if resume_run_id:
-        try:
-            client.get_run(resume_run_id)
-        except MlflowException:
-            raise ValueError(
-                f"cannot resume: run id {resume_run_id!r} does not exist on tracking server {uri}"
-            ) from None
-        if launcher_run and launcher_run != resume_run_id:
-            # `mlflow run -P resume=<id>` created a run of its own; point it at the run that really continues.
-            client.set_tag(launcher_run, "segmentation.resumed_run_id", resume_run_id)
+        experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        check_resumable(client, resume_run_id, resume_experiment(client, experiment), resume_config)
         run_id = resume_run_id
     elif launcher_run:
         run_id = launcher_run  # attach; set_experiment would break it
@@ -138,13 +149,24 @@ def start_run(
         experiment_id = _get_or_create_experiment(client, name)
         tags = resolve_tags({MLFLOW_RUN_NAME: run_name} if run_name else {})
         run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id  # RUNNING already
-    if durable:
-        use_journal_http_defaults()
-        if resume_run_id:  # it had ended; new runs and the runs `mlflow run` creates are RUNNING already
-            client.update_run(run_id, status="RUNNING")
-    else:
-        mlflow.config.enable_async_logging(True)
-        mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
+    if train:  # a new run (or one `mlflow run` just made) is known to nobody yet: no race to settle
+        hold_run_lock(client, run_id, new=not resume_run_id)
+    try:
+        if train:
+            client.set_tag(run_id, RUN_KIND_TAG, TRAIN_KIND)
+        if resume_run_id and launcher_run and launcher_run != resume_run_id:
+            # `mlflow run -P resume=<id>` created a run of its own; point it at the run that really continues.
+            client.set_tag(launcher_run, "segmentation.resumed_run_id", resume_run_id)
+        if durable:
+            use_journal_http_defaults()
+            if resume_run_id:  # it had ended; new runs and the runs `mlflow run` creates are RUNNING already
+                client.update_run(run_id, status="RUNNING")
+        else:
+            mlflow.config.enable_async_logging(True)
+            mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
+    except BaseException:
+        release_run_lock(run_id)
+        raise
     logger.info("MLflow run %s on %s", run_id, uri)
     tracker = Tracker(run_id, tracking_uri=uri)
     tracker.system_metrics = log_system_metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from segmentation.config import Config, load_config
+from segmentation.mlops.run_guard import release_run_lock
 from segmentation.mlops.runs import TrackingIncompleteError, start_run
 from segmentation.training.engine import FitResult, fit
 from segmentation.training.launch import inside_launch, is_main_process, relaunch
@@ -50,7 +51,8 @@ def train_step(
 
     Args:
         cfg: the resolved config.
-        resume_run_id: continue this MLflow run from its last checkpoint (local, else its artifacts).
+        resume_run_id: continue this MLflow run from its last complete checkpoint (local, else its artifacts); only a
+            training run of the same experiment, trained with a compatible config, that no other process is training.
         experiment: experiment name when not started by ``mlflow run``.
         registered_model: register the best weights as a new version of this model (empty: do not register).
         run_name: name of a new run.
@@ -60,20 +62,27 @@ def train_step(
 
     Raises:
         ConnectionError: the tracking server is unreachable (checked before anything is built).
+        ValueError: a resume refused before the run is touched (see :func:`segmentation.mlops.runs.start_run`).
         FileNotFoundError, ValueError, FloatingPointError: see :func:`segmentation.training.engine.fit`.
         TrackingIncompleteError: training finished (checkpoints and model saved locally) but the tracking server
             did not receive everything; ``exc.result`` is the FitResult and the message gives the command that
             uploads the rest.
     """
-    tracker = start_run(experiment, resume_run_id, run_name, enabled=is_main_process() and track, durable=True)
-    result = fit(
-        cfg,
-        tracker,
-        resume=bool(resume_run_id),
-        registered_model=registered_model,
-        log_model=log_model,
-        tracking_timeout=tracking_timeout,
+    enabled = is_main_process() and track
+    tracker = start_run(
+        experiment, resume_run_id, run_name, enabled=enabled, durable=True, train=True, resume_config=cfg
     )
+    try:
+        result = fit(
+            cfg,
+            tracker,
+            resume=bool(resume_run_id),
+            registered_model=registered_model,
+            log_model=log_model,
+            tracking_timeout=tracking_timeout,
+        )
+    finally:
+        release_run_lock(tracker.run_id)  # after the run's end status was sent
     if not result.delivered:
         error = TrackingIncompleteError(
             f"training finished (best checkpoint {result.best_checkpoint}) but the tracking server "

@@ -3,9 +3,13 @@
 Layout: ``<directory>/step-0000042/`` holds what ``accelerator.save_state`` writes (model weights as
 safetensors, optimizer, scheduler, RNG state of every rank) plus ``trainer_state.json``. A folder is first written
 as ``.tmp-step-…`` and renamed when complete, so a process killed during a save leaves the previous checkpoint
-as the last complete one (resume ignores ``.tmp-*`` folders). The same folders are uploaded as run artifacts under
-``checkpoints/`` in the background (through the tracker's journal, so a tracking outage does not stop the saves);
-when the local folder is gone, resume downloads the last complete one from the run.
+as the last complete one (resume ignores ``.tmp-*`` folders). Before the rename every file in it and the folder are
+fsynced, and the parent after it, so a power loss cannot leave a renamed folder with missing data.
+``trainer_state.json`` lists the size of every file ``save_state`` wrote: :func:`checkpoint_problem` finds a missing
+or truncated file (and a corrupt state file or safetensors header) without loading anything, and resume skips such a
+checkpoint for the one before it. The same folders are uploaded as run artifacts under ``checkpoints/`` in the
+background (through the tracker's journal, so a tracking outage does not stop the saves); when no local checkpoint
+is usable, resume downloads the last complete one from the run.
 
 The ``accelerator`` arguments are duck-typed (``save_state``, ``load_state``, ``wait_for_everyone``,
 ``is_main_process``) so that Accelerate itself stays inside ``engine.py``; the uploads go to an
@@ -17,10 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,7 @@ class TrainerState:
     early_stopping_best: float | None = None
     mlflow_run_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics at the time of the save
+    files: dict[str, int] = field(default_factory=dict)  # bytes of each file save_state wrote (checked on resume)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, allow_nan=True)
@@ -83,13 +89,79 @@ def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest first (temporary and foreign folders are ignored)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (header unreadable, data cut short), from its header alone."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 0 or 8 + length > size:
+            return f"{path.name} is truncated ({size} bytes, shorter than its header)"
+        try:
+            header = json.loads(fh.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"{path.name} has an unreadable header"
+    if size != 8 + length + end:
+        return f"{path.name} has {size} bytes, its header describes {8 + length + end}"
+    return None
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, found without loading it; None when it is complete.
+
+    Checks that ``trainer_state.json`` parses, that every file it lists has the size that was written, and that
+    ``model.safetensors`` is whole according to its own header.
+    """
+    checkpoint = Path(checkpoint)
+    try:
+        state = TrainerState.read(checkpoint / STATE_FILE)
+    except FileNotFoundError:
+        return f"no {STATE_FILE} (the save did not finish)"
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError; TypeError: unknown or missing fields
+        return f"{STATE_FILE} is corrupt ({exc})"
+    for name, size in state.files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    if not (checkpoint / WEIGHTS_FILE).is_file():
+        return f"{WEIGHTS_FILE} is missing"
+    return _safetensors_problem(checkpoint / WEIGHTS_FILE)
+
+
+def _step_folders(directory: Path) -> list[Path]:
+    found = [p for p in directory.iterdir() if _NAME.match(p.name)] if directory.is_dir() else []
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest first (temporary, foreign and damaged folders are ignored)."""
+    return [p for p in _step_folders(Path(directory)) if checkpoint_problem(p) is None]
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return  # a platform that cannot open folders (Windows) cannot fsync them either
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then its subfolders and itself (their entries)."""
+    paths = sorted(folder.rglob("*"))
+    for path in paths:
+        if path.is_file():
+            _fsync(path)
+    for path in [p for p in paths if p.is_dir()] + [folder]:
+        _fsync(path)
 
 
 def load_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -126,6 +198,8 @@ class CheckpointManager:
         self.packages = Path(packages) if packages else self.directory.parent / MODEL_PACKAGE_DIR
         self.monitor, self.mode, self.top_k = monitor, mode, top_k
         self.store = store
+        self.damaged: dict[str, str] = {}  # checkpoint -> why resume skipped it
+        self._downloaded: set[str] = set()
 
     def save(self, accelerator: Any, state: TrainerState, write_package: Callable[[Path], None] | None = None) -> Path:
         """Write a checkpoint of the current step on every rank; the main rank commits, prunes and uploads it.
@@ -141,10 +215,15 @@ class CheckpointManager:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_text_atomic(tmp / STATE_FILE, state.to_json())
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            sync_tree(tmp)  # what every rank's save_state wrote
+            write_text_atomic(tmp / STATE_FILE, replace(state, files=files).to_json())  # fsynced, then renamed
+            _fsync(tmp)
             if final.exists():  # the same step saved again after a resume
                 shutil.rmtree(final)
             tmp.rename(final)
+            _fsync(self.directory)  # the rename itself
+            _fsync(self.directory.parent)  # checkpoints/ itself, created by the first save
             # Queued: uploaded in the background, the state file last (see fetch_last).
             self.store.log_artifacts(final, f"{ARTIFACT_DIR}/{final.name}", last=STATE_FILE)
             if write_package is not None:
@@ -185,24 +264,53 @@ class CheckpointManager:
         checkpoints = list_checkpoints(self.directory)
         return checkpoints[-1] if checkpoints else None
 
-    def fetch_last(self) -> Path | None:
-        """The last complete checkpoint: local, or else downloaded from the run's ``checkpoints/`` artifacts.
+    def mark_damaged(self, checkpoint: str | Path, reason: str) -> None:
+        """Leave ``checkpoint`` (a local folder or an artifact path) out of later :meth:`fetch_last` calls."""
+        self.damaged[str(checkpoint)] = reason
 
-        Call on the main rank only (it talks to MLflow).
+    def _usable(self, where: str | Path, folder: Path) -> bool:
+        if str(where) in self.damaged:
+            return False
+        problem = checkpoint_problem(folder)
+        if problem is not None:
+            logger.warning("skipping damaged checkpoint %s: %s", where, problem)
+            self.mark_damaged(where, problem)
+            return False
+        return True
+
+    def fetch_last(self) -> Path | None:
+        """The newest usable checkpoint: local, or else downloaded from the run's ``checkpoints/`` artifacts.
+
+        Damaged ones (:func:`checkpoint_problem`, or :meth:`mark_damaged` after a failed load) are skipped with a
+        warning naming them, and recorded in :attr:`damaged`. Call on the main rank only (it talks to MLflow).
         """
-        local = self.last()
-        if local is not None:
-            return local
+        for local in reversed(_step_folders(self.directory)):
+            if self._usable(local, local):
+                return local
         names = [Path(p).name for p in self.store.list_artifacts(ARTIFACT_DIR)]
         for name in sorted((n for n in names if _NAME.match(n)), reverse=True):
-            files = {Path(p).name for p in self.store.list_artifacts(f"{ARTIFACT_DIR}/{name}")}
+            remote = f"{ARTIFACT_DIR}/{name}"
+            if remote in self._downloaded:
+                continue  # fetched once already, and its load failed
+            files = {Path(p).name for p in self.store.list_artifacts(remote)}
             if STATE_FILE not in files:
                 continue  # an upload cut short
             staging = self.directory / f".download-{name}"
             shutil.rmtree(staging, ignore_errors=True)
-            downloaded = self.store.download_artifacts(f"{ARTIFACT_DIR}/{name}", staging)
-            downloaded.rename(self.directory / name)
+            downloaded = self.store.download_artifacts(remote, staging)
+            self._downloaded.add(remote)
+            if not self._usable(f"run artifact {remote}", downloaded):
+                shutil.rmtree(staging, ignore_errors=True)
+                continue
+            sync_tree(downloaded)
+            target = self.directory / name
+            if target.exists():  # a damaged local copy: kept aside, not deleted
+                aside = self.directory / f".damaged-{name}"
+                shutil.rmtree(aside, ignore_errors=True)
+                target.rename(aside)
+            downloaded.rename(target)
+            _fsync(self.directory)
             shutil.rmtree(staging, ignore_errors=True)
             logger.info("downloaded checkpoint %s from run %s", name, self.store.run_id)
-            return self.directory / name
+            return target
         return None

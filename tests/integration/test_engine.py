@@ -145,7 +145,7 @@ def test_bad_inputs_have_clear_errors(tiny_data, tmp_path, tracking_uri):
         train_step(tiny_cfg(tiny_data, tmp_path), resume_run_id="f00")
     client = MlflowClient()
     empty = client.create_run(client.create_experiment("no-checkpoints")).info.run_id
-    with pytest.raises(ValueError, match=f"cannot resume run {empty}: no checkpoint"):
+    with pytest.raises(ValueError, match=f"cannot resume run {empty}: it is not a training run"):
         train_step(tiny_cfg(tiny_data, tmp_path), resume_run_id=empty)
 
 
