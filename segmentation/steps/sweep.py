@@ -167,8 +167,10 @@ def _objective(trial: optuna.Trial, sweep: _Sweep) -> float:
         trial.set_user_attr(FAILURE_ATTR, f"{METRIC} was never a finite number")
         finish_trial_run(tracker.run_id, "failed", reason=f"{METRIC} was never a finite number")
         return reporter.best  # Optuna records a NaN objective as FAIL
-    package = Path(cfg.train.output_dir) / tracker.run_id / MODEL_PACKAGE_DIR
-    if sweep.samples and package.is_dir():
+    # The best checkpoint's model package (each kept checkpoint has one, logged as a LoggedModel of the trial).
+    best = result.best_checkpoint
+    package = Path(cfg.train.output_dir) / tracker.run_id / MODEL_PACKAGE_DIR / best.name if best else None
+    if sweep.samples and package is not None and package.is_dir():
         predictor, _ = load_predictor(package, backend="eager")
         log_predictions(tracker.run_id, [predictor.predict_mask(image) for image, _ in sweep.samples])
     finish_trial_run(tracker.run_id, "complete")
