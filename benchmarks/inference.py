@@ -1,8 +1,8 @@
 """Inference speed of FC-HarDNet-70 per execution path, next to torchvision's mobile segmentation models.
 
 Run: ``python -m benchmarks.inference`` (``--no-compile`` skips torch.compile, ``--no-peers`` the torchvision
-models, ``--sizes 512x1024``, ``--profile 1024x2048`` prints the top ops of the deployed path and of fused
-channels_last eager instead).
+models, ``--key-rows`` keeps only the rows the mask targets need, ``--sizes 512x1024``, ``--profile 1024x2048``
+prints the top ops of the deployed path and of fused channels_last eager instead).
 
 Besides logits, the masks users get are timed on a street image (the Cityscapes sample when present): the deployed
 ``Predictor.predict_mask`` (class ids computed inside ONNX Runtime), the same network with the argmax taken in
@@ -409,7 +409,12 @@ def gemm_ceiling() -> dict:
     return max(rows, key=lambda row: row["GFLOP/s (median)"])
 
 
-def run(sizes=SIZES, compile_model: bool = True, peers: bool = True) -> tuple[list[dict], list[dict], dict]:
+KEY_PATHS = ("eager NCHW", "deployed Predictor")  # --key-rows: what the mask targets compare with
+
+
+def run(
+    sizes=SIZES, compile_model: bool = True, peers: bool = True, key_rows: bool = False
+) -> tuple[list[dict], list[dict], dict]:
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large
 
     gemm_row = gemm_ceiling()
@@ -418,7 +423,10 @@ def run(sizes=SIZES, compile_model: bool = True, peers: bool = True) -> tuple[li
     failures: list[str] = []
     hardnet = FCHarDNet(num_classes=19).eval()
     check_parity(Predictor(hardnet), hardnet)  # odd sizes, batch 2: fails loudly before anything is timed
-    rows = bench_model("FC-HarDNet", hardnet, hardnet_paths(hardnet, compile_model), sizes, gemm, failures)
+    paths = hardnet_paths(hardnet, compile_model)
+    if key_rows:
+        paths = {name: build for name, build in paths.items() if name in KEY_PATHS}
+    rows = bench_model("FC-HarDNet", hardnet, paths, sizes, gemm, failures)
     rows += bench_masks(hardnet, sizes, rows, failures)
     factories = {
         "LR-ASPP MobileNetV3-L": lraspp_mobilenet_v3_large,
@@ -486,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=[f"{h}x{w}" for h, w in SIZES])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--no-peers", action="store_true", help="skip the torchvision MobileNetV3 models")
+    parser.add_argument(
+        "--key-rows", action="store_true", help="only eager NCHW, the deployed Predictor and the mask paths (no peers)"
+    )
     parser.add_argument("--profile", metavar="HxW", help="print the top ops at this size and exit")
     args = parser.parse_args(argv)
     print(describe_machine(), flush=True)
@@ -494,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         print(profile_top_ops(tuple(int(v) for v in args.profile.split("x"))))
         return 0
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
-    rows, goals, extra = run(sizes, compile_model=not args.no_compile, peers=not args.no_peers)
+    rows, goals, extra = run(sizes, not args.no_compile, not args.no_peers and not args.key_rows, args.key_rows)
     print(
         f"fp32 GEMM ceiling in this run: {extra['gemm']['GFLOP/s (median)']:.0f} GFLOP/s "
         f"({extra['gemm']['threads']} threads)"
