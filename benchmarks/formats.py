@@ -6,8 +6,9 @@ script trains FC-HarDNet on the built-in synthetic scenes first (``--train-steps
 
 Per format: mIoU on the evaluation split and its difference to PyTorch fp32 in points, argmax agreement with PyTorch
 fp32 (all pixels), median ms of ``Predictor.predict_mask`` at 512x1024 and 1024x2048 (street scenes), and the size.
-INT8 is also made with other choices of nodes kept in fp32 (none, first conv, last conv, both: the default), to show
-which nodes cost accuracy. FP16 is not timed on a CPU (ONNX Runtime's CPU provider casts around most of its ops).
+INT8 is also made with other choices of nodes kept in fp32 (none, first conv, last conv, both: the default, and also
+every Resize and Concat), to show which nodes cost accuracy. FP16 is not timed on a CPU (ONNX Runtime's CPU provider
+casts around most of its ops).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import onnx
 import torch
 
 from benchmarks.common import describe_machine, markdown_table, write_results
@@ -42,13 +44,16 @@ def train_synthetic(data: Path, out: Path, steps: int) -> Path:
 
 
 def int8_variants(fp32: Path) -> dict[str, list[str]]:
-    """Nodes kept in fp32 per INT8 variant: none, the first conv, the last conv (class scores), both (default)."""
+    """Nodes kept in fp32 per INT8 variant: none, the first conv, the last conv (class scores), both (default), and
+    the resizes and concatenations (the decoder's skip joins)."""
     names = conv_names(fp32)
+    joins = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type in ("Resize", "Concat")]
     return {
         "onnx-int8 (all quantized)": [],
         "onnx-int8 (first conv fp32)": names[:1],
         "onnx-int8 (last conv fp32)": names[-1:],
         "onnx-int8 (first + last fp32, default)": [names[0], names[-1]],
+        "onnx-int8 (first + last + Resize/Concat fp32)": [names[0], names[-1], *joins],
     }
 
 

@@ -4,10 +4,11 @@ Run: ``python -m benchmarks.inference`` (``--no-compile`` skips torch.compile, `
 models, ``--key-rows`` keeps only the rows the mask targets need, ``--sizes 512x1024``, ``--profile 1024x2048``
 prints the top ops of the deployed path and of fused channels_last eager instead).
 
-Besides logits, the masks users get are timed on a street image (the Cityscapes sample when present): the deployed
-``Predictor.predict_mask`` (class ids computed inside ONNX Runtime), the same network with the argmax taken in
-PyTorch as before, the class-id step alone (ArgMax + Cast on ``1 x C x H x W`` logits in ONNX Runtime), and the
-served pyfunc in-process (base64 PNG in, base64 PNG out). Their masks must equal the argmax of eager fp32 logits.
+Besides logits, the masks users get are timed on a street image (the Cityscapes sample when present): unfused eager
+logits again (the reference, timed beside the others), the served pyfunc in-process (base64 PNG in, base64 PNG out),
+the deployed ``Predictor.predict_mask`` (class ids computed inside ONNX Runtime), the same network with the argmax
+taken in PyTorch as before, and the class-id step alone (ArgMax + Cast on ``1 x C x H x W`` logits in ONNX
+Runtime). Their masks must equal the argmax of eager fp32 logits.
 
 Batch 1, fp32, torch's default threads. Every optimised path is compared with eager fp32 NCHW of the same model on
 the same input (max |diff| <= 1e-3 on logits, argmax >= 99.9 %); a mismatch fails the run after the table is
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -36,11 +38,14 @@ from torch import nn
 from benchmarks import ceilings
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
 from benchmarks.serving import street_image
-from segmentation.inference.onnx import add_class_ids, create_session
+from segmentation.data.synthetic import generate_scene
+from segmentation.inference.onnx import EXECUTION_PROVIDERS, add_class_ids, create_session
 from segmentation.inference.onnx import export_onnx as export_onnx_bytes
 from segmentation.inference.parity import check_parity
 from segmentation.inference.predictor import Predictor
+from segmentation.inference.quantize import default_int8_exclusions, quantize_int8
 from segmentation.models import FCHarDNet, fuse_bn
+from segmentation.models.package import save_onnx_package
 from segmentation.models.preprocessing import to_input_tensor
 
 SIZES = ((512, 1024), (1024, 2048))
@@ -48,6 +53,7 @@ REPEATS = {(512, 1024): 5, (1024, 2048): 3}
 # torch.compile specialises on the input shape and takes 1-2 min per shape here: one size shows what it gains.
 COMPILE_SIZES = {(512, 1024)}
 MIN_CPU_SHARE = 0.85
+INT8_SERVED = "mask: served pyfunc INT8 (random weights), PNG in/out"
 RETRIES = 2
 COLUMNS = [
     "model",
@@ -282,15 +288,37 @@ def mask_paths(model: nn.Module) -> dict[str, Callable[[np.ndarray], Callable[[]
         request = pd.DataFrame({IMAGE_COLUMN: [encode_image(image)]})
         return lambda: pyfunc.predict(None, request)
 
+    def served_int8(image: np.ndarray) -> Callable[[], object]:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            export_onnx_bytes(model, fp32)
+            # Speed does not depend on what calibrates the ranges: street scenes stand in for training images.
+            scenes = [generate_scene(256, 512, seed)[0] for seed in range(4)]
+            int8 = quantize_int8(fp32, scenes, Path(tmp) / "int8.onnx", default_int8_exclusions(fp32))
+            package = save_onnx_package(
+                int8, ClassInfo.cityscapes(), ModelConfig(), Path(tmp) / "pkg", EXECUTION_PROVIDERS
+            )
+            pyfunc = SegmentationModel().setup(package)
+        request = pd.DataFrame({IMAGE_COLUMN: [encode_image(image)]})
+        return lambda: pyfunc.predict(None, request)
+
+    def eager_logits(image: np.ndarray) -> Callable[[], object]:
+        x = to_input_tensor(image)
+        return lambda: model(x)
+
     return {
+        "mask: eager NCHW logits (reference)": eager_logits,
+        "mask: served pyfunc, PNG in/out": served,
         "mask: deployed predict_mask": deployed,
         "mask: deployed logits + torch argmax": torch_argmax,
         "mask: class-id step alone": class_id_step,
-        "mask: served pyfunc, PNG in/out": served,
+        INT8_SERVED: served_int8,
     }
 
 
 def _as_mask(out: object) -> np.ndarray:
+    if isinstance(out, torch.Tensor) and out.dim() == 4:  # logits
+        return out.argmax(1)[0].numpy()
     if hasattr(out, "columns"):  # a served response: base64 PNG of class ids
         return cv2.imdecode(np.frombuffer(base64.b64decode(out["mask"][0]), np.uint8), cv2.IMREAD_UNCHANGED)
     return np.asarray(out)
@@ -310,7 +338,7 @@ def bench_masks(model: nn.Module, sizes, rows: list[dict], failures: list[str]) 
             build_s = time.perf_counter() - start
             timing, out = measure(lambda _, fn=fn: fn(), None, REPEATS.get((height, width), 3))
             agree = float((_as_mask(out) == expected).mean())
-            if agree < 1.0:
+            if agree < 1.0 and path != INT8_SERVED:  # INT8 computes another function: its agreement is reported
                 failures.append(f"FC-HarDNet {path} {height}x{width}: mask agreement {agree:.6f} (must be 1)")
             size = f"{height}x{width}"
             out_rows.append(
@@ -382,13 +410,26 @@ def targets(rows: list[dict], gemm: float) -> list[dict]:
                     "met": share <= 10,
                 }
             )
+    served_int8 = get.get(("FC-HarDNet", INT8_SERVED, "512x1024"))
     served = get.get(("FC-HarDNet", "mask: served pyfunc, PNG in/out", "512x1024"))
+    # The eager logits timed beside the served rows (same image, same moment): on a shared machine only
+    # measurements taken under the same load compare.
+    eager = get.get(("FC-HarDNet", "mask: eager NCHW logits (reference)", "512x1024")) or eager
     if served and eager:
         speedup = eager["median_ms"] / served["median_ms"]
         out.append(
             {
                 "target": "served pyfunc (PNG in/out) >= 1.5x faster than unfused eager logits at 512x1024",
                 "value": f"{speedup:.2f}x ({served['median_ms']:.0f} vs {eager['median_ms']:.0f} ms)",
+                "met": speedup >= 1.5,
+            }
+        )
+    if served_int8 and eager:
+        speedup = eager["median_ms"] / served_int8["median_ms"]
+        out.append(
+            {
+                "target": "served INT8 pyfunc (PNG in/out) >= 1.5x faster than unfused eager logits at 512x1024",
+                "value": f"{speedup:.2f}x ({served_int8['median_ms']:.0f} vs {eager['median_ms']:.0f} ms)",
                 "met": speedup >= 1.5,
             }
         )
