@@ -1,7 +1,14 @@
 """Inference speed of FC-HarDNet-70 per execution path, next to torchvision's mobile segmentation models.
 
-Run: ``python -m benchmarks.inference`` (``--no-compile`` skips torch.compile, ``--sizes 512x1024``,
-``--profile 1024x2048`` prints the top ops of the deployed path and of fused channels_last eager instead).
+Run: ``python -m benchmarks.inference`` (``--no-compile`` skips torch.compile, ``--no-peers`` the torchvision
+models, ``--key-rows`` keeps only the rows the mask targets need, ``--sizes 512x1024``, ``--profile 1024x2048``
+prints the top ops of the deployed path and of fused channels_last eager instead).
+
+Besides logits, the masks users get are timed on a street image (the Cityscapes sample when present): unfused eager
+logits again (the reference, timed beside the others), the served pyfunc in-process (base64 PNG in, base64 PNG out),
+the deployed ``Predictor.predict_mask`` (class ids computed inside ONNX Runtime), the same network with the argmax
+taken in PyTorch as before, and the class-id step alone (ArgMax + Cast on ``1 x C x H x W`` logits in ONNX
+Runtime). Their masks must equal the argmax of eager fp32 logits.
 
 Batch 1, fp32, torch's default threads. Every optimised path is compared with eager fp32 NCHW of the same model on
 the same input (max |diff| <= 1e-3 on logits, argmax >= 99.9 %); a mismatch fails the run after the table is
@@ -13,27 +20,40 @@ compared with the fp32 GEMM rate measured in the same run (benchmarks.ceilings).
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import cv2
+import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from benchmarks import ceilings
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
-from segmentation.inference.onnx import create_session, export_onnx
+from benchmarks.serving import street_image
+from segmentation.data.synthetic import generate_scene
+from segmentation.inference.onnx import EXECUTION_PROVIDERS, add_class_ids, create_session
+from segmentation.inference.onnx import export_onnx as export_onnx_bytes
 from segmentation.inference.parity import check_parity
 from segmentation.inference.predictor import Predictor
+from segmentation.inference.quantize import default_int8_exclusions, quantize_int8
 from segmentation.models import FCHarDNet, fuse_bn
+from segmentation.models.package import save_onnx_package
+from segmentation.models.preprocessing import to_input_tensor
 
 SIZES = ((512, 1024), (1024, 2048))
 REPEATS = {(512, 1024): 5, (1024, 2048): 3}
 # torch.compile specialises on the input shape and takes 1-2 min per shape here: one size shows what it gains.
 COMPILE_SIZES = {(512, 1024)}
 MIN_CPU_SHARE = 0.85
+INT8_SERVED = "mask: served pyfunc INT8 (random weights), PNG in/out"
 RETRIES = 2
 COLUMNS = [
     "model",
@@ -83,6 +103,22 @@ class PeakRss:
         return (self.peak - self.start) / 2**20
 
 
+def isa_line() -> str:
+    """The vector/matrix extensions of this CPU that matter for fp32 and INT8 inference, from /proc/cpuinfo."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return "CPU ISA: unknown (no /proc/cpuinfo)"
+    found = {
+        "AVX2": "avx2" in flags,
+        "AVX-512": "avx512f" in flags,
+        "VNNI": bool({"avx512_vnni", "avx_vnni"} & flags),
+        "AVX512-BF16": "avx512_bf16" in flags,
+        "AMX": bool({"amx_tile", "amx_int8", "amx_bf16"} & flags),
+    }
+    return "CPU ISA: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in found.items())
+
+
 def conv_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
     """Multiply-adds of every Conv2d for one input of ``shape``, from shapes alone (a meta-device copy)."""
     total = 0
@@ -118,7 +154,7 @@ def channels_last(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def onnx_session(model: nn.Module, arena: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    onnx_model = export_onnx(fuse_bn(model), fuse_bn=False)
+    onnx_model = export_onnx_bytes(fuse_bn(model))
     session = create_session(onnx_model)
     if not arena:
         import onnxruntime as ort
@@ -211,6 +247,118 @@ def bench_model(
     return rows
 
 
+def _passthrough(num_classes: int) -> onnx.ModelProto:
+    """A graph whose ``logits`` are its input: with :func:`add_class_ids` it times the class-id step alone."""
+    shape = [1, num_classes, "height", "width"]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["image"], ["logits"])],
+        "passthrough",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, shape)],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, shape)],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def mask_paths(model: nn.Module) -> dict[str, Callable[[np.ndarray], Callable[[], object]]]:
+    """Path name -> a builder that, given one BGR image, returns ``fn() -> mask`` (the served path: a response)."""
+    import pandas as pd
+
+    from segmentation.config import ModelConfig
+    from segmentation.data.classes import ClassInfo
+    from segmentation.mlops.serving import IMAGE_COLUMN, SegmentationModel, encode_image
+    from segmentation.models.package import save_model_package
+
+    def deployed(image: np.ndarray) -> Callable[[], object]:
+        predictor = Predictor(model)
+        return lambda: predictor.predict_mask(image)
+
+    def torch_argmax(image: np.ndarray) -> Callable[[], object]:
+        predictor, x = Predictor(model), to_input_tensor(image)
+        return lambda: predictor.logits(x).argmax(1)[0].to(torch.uint8).numpy()
+
+    def class_id_step(image: np.ndarray) -> Callable[[], object]:
+        logits = Predictor(model).logits(to_input_tensor(image)).numpy()
+        session = create_session(add_class_ids(_passthrough(logits.shape[1])).SerializeToString())
+        return lambda: session.run(["class_ids"], {"image": logits})[0][0]
+
+    def served(image: np.ndarray) -> Callable[[], object]:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model_package(model, ClassInfo.cityscapes(), ModelConfig(), tmp)
+            pyfunc = SegmentationModel().setup(tmp)
+        request = pd.DataFrame({IMAGE_COLUMN: [encode_image(image)]})
+        return lambda: pyfunc.predict(None, request)
+
+    def served_int8(image: np.ndarray) -> Callable[[], object]:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            export_onnx_bytes(model, fp32)
+            # Speed does not depend on what calibrates the ranges: street scenes stand in for training images.
+            scenes = [generate_scene(256, 512, seed)[0] for seed in range(4)]
+            int8 = quantize_int8(fp32, scenes, Path(tmp) / "int8.onnx", default_int8_exclusions(fp32))
+            package = save_onnx_package(
+                int8, ClassInfo.cityscapes(), ModelConfig(), Path(tmp) / "pkg", EXECUTION_PROVIDERS
+            )
+            pyfunc = SegmentationModel().setup(package)
+        request = pd.DataFrame({IMAGE_COLUMN: [encode_image(image)]})
+        return lambda: pyfunc.predict(None, request)
+
+    def eager_logits(image: np.ndarray) -> Callable[[], object]:
+        x = to_input_tensor(image)
+        return lambda: model(x)
+
+    return {
+        "mask: eager NCHW logits (reference)": eager_logits,
+        "mask: served pyfunc, PNG in/out": served,
+        "mask: deployed predict_mask": deployed,
+        "mask: deployed logits + torch argmax": torch_argmax,
+        "mask: class-id step alone": class_id_step,
+        INT8_SERVED: served_int8,
+    }
+
+
+def _as_mask(out: object) -> np.ndarray:
+    if isinstance(out, torch.Tensor) and out.dim() == 4:  # logits
+        return out.argmax(1)[0].numpy()
+    if hasattr(out, "columns"):  # a served response: base64 PNG of class ids
+        return cv2.imdecode(np.frombuffer(base64.b64decode(out["mask"][0]), np.uint8), cv2.IMREAD_UNCHANGED)
+    return np.asarray(out)
+
+
+def bench_masks(model: nn.Module, sizes, rows: list[dict], failures: list[str]) -> list[dict]:
+    """Time the mask paths at each size; each mask must equal the argmax of eager fp32 logits."""
+    eager = {r["input"]: r["median_ms"] for r in rows if r["model"] == "FC-HarDNet" and r["path"] == "eager NCHW"}
+    out_rows = []
+    for height, width in sizes:
+        image = street_image(height, width)
+        with torch.inference_mode():
+            expected = model.eval()(to_input_tensor(image)).argmax(1)[0].numpy()
+        for path, build in mask_paths(model).items():
+            start = time.perf_counter()
+            fn = build(image)
+            build_s = time.perf_counter() - start
+            timing, out = measure(lambda _, fn=fn: fn(), None, REPEATS.get((height, width), 3))
+            agree = float((_as_mask(out) == expected).mean())
+            if agree < 1.0 and path != INT8_SERVED:  # INT8 computes another function: its agreement is reported
+                failures.append(f"FC-HarDNet {path} {height}x{width}: mask agreement {agree:.6f} (must be 1)")
+            size = f"{height}x{width}"
+            out_rows.append(
+                {
+                    "model": "FC-HarDNet",
+                    "path": path,
+                    "input": size,
+                    **timing,
+                    "build_s": build_s,
+                    "img/s": 1000 / timing["median_ms"],
+                    "argmax agree": agree,
+                    "speedup vs eager": eager[size] / timing["median_ms"] if size in eager else None,
+                }
+            )
+            print(
+                f"  FC-HarDNet {path:<38} {size}: {timing['median_ms']:.0f} ms (cpu_share {timing['cpu_share']:.2f})"
+            )
+    return out_rows
+
+
 def add_scaling(rows: list[dict]) -> None:
     small = {(r["model"], r["path"]): r["median_ms"] for r in rows if r["input"] == "512x1024"}
     for row in rows:
@@ -250,6 +398,41 @@ def targets(rows: list[dict], gemm: float) -> list[dict]:
                 "met": row["% of GEMM"] >= 50,
             }
         )
+    for size in ("512x1024", "1024x2048"):
+        step = get.get(("FC-HarDNet", "mask: class-id step alone", size))
+        predict = get.get(("FC-HarDNet", "mask: deployed predict_mask", size))
+        if step and predict:
+            share = 100 * step["median_ms"] / predict["median_ms"]
+            out.append(
+                {
+                    "target": f"class-id step <= 10% of deployed predict_mask at {size}",
+                    "value": f"{share:.1f}% ({step['median_ms']:.0f} of {predict['median_ms']:.0f} ms)",
+                    "met": share <= 10,
+                }
+            )
+    served_int8 = get.get(("FC-HarDNet", INT8_SERVED, "512x1024"))
+    served = get.get(("FC-HarDNet", "mask: served pyfunc, PNG in/out", "512x1024"))
+    # The eager logits timed beside the served rows (same image, same moment): on a shared machine only
+    # measurements taken under the same load compare.
+    eager = get.get(("FC-HarDNet", "mask: eager NCHW logits (reference)", "512x1024")) or eager
+    if served and eager:
+        speedup = eager["median_ms"] / served["median_ms"]
+        out.append(
+            {
+                "target": "served pyfunc (PNG in/out) >= 1.5x faster than unfused eager logits at 512x1024",
+                "value": f"{speedup:.2f}x ({served['median_ms']:.0f} vs {eager['median_ms']:.0f} ms)",
+                "met": speedup >= 1.5,
+            }
+        )
+    if served_int8 and eager:
+        speedup = eager["median_ms"] / served_int8["median_ms"]
+        out.append(
+            {
+                "target": "served INT8 pyfunc (PNG in/out) >= 1.5x faster than unfused eager logits at 512x1024",
+                "value": f"{speedup:.2f}x ({served_int8['median_ms']:.0f} vs {eager['median_ms']:.0f} ms)",
+                "met": speedup >= 1.5,
+            }
+        )
     for item in out:
         item["met"] = "met" if item["met"] else "NOT met"
     return out
@@ -267,7 +450,12 @@ def gemm_ceiling() -> dict:
     return max(rows, key=lambda row: row["GFLOP/s (median)"])
 
 
-def run(sizes=SIZES, compile_model: bool = True) -> tuple[list[dict], list[dict], dict]:
+KEY_PATHS = ("eager NCHW", "deployed Predictor")  # --key-rows: what the mask targets compare with
+
+
+def run(
+    sizes=SIZES, compile_model: bool = True, peers: bool = True, key_rows: bool = False
+) -> tuple[list[dict], list[dict], dict]:
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large
 
     gemm_row = gemm_ceiling()
@@ -276,12 +464,16 @@ def run(sizes=SIZES, compile_model: bool = True) -> tuple[list[dict], list[dict]
     failures: list[str] = []
     hardnet = FCHarDNet(num_classes=19).eval()
     check_parity(Predictor(hardnet), hardnet)  # odd sizes, batch 2: fails loudly before anything is timed
-    rows = bench_model("FC-HarDNet", hardnet, hardnet_paths(hardnet, compile_model), sizes, gemm, failures)
-    peers = {
+    paths = hardnet_paths(hardnet, compile_model)
+    if key_rows:
+        paths = {name: build for name, build in paths.items() if name in KEY_PATHS}
+    rows = bench_model("FC-HarDNet", hardnet, paths, sizes, gemm, failures)
+    rows += bench_masks(hardnet, sizes, rows, failures)
+    factories = {
         "LR-ASPP MobileNetV3-L": lraspp_mobilenet_v3_large,
         "DeepLabV3 MobileNetV3-L": deeplabv3_mobilenet_v3_large,
     }
-    for name, factory in peers.items():
+    for name, factory in factories.items() if peers else ():
         peer = Logits(factory(weights=None, weights_backbone=None, num_classes=19)).eval()
         paths = {
             "eager NCHW": lambda peer=peer: peer,
@@ -294,9 +486,10 @@ def run(sizes=SIZES, compile_model: bool = True) -> tuple[list[dict], list[dict]
     if gemm_row["GFLOP/s (median)"] != gemm:
         gemm = gemm_row["GFLOP/s (median)"]
         for row in rows:
-            row["% of GEMM"] = 100 * row["conv GFLOP/s"] / gemm
+            if "conv GFLOP/s" in row:
+                row["% of GEMM"] = 100 * row["conv GFLOP/s"] / gemm
     goals = targets(rows, gemm)
-    extra = {"gemm": gemm_row, "targets": goals, "parity_failures": failures}
+    extra = {"gemm": gemm_row, "targets": goals, "parity_failures": failures, "isa": isa_line()}
     return rows, goals, extra
 
 
@@ -322,9 +515,7 @@ def profile_top_ops(size: tuple[int, int], top: int = 15) -> str:
         options.intra_op_num_threads = torch.get_num_threads()
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tmp, "ort")
-        session = ort.InferenceSession(
-            export_onnx(fuse_bn(model), fuse_bn=False), options, providers=["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(export_onnx_bytes(fuse_bn(model)), options, providers=["CPUExecutionProvider"])
         for _ in range(3):
             session.run(None, {"image": x.numpy()})
         events = json.load(open(session.end_profiling()))
@@ -343,14 +534,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=[f"{h}x{w}" for h, w in SIZES])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--no-peers", action="store_true", help="skip the torchvision MobileNetV3 models")
+    parser.add_argument(
+        "--key-rows", action="store_true", help="only eager NCHW, the deployed Predictor and the mask paths (no peers)"
+    )
     parser.add_argument("--profile", metavar="HxW", help="print the top ops at this size and exit")
     args = parser.parse_args(argv)
     print(describe_machine(), flush=True)
+    print(isa_line(), flush=True)
     if args.profile:
         print(profile_top_ops(tuple(int(v) for v in args.profile.split("x"))))
         return 0
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
-    rows, goals, extra = run(sizes, compile_model=not args.no_compile)
+    rows, goals, extra = run(sizes, not args.no_compile, not args.no_peers and not args.key_rows, args.key_rows)
     print(
         f"fp32 GEMM ceiling in this run: {extra['gemm']['GFLOP/s (median)']:.0f} GFLOP/s "
         f"({extra['gemm']['threads']} threads)"

@@ -15,6 +15,11 @@ at 1024x2048 those buffers exceed glibc's mmap threshold, so each forward page-f
 Runtime's arena keeps them mapped between calls. If the export or the session fails, or its outputs disagree with
 PyTorch on a small probe (:func:`segmentation.inference.parity.check_parity`), ``"auto"`` logs why and falls back
 to fused channels_last eager. On a GPU ``"auto"`` is channels_last eager.
+
+Masks: on ONNX Runtime, :meth:`Predictor.predict_mask` asks the session for its ``class_ids`` output (an ArgMax
+appended to the graph, :func:`segmentation.inference.onnx.add_class_ids`), so the ``C`` float planes of the logits
+never leave the runtime; ``torch.argmax`` over ``(1, C, H, W)`` logits cost about as much as the network at
+1024x2048. Test-time augmentation and sliding windows average logits, so they keep taking the argmax in PyTorch.
 """
 
 from __future__ import annotations
@@ -30,9 +35,16 @@ import torch
 from torch import nn
 
 from segmentation.data.classes import ClassInfo
-from segmentation.inference.onnx import INPUT_NAME, create_session, export_onnx
+from segmentation.inference.onnx import (
+    CLASS_IDS_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    create_session,
+    export_onnx,
+    has_class_ids,
+)
 from segmentation.inference.parity import check_parity, model_device
-from segmentation.inference.tta import DEFAULT_SCALES, predict_logits
+from segmentation.inference.tta import DEFAULT_SCALES, check_tta_settings, pad_to_min_side, predict_logits
 from segmentation.models import fuse_bn
 from segmentation.models.package import ONNX_FILE, load_model_package, read_package_meta
 from segmentation.models.preprocessing import to_input_tensor
@@ -60,7 +72,8 @@ class Predictor:
     Shape:
         - :meth:`logits` input: ``(N, 3, H, W)`` float, normalised as in :mod:`segmentation.models.preprocessing`;
           any ``H, W`` the model accepts (FC-HarDNet: >= 64).
-        - :meth:`logits` output: ``(N, C, H, W)`` float32; :meth:`predict_mask`: ``(H, W)`` uint8 for one image.
+        - :meth:`logits` output: ``(N, C, H, W)`` float32; :meth:`class_ids`: ``(N, H, W)`` uint8;
+          :meth:`predict_mask`: ``(H, W)`` uint8 for one image.
 
     Example:
         >>> predictor = Predictor(FCHarDNet(num_classes=19))
@@ -130,7 +143,7 @@ class Predictor:
         """Class logits (``N x C x H x W`` float32, contiguous NCHW) of a normalised batch."""
         x = self._check(x)
         if self.session is not None:
-            (out,) = self.session.run(None, {INPUT_NAME: x.contiguous().cpu().numpy()})
+            (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})
             return torch.from_numpy(out)
         if self.backend == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -138,6 +151,16 @@ class Predictor:
             return self.module(x).contiguous()
 
     __call__ = logits
+
+    def class_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """Class ids (``N x H x W`` uint8, the first index among tied maxima) of a normalised batch: computed
+        inside ONNX Runtime when the session has the ``class_ids`` output, else the argmax of :meth:`logits`."""
+        if self.session is not None and has_class_ids(self.session):
+            x = self._check(x)
+            (out,) = self.session.run([CLASS_IDS_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})
+            return torch.from_numpy(out)
+        with torch.inference_mode():
+            return self.logits(x).argmax(1).to(torch.uint8)
 
     def predict_mask(
         self,
@@ -147,9 +170,18 @@ class Predictor:
         scales: Sequence[float] = DEFAULT_SCALES,
         sliding_window: int = 0,
     ) -> np.ndarray:
-        """Class ids (``H x W`` uint8) of one ``H x W x 3`` uint8 BGR image of any size."""
+        """Class ids (``H x W`` uint8) of one ``H x W x 3`` uint8 BGR image of any size.
+
+        Without test-time augmentation, and when the image fits one window, the class ids come from
+        :meth:`class_ids` (in-graph on ONNX Runtime); otherwise from the averaged logits.
+        """
+        check_tta_settings(tta, scales, sliding_window)
         with torch.inference_mode():
             batch = to_input_tensor(image_bgr).to(self.device)
+            padded = pad_to_min_side(batch)
+            if tta == "none" and (not sliding_window or max(padded.shape[-2:]) <= sliding_window):
+                height, width = batch.shape[-2:]
+                return np.ascontiguousarray(self.class_ids(padded)[0, :height, :width].cpu().numpy())
             logits = predict_logits(self, batch, tta=tta, scales=scales, sliding_window=sliding_window)
         return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
 

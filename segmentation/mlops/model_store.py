@@ -47,6 +47,7 @@ SERVING_REQUIREMENTS = (
     "pandas",
     "opencv-python-headless",
     "onnxruntime",
+    "onnx",  # the session appends the class-id ArgMax to the graph (segmentation.inference.onnx.add_class_ids)
     "pyyaml",
     "safetensors",
 )
@@ -84,7 +85,11 @@ def example_request() -> pd.DataFrame:
 
 
 def log_model_package(
-    package: str | Path, name: str = "model", registered_model_name: str | None = None, step: int | None = None
+    package: str | Path,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    step: int | None = None,
+    fmt: str | None = None,
 ) -> ModelInfo:
     """Log a model package folder to the active run as the serving pyfunc; optionally register a version.
 
@@ -94,6 +99,8 @@ def log_model_package(
         name: the logged model's name.
         registered_model_name: register a new version of this model when set.
         step: training step whose metrics the LoggedModel should carry.
+        fmt: the numeric format (``onnx``, ``onnx-int8``, ``onnx-fp16``), recorded as metadata ``format`` and as
+            the LoggedModel's tag ``format``.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``...).
@@ -101,6 +108,7 @@ def log_model_package(
     meta = read_package_meta(package)
     backend = meta.get("backend", "pytorch")
     extra = {"onnx_execution_providers": meta["onnx_execution_providers"]} if backend == "onnx" else {}
+    format_tag = {"format": fmt} if fmt else {}
     with tempfile.TemporaryDirectory() as tmp:
         code = shutil.copytree(CODE_DIR, Path(tmp) / "segmentation", ignore=shutil.ignore_patterns("__pycache__"))
         return mlflow.pyfunc.log_model(
@@ -113,8 +121,12 @@ def log_model_package(
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name or None,
             step=step or 0,
-            metadata={"backend": backend, "preprocessing": PREPROCESSING, **extra},
-            tags={CLASS_NAMES_TAG: json.dumps(meta["classes"]["names"]), "num_classes": str(meta["num_classes"])},
+            metadata={"backend": backend, "preprocessing": PREPROCESSING, **extra, **format_tag},
+            tags={
+                CLASS_NAMES_TAG: json.dumps(meta["classes"]["names"]),
+                "num_classes": str(meta["num_classes"]),
+                **format_tag,
+            },
         )
 
 
@@ -139,11 +151,13 @@ def log_onnx_model(
     name: str = "onnx_model",
     registered_model_name: str | None = None,
     step: int | None = None,
+    fmt: str = "onnx",
 ) -> ModelInfo:
-    """Log an exported ONNX file as the serving pyfunc (onnxruntime, CPUExecutionProvider)."""
+    """Log an exported ONNX file (fp32, INT8 or FP16: all run on onnxruntime, CPUExecutionProvider) as the serving
+    pyfunc; ``fmt`` is recorded as the model's ``format``."""
     with tempfile.TemporaryDirectory() as tmp:
         package = save_onnx_package(onnx_path, classes, model_cfg, Path(tmp) / PACKAGE_ARTIFACT, EXECUTION_PROVIDERS)
-        return log_model_package(package, name, registered_model_name, step)
+        return log_model_package(package, name, registered_model_name, step, fmt)
 
 
 def load_model_with_meta(model_uri: str) -> tuple[nn.Module, ClassInfo, dict]:

@@ -85,10 +85,13 @@ VALUES = {
     },
     "export": {
         "model_uri": ("models:/m/3", lambda c: c["args"][0]),
-        "format": ("onnx", lambda c: c["args"][1]),  # the only format: set explicitly, it must still arrive
+        "format": ("onnx,onnx-int8", lambda c: c["args"][1]),
         "opset": ("18", lambda c: str(c["args"][2])),
         "fuse_bn": ("false", lambda c: str(c["args"][3]).lower()),
         "registered_model": ("my-model-onnx", lambda c: c["args"][4]),
+        "data": ("/data/out", lambda c: c["kwargs"]["data"]),
+        "calibration_images": ("4", lambda c: str(c["kwargs"]["calibration_images"])),
+        "max_miou_drop": ("1.5", lambda c: str(c["kwargs"]["max_miou_drop"])),
     },
     "register": {
         "checkpoint": ("tests", lambda c: Path(c["args"][0]).name),  # a `path` param: it must exist
@@ -125,7 +128,7 @@ def test_every_parameter_reaches_the_library(repo, name, monkeypatch, tmp_path):
     values = {param: value for param, (value, _) in VALUES[name].items()}
     for param, value in values.items():
         default = entry.parameters[param].default
-        assert param == "format" or str(value) != str(default), f"{name}.{param}: pick a non-default test value"
+        assert str(value) != str(default), f"{name}.{param}: pick a non-default test value"
     module = importlib.import_module(f"entrypoints.{name}")
     call: dict = {}
     if name == "train":

@@ -16,12 +16,14 @@ from safetensors.torch import save_file
 
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
-from segmentation.inference.onnx import export_onnx
+from segmentation.inference.onnx import CLASS_IDS_NAME, add_class_ids, create_session, export_onnx
 from segmentation.inference.parity import ParityError, verify_onnx
+from segmentation.inference.predictor import Predictor
 from segmentation.mlops.model_store import load_model, log_pytorch_model
 from segmentation.mlops.serving import decode_image, encode_image
 from segmentation.models import FCHarDNet
 from segmentation.models.package import load_model_package, save_model_package
+from segmentation.models.preprocessing import to_input_tensor
 from segmentation.steps.export import export_step
 
 CLASSES = ClassInfo(("road", "car", "sky"), ((128, 64, 128), (0, 0, 142), (70, 130, 180)))
@@ -92,6 +94,70 @@ def test_onnx_has_dynamic_axes_and_fused_batchnorm(onnx_file, model):
     assert dims == ["batch", 3, "height", "width"]
     assert not any(node.op_type == "BatchNormalization" for node in graph.node)
     assert not model.training  # export works on a copy and leaves the caller's model as it was
+
+
+def _logits_passthrough(num_classes: int) -> onnx.ModelProto:
+    """A graph whose ``logits`` are its input, to feed the appended ArgMax any logits, ties included."""
+    shape = ["batch", num_classes, "height", "width"]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["image"], ["logits"])],
+        "passthrough",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, shape)],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, shape)],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_in_graph_class_ids_equal_torch_argmax_with_ties():
+    session = create_session(add_class_ids(_logits_passthrough(5)).SerializeToString())
+    logits = torch.randint(0, 3, (2, 5, 33, 47)).float()  # integers in 0..2 over 5 classes: ties almost everywhere
+    logits[0, :, 0, 0] = 1.0  # all five tied: both pick class 0
+    logits[0, :, 0, 1] = torch.tensor([0.0, 2.0, 1.0, 2.0, 2.0])  # tie between 1, 3 and 4: both pick 1
+    (ids,) = session.run([CLASS_IDS_NAME], {"image": logits.numpy()})
+    assert ids.dtype == np.uint8 and ids.shape == (2, 33, 47)
+    assert ids[0, 0, 0] == 0 and ids[0, 0, 1] == 1
+    assert np.array_equal(ids, logits.argmax(1).numpy())
+
+
+def test_exported_graph_outputs_logits_and_class_ids(onnx_file):
+    graph = onnx.load(str(onnx_file)).graph
+    assert [o.name for o in graph.output] == ["logits", "class_ids"]
+    dims = [d.dim_param or d.dim_value for d in graph.output[1].type.tensor_type.shape.dim]
+    assert (
+        dims == ["batch", "height", "width"] and graph.output[1].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    )
+    session = create_session(onnx_file)
+    x = torch.randn(1, 3, 70, 90).numpy()
+    logits, ids = session.run(["logits", "class_ids"], {"image": x})
+    assert np.array_equal(ids, logits.argmax(1))
+
+
+def test_class_ids_are_added_to_a_file_exported_without_them(onnx_file, tmp_path):
+    old = onnx.load(str(onnx_file))  # what export wrote before class ids existed: the network alone
+    del old.graph.node[-2:], old.graph.output[1]
+    old.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "Resizelogits_dim_1"  # as the exporter leaves it
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    predictor = Predictor.from_onnx(tmp_path / "old.onnx")
+    image = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    with_ids = Predictor.from_onnx(onnx_file).predict_mask(image)
+    assert np.array_equal(predictor.predict_mask(image), with_ids)
+    assert [o.name for o in predictor.session.get_outputs()] == ["logits", "class_ids"]
+
+
+def test_predict_mask_reads_the_in_graph_class_ids_without_tta(tmp_path):
+    marked = add_class_ids(_logits_passthrough(3))
+    next(n for n in marked.graph.node if n.op_type == "ArgMax").op_type = "ArgMin"  # tells the two paths apart
+    onnx.save(marked, str(tmp_path / "argmin.onnx"))
+    predictor = Predictor.from_onnx(tmp_path / "argmin.onnx")
+    image = np.random.default_rng(2).integers(0, 256, (40, 70, 3), dtype=np.uint8)  # padded to 64 rows inside
+    logits = predictor.logits(torch.nn.functional.pad(to_input_tensor(image), (0, 0, 0, 24)))[0, :, :40]
+    mask = predictor.predict_mask(image)
+    assert mask.shape == (40, 70) and mask.flags.c_contiguous
+    assert np.array_equal(mask, logits.argmin(0).numpy())  # the graph's output, cropped to the image
+    flipped = predictor.predict_mask(image, tta="flip")  # TTA averages logits: argmax taken in PyTorch
+    assert np.array_equal(flipped, logits.argmax(0).numpy())
+    windowed = predictor.predict_mask(image, sliding_window=64)  # 64 x 70 does not fit one 64 px window
+    assert np.array_equal(windowed, logits.argmax(0).numpy())
 
 
 def test_unfused_export_matches_too(model, tmp_path):
