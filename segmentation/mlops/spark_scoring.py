@@ -228,6 +228,11 @@ def score_files(
 
     # Nondeterministic: Spark must call it once per row, not once per field read from its struct.
     checker = pandas_udf(check, CHECK_TYPE).asNondeterministic()
+    sc = spark.sparkContext
+    if sc.master.startswith("local"):
+        # One task per core: on a local master spark_udf loads the model in every task (a cluster's workers cache
+        # it), and Spark's file packing can leave a small last partition that costs a second wave of loads.
+        files = files.coalesce(sc.defaultParallelism)
     checked = files.select("path", checker("content").alias("check"))
     # Every image that reaches the model passed the same limits, so a batch of them is under batch_size x limit.
     model_env = {MAX_PIXELS_ENV: str(max_pixels), MAX_REQUEST_BYTES_ENV: str(batch_size * max_bytes)}
