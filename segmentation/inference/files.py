@@ -39,9 +39,17 @@ class PredictReport:
     logged: int = 0
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, symlinks followed, lies inside ``root`` (symlinks followed too)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def collect_images(spec: str | Path) -> tuple[list[Path], Path]:
     """The images named by ``spec`` (a folder, searched recursively; a glob; or one file) and the folder that
     output paths are made relative to.
+
+    In a folder, a symlink is followed when it resolves inside the folder and skipped, with a warning naming it,
+    when it leads elsewhere.
 
     Raises:
         FileNotFoundError: ``spec`` is neither an existing path nor a glob pattern that matches anything.
@@ -49,7 +57,12 @@ def collect_images(spec: str | Path) -> tuple[list[Path], Path]:
     """
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = [p for p in found if _inside(p, path)]
+        for outside in sorted(set(found) - set(files)):
+            logger.warning(
+                "skipped %s: a symlink to %s, outside the input folder %s", outside, outside.resolve(), path
+            )
         if not files:
             raise ValueError(f"no images in folder {path} (looked recursively for {', '.join(IMAGE_SUFFIXES)})")
         return files, path
@@ -59,22 +72,41 @@ def collect_images(spec: str | Path) -> tuple[list[Path], Path]:
         files = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).is_file())
         if not files:
             raise FileNotFoundError(f"the pattern {spec!r} matches no files")
-        root = Path(os.path.commonpath([str(p.parent.resolve()) for p in files]))
-        return [p.resolve() for p in files], root
+        root = Path(os.path.commonpath([str(p.parent.absolute()) for p in files]))
+        return [p.absolute() for p in files], root
     raise FileNotFoundError(f"input not found: {spec!r} (expected a folder, an image file or a glob pattern)")
 
 
-def _output_stems(files: list[Path], root: Path) -> list[Path]:
-    stems = [p.resolve().relative_to(root.resolve()).with_suffix("") for p in files]
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path; ``ValueError`` when it exists and is not a folder."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file, not a folder: name a folder (it is created if missing)")
+    return out_dir
+
+
+def output_name(relative: Path) -> Path:
+    """Where the outputs of an input go, relative to each output folder: the same path with ``.png`` as suffix.
+
+    A name that is nothing but its suffix and dots (``..png``) keeps it whole (``..png.png``): dropping the suffix
+    would leave ``.`` or ``..``, which name folders.
+    """
+    stem = relative.name[: -len(relative.suffix)] if relative.suffix else relative.name
+    return relative.parent / ((stem if stem.strip(".") else relative.name) + ".png")
+
+
+def _output_names(files: list[Path], root: Path) -> list[Path]:
+    # Relative to the root as the paths are written (symlinks not followed), so a link keeps its own name.
+    names = [output_name(Path(os.path.relpath(p.absolute(), root.absolute()))) for p in files]
     seen: dict[Path, Path] = {}
-    for stem, source in zip(stems, files, strict=True):
-        if stem in seen:
+    for name, source in zip(names, files, strict=True):
+        if name in seen:
             raise ValueError(
-                f"{seen[stem]} and {source} would write the same outputs ({stem}.png); "
+                f"{seen[name]} and {source} would write the same outputs ({name}); "
                 "rename one or predict them separately"
             )
-        seen[stem] = source
-    return stems
+        seen[name] = source
+    return names
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -103,10 +135,10 @@ def predict_images(
         ValueError: none of the images could be read, two inputs map to the same output name, or bad ``tta``.
     """
     check_tta_settings(tta, sliding_window=sliding_window)
-    out_dir = Path(out_dir)
-    stems = _output_stems(files, root)
+    out_dir = check_out_dir(out_dir)
+    names = _output_names(files, root)
     report = PredictReport(out_dir)
-    for source, stem in tqdm(list(zip(files, stems, strict=True)), desc="predict", unit="image", mininterval=2.0):
+    for source, name in tqdm(list(zip(files, names, strict=True)), desc="predict", unit="image", mininterval=2.0):
         # IMREAD_COLOR turns grey, 16-bit and RGBA inputs into the 8-bit BGR the model expects.
         image = cv2.imread(str(source), cv2.IMREAD_COLOR)
         if image is None:
@@ -116,11 +148,11 @@ def predict_images(
         blended = overlay(image, mask, classes)
         pictures = {"mask": mask, "color": colorize(mask, classes)[..., ::-1], "overlay": blended}
         for kind, picture in pictures.items():
-            target = out_dir / kind / stem.with_suffix(".png")
+            target = out_dir / kind / name
             _write_png(target, picture)
             report.outputs[kind].append(target)
         if len(report.overlays) < num_overlays:
-            report.overlays.append((str(stem), blended[..., ::-1]))
+            report.overlays.append((str(name.with_suffix("")), blended[..., ::-1]))
     if report.skipped:
         logger.warning(
             "skipped %d unreadable image(s): %s", len(report.skipped), ", ".join(str(p) for p in report.skipped)

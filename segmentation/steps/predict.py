@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segmentation.inference.files import PredictReport, collect_images, predict_images
+from segmentation.inference.files import PredictReport, check_out_dir, collect_images, predict_images
 from segmentation.inference.predictor import DEFAULT_BACKEND, Predictor, resolve_device
 from segmentation.mlops.eval_logging import log_overlays
 from segmentation.mlops.model_store import load_model
@@ -40,6 +40,7 @@ def predict_step(
         FileNotFoundError: the input does not exist or the model URI is a missing path.
         ValueError: no images, none readable, or a model URI that does not resolve.
     """
+    check_out_dir(out_dir)  # before the model is loaded, like the inputs
     files, root = collect_images(input_spec)
     # An out_dir inside the input folder must not feed the previous run's PNGs back in as inputs.
     out_resolved = Path(out_dir).resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import cv2
 import mlflow
@@ -137,3 +138,27 @@ def test_overlays_are_logged_into_an_active_run(package, frame_dir, tmp_path, tr
     assert len(logged) == 2
     no_run = predict_step(str(package), frame_dir, tmp_path / "out2", device="cpu", num_logged=2)
     assert no_run.logged == 0
+
+
+def test_symlinks_odd_names_and_a_file_as_out_dir(package, frame_dir, tmp_path, caplog):
+    """Links inside the input folder are followed, links leading out of it are skipped with a message, a file
+    named ``..png`` is predicted, and an out_dir that is a file is refused before any work."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    image = frame_dir / "grey.png"
+    shutil.copy(image, folder / "..png")
+    shutil.copy(frame_dir / "city" / "frame.png", folder / "real.png")
+    (folder / "inside.png").symlink_to(folder / "real.png")
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(image, outside)
+    (folder / "outside.png").symlink_to(outside)
+    with caplog.at_level("WARNING"):
+        report = predict_step(str(package), folder, tmp_path / "out", device="cpu")
+    names = sorted(p.name for p in report.outputs["mask"])
+    assert names == ["..png.png", "inside.png", "real.png"]
+    assert any("outside.png" in r.message and "outside the input folder" in r.message for r in caplog.records)
+    mask = cv2.imread(str(tmp_path / "out" / "mask" / "..png.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == cv2.imread(str(image)).shape[:2]
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match="out_dir .*a_file is a file, not a folder"):
+        predict_step(str(package), folder, tmp_path / "a_file", device="cpu")
