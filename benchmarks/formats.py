@@ -33,7 +33,7 @@ from segmentation.steps.export import load_images
 from segmentation.training.engine import fit
 
 COLUMNS = ["format", "mIoU", "mIoU delta (points)", "argmax agreement"]
-COLUMNS += [f"ms {h}x{w}" for h, w in TIMING_SIZES] + ["size MB", "note"]
+COLUMNS += [f"ms {h}x{w}" for h, w in TIMING_SIZES] + ["cpu share", "size MB", "note"]
 
 
 def train_synthetic(data: Path, out: Path, steps: int) -> Path:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             run_preprocess("synthetic", "", data, num_images=100)
         model_uri = args.model_uri or str(train_synthetic(Path(data), Path(tmp) / "train", args.train_steps))
         rows = run(model_uri, data, args.calibration_images, sizes, Path(tmp))
-    columns = COLUMNS[:4] + [f"ms {h}x{w}" for h, w in sizes] + COLUMNS[-2:]
+    columns = COLUMNS[:4] + [f"ms {h}x{w}" for h, w in sizes] + COLUMNS[-3:]
     print(markdown_table(rows, columns))
     if any(row["note"] == CPU_ONLY_NOTE for row in rows):
         print(f"onnx-fp16: {CPU_ONLY_NOTE} (no GPU here); its accuracy is measured on the CPU provider.")

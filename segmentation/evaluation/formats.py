@@ -25,7 +25,7 @@ from segmentation.inference.predictor import Predictor
 logger = logging.getLogger(__name__)
 
 TIMING_SIZES = ((512, 1024), (1024, 2048))
-TIMING_REPEATS = 3
+TIMING_REPEATS = 5
 REFERENCE = "pytorch-fp32"
 # ONNX Runtime's CPU provider has few float16 kernels: it casts around the rest, so timing FP16 there says nothing
 # about the GPUs it is meant for.
@@ -60,17 +60,24 @@ def agreement(masks: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> f
 
 
 def time_predictor(predictor: Predictor, sizes: Sequence[tuple[int, int]], repeats: int = TIMING_REPEATS) -> dict:
-    """Median ms of ``predict_mask`` on a street scene of each size (after one warm-up call): ``{"ms HxW": ms}``."""
-    out = {}
+    """Median ms of ``predict_mask`` on a street scene of each size (after one warm-up call): ``{"ms HxW": ms}``,
+    and ``cpu share``: the lowest, over the sizes, median share of torch's threads' CPU time the process got (a
+    shared machine slows runs that did not get their cores; compare rows with similar shares only)."""
+    out, shares = {}, []
     for height, width in sizes:
         image, _ = generate_scene(height, width, seed=0)
         predictor.predict_mask(image)
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             predictor.predict_mask(image)
-            times.append(1000 * (time.perf_counter() - start))
+            elapsed = time.perf_counter() - start
+            times.append(1000 * elapsed)
+            cpu.append((time.process_time() - start_cpu) / max(elapsed, 1e-9) / torch.get_num_threads())
         out[f"ms {height}x{width}"] = float(np.median(times))
+        shares.append(float(np.median(cpu)))
+    if shares:
+        out["cpu share"] = min(shares)
     return out
 
 
@@ -99,6 +106,7 @@ def format_row(
     }
     timings = time_predictor(predictor, timing_sizes) if time_it else {}
     row.update({f"ms {h}x{w}": timings.get(f"ms {h}x{w}") for h, w in timing_sizes})
+    row["cpu share"] = timings.get("cpu share")
     return row
 
 
