@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, start_mlflow_server, stop_process
+from conftest import MLFLOW_RUN_VARS, REPO, start_mlflow_server, stop_process
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
@@ -59,7 +59,7 @@ def train(uri: str, data: Path, out: Path, experiment: str, registered_model: st
 
     One step and one validation (what the auth tests need: a run, metrics, artifacts, a model, a registration).
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT"))}
+    env = {k: v for k, v in os.environ.items() if k not in MLFLOW_RUN_VARS}
     cmd = [
         sys.executable,
         "-m",

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
+from conftest import MLFLOW_RUN_VARS, REPO
 from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
@@ -52,7 +52,7 @@ def store(tmp_path_factory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        for var in MLFLOW_RUN_VARS:
             mp.delenv(var, raising=False)
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(uri)
@@ -104,7 +104,7 @@ def png(text_or_path: str | Path) -> np.ndarray:
 def test_mlflow_run_batch_predict_matches_in_process_pyfunc(java, store, images, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "PYSPARK_PYTHON"):
+    for var in (*MLFLOW_RUN_VARS, "PYSPARK_PYTHON"):
         env.pop(var, None)
     params = {
         "model_uri": f"models:/{MODEL}@production",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, start_mlflow_server, stop_process, wait_http
+from conftest import MLFLOW_RUN_VARS, REPO, start_mlflow_server, stop_process, wait_http
 from mlflow import MlflowClient
 
 from entrypoints import sync_tracking
@@ -75,7 +75,7 @@ def train(uri: str, data: Path, out: Path, overrides: str, *args: str) -> subpro
     # One thread each: the kill -9 test runs up to three trainings at once on 2 cores (the same count everywhere
     # also keeps float reductions, hence the weights compared bit for bit, identical between runs).
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for var in MLFLOW_RUN_VARS:
         env.pop(var, None)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [

@@ -29,7 +29,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import REPO, free_port, stop_process, wait_http
+from conftest import MLFLOW_RUN_VARS, REPO, free_port, stop_process, wait_http
 from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
@@ -77,7 +77,7 @@ def registered(mlflow_server) -> str:
     """A randomly initialised model registered with alias `production`, and its ONNX export as `<name>-onnx`."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        for var in MLFLOW_RUN_VARS:
             mp.delenv(var, raising=False)
         mlflow.set_tracking_uri(mlflow_server)
         client = MlflowClient()

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
+from conftest import MLFLOW_RUN_VARS
 from mlflow.projects import _project_spec
 
 # (entry point, param) -> (value set with -P, where it must arrive: a function of the recorded call)
@@ -171,7 +172,7 @@ def test_pipeline_forwards_its_parameters_to_the_steps(tmp_path, monkeypatch):
     from segmentation.steps import main as steps_main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+    for var in MLFLOW_RUN_VARS:
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     started: list[tuple[str, dict]] = []

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import MLFLOW, REPO, free_port
+from conftest import MLFLOW, MLFLOW_RUN_VARS, REPO, free_port
 
 
 def _env(uri: str, **extra: str) -> dict[str, str]:
@@ -18,7 +18,7 @@ def _env(uri: str, **extra: str) -> dict[str, str]:
         **extra,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+    for var in MLFLOW_RUN_VARS:
         env.pop(var, None)
     return env
 

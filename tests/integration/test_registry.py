@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import MLFLOW_RUN_VARS
 from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
@@ -274,7 +275,7 @@ def test_a_sqlite_store_works_too(tmp_path, monkeypatch):
     # A sqlite store hands alias versions back as ints where the server gives strings; both must compare equal.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for var in MLFLOW_RUN_VARS:
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)

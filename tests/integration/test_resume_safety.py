@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import MLFLOW_RUN_VARS, REPO
 from mlflow import MlflowClient
 
 from segmentation.config import CONFIG_DIR, load_config
@@ -90,7 +90,7 @@ def test_resume_refuses_what_is_not_a_compatible_training_of_this_experiment_bef
 
 def _train_process(data: Path, uri: str, overrides: str, log: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for var in MLFLOW_RUN_VARS:
         env.pop(var, None)
     cmd = [
         sys.executable,

@@ -11,6 +11,7 @@ import onnx
 import pandas as pd
 import pytest
 import torch
+from conftest import MLFLOW_RUN_VARS
 from mlflow import MlflowClient
 from safetensors.torch import save_file
 
@@ -56,7 +57,7 @@ def sqlite_tracking(tmp_path, monkeypatch):
     """A private sqlite store (registry included) for this test; no server needed."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for var in MLFLOW_RUN_VARS:
         monkeypatch.delenv(var, raising=False)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)

@@ -13,6 +13,7 @@ import onnx
 import pandas as pd
 import pytest
 import torch
+from conftest import MLFLOW_RUN_VARS
 from mlflow import MlflowClient
 
 from segmentation.config import CONFIG_DIR, load_config
@@ -43,7 +44,7 @@ def tracking(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        for var in MLFLOW_RUN_VARS:
             patch.delenv(var, raising=False)
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(uri)
