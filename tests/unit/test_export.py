@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import mlflow
 import numpy as np
 import onnx
-import pandas as pd
 import pytest
 import torch
-from conftest import MLFLOW_RUN_VARS
-from mlflow import MlflowClient
+from conftest import random_bn_model
 from safetensors.torch import save_file
 
 from segmentation.config import ModelConfig
@@ -20,12 +16,10 @@ from segmentation.data.classes import ClassInfo
 from segmentation.inference.onnx import CLASS_IDS_NAME, add_class_ids, create_session, export_onnx
 from segmentation.inference.parity import ParityError, verify_onnx
 from segmentation.inference.predictor import Predictor
-from segmentation.mlops.model_store import load_model, log_pytorch_model
-from segmentation.mlops.serving import decode_image, encode_image
+from segmentation.mlops.model_store import load_model
 from segmentation.models import FCHarDNet
 from segmentation.models.package import load_model_package, save_model_package
 from segmentation.models.preprocessing import to_input_tensor
-from segmentation.steps.export import export_step
 
 CLASSES = ClassInfo(("road", "car", "sky"), ((128, 64, 128), (0, 0, 142), (70, 130, 180)))
 CFG = ModelConfig(num_classes=3)
@@ -34,15 +28,7 @@ SIZES = ((64, 128), (96, 160), (70, 90))
 
 @pytest.fixture(scope="module")
 def model() -> FCHarDNet:
-    torch.manual_seed(0)
-    net = FCHarDNet(num_classes=3)
-    for module in net.modules():  # BN statistics far from (0, 1) so that fusing is a real transformation
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.3, 0.3)
-            module.running_var.uniform_(0.4, 1.6)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return net.eval()
+    return random_bn_model(num_classes=3)  # BN statistics far from (0, 1): fusing is a real transformation
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +36,6 @@ def onnx_file(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(model, path, opset=17, fuse_bn=True)
     return path
-
-
-@pytest.fixture
-def sqlite_tracking(tmp_path, monkeypatch):
-    """A private sqlite store (registry included) for this test; no server needed."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in MLFLOW_RUN_VARS:
-        monkeypatch.delenv(var, raising=False)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(previous)
 
 
 def _same_function(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -214,58 +185,3 @@ def test_load_model_says_what_it_tried(kind, tmp_path, onnx_file, model):
         )
     with pytest.raises(ValueError, match="is not a segmentation model. Tried: .*Accepted: runs:/"):
         load_model(str(tmp_path))
-
-
-def test_logged_model_loads_from_every_mlflow_uri_and_predicts(model, sqlite_tracking):
-    name = "unit-export-model"
-    with mlflow.start_run() as run:
-        info = log_pytorch_model(model, CLASSES, CFG, name="model", registered_model_name=name)
-    client = MlflowClient()
-    client.set_registered_model_alias(name, "production", info.registered_model_version)
-    for uri in (f"runs:/{run.info.run_id}/model", f"models:/{name}/1", f"models:/{name}@production", info.model_uri):
-        loaded, classes = load_model(uri)
-        assert classes == CLASSES
-        _same_function(model, loaded)
-
-    local = mlflow.artifacts.download_artifacts(info.model_uri)
-    requirements = (Path(local) / "requirements.txt").read_text().split()
-    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "numpy", "pandas", "opencv-python-headless"}
-    assert all("==" in r for r in requirements)
-    listing = {p.name for p in Path(local).rglob("*")}
-    assert "python_model.pkl" not in listing and "serving_model.py" in listing  # models-from-code, no pickle
-    assert {"input_example.json", "serving_input_example.json"} <= listing
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@production")
-    assert pyfunc.metadata.get_input_schema().input_names() == ["image"]
-    example = json.loads((Path(local) / "input_example.json").read_text())
-    out = pyfunc.predict(pd.DataFrame(example["data"], columns=example["columns"]), params={"colorize": True})
-    assert list(out.columns) == ["mask", "height", "width", "colorized"] and out["height"][0] == 64
-
-
-def test_export_step_logs_parity_and_registers_the_onnx_model(model, sqlite_tracking):
-    with mlflow.start_run():
-        info = log_pytorch_model(model, CLASSES, CFG, registered_model_name="unit-export-src")
-    result = export_step("models:/unit-export-src/1", registered_model="unit-export-src-onnx", sizes=SIZES[:2])
-    assert result["max_abs_diff"] <= 1e-3 and result["argmax_agreement"] >= 0.999
-    assert str(result["registered_version"]) == "1"
-    run = MlflowClient().get_run(MlflowClient().get_model_version("unit-export-src-onnx", "1").run_id)
-    assert run.data.metrics["export/max_abs_diff"] == pytest.approx(result["max_abs_diff"])
-    assert "export/argmax_agreement" in run.data.metrics
-    assert [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "onnx")] == ["onnx/model.onnx"]
-
-    torch_pyfunc = mlflow.pyfunc.load_model(info.model_uri)
-    onnx_pyfunc = mlflow.pyfunc.load_model("models:/unit-export-src-onnx/1")
-    assert onnx_pyfunc.metadata.metadata["onnx_execution_providers"] == ["CPUExecutionProvider"]
-    image = np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)
-    request = pd.DataFrame({"image": [encode_image(image)]})
-    torch_mask = decode_image(torch_pyfunc.predict(request)["mask"][0])
-    onnx_mask = decode_image(onnx_pyfunc.predict(request)["mask"][0])
-    assert torch_mask.shape == (80, 120, 3) and (torch_mask == onnx_mask).mean() >= 0.999
-
-
-def test_export_entry_point_fails_on_a_uri_that_is_not_a_model(tmp_path, sqlite_tracking, repo, monkeypatch):
-    monkeypatch.syspath_prepend(str(repo))  # entrypoints/ is not an installed package
-    from entrypoints.export import main as export_main
-
-    (tmp_path / "notes.txt").write_text("not a model")
-    assert export_main(["--model-uri", str(tmp_path)]) == 2
-    assert export_main(["--model-uri", "models:/no-such-model/1"]) == 2
