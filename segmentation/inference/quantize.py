@@ -61,6 +61,29 @@ def _network_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _inline_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``Identity(initializer)`` nodes by copies of the initializer, in place; returns ``model``.
+
+    The TorchScript exporter stores equal tensors once and hands them to later layers through Identity nodes (an
+    untrained network's folded BatchNorm biases are all zeros, for instance). The quantizer only quantizes biases
+    that are initializers, and ONNX Runtime only turns a convolution with a quantized bias into an integer kernel.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
 def _load(onnx_model: bytes | str | Path) -> onnx.ModelProto:
     data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
     return onnx.load_from_string(data)
@@ -96,7 +119,7 @@ def quantize_int8(
         quantize_static,
     )
 
-    model = _network_only(_load(onnx_model))
+    model = _inline_shared_initializers(_network_only(_load(onnx_model)))
     names = {node.name for node in model.graph.node}
     unknown = [n for n in nodes_to_exclude if n not in names]
     if unknown:

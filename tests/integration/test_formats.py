@@ -22,6 +22,7 @@ from segmentation.inference.predictor import Predictor, load_predictor
 from segmentation.inference.quantize import conv_names, convert_fp16, default_int8_exclusions, quantize_int8
 from segmentation.mlops.model_store import load_model, log_pytorch_model
 from segmentation.mlops.serving import SegmentationModel, encode_image
+from segmentation.models import FCHarDNet
 from segmentation.steps.export import FormatRefused, export_step, load_images, parse_formats
 from segmentation.training.engine import fit
 
@@ -179,3 +180,19 @@ def test_int8_predictor_masks_agree_with_pytorch(trained, tiny_data, tmp_path):
     with torch.inference_mode():
         agree = (predictor.predict_mask(val) == reference.predict_mask(val)).mean()
     assert agree >= 0.95
+
+
+def test_int8_quantizes_every_bias_even_ones_the_exporter_shared(tmp_path):
+    """An untrained network's folded biases are all zeros; the exporter stores them once and passes them on through
+    Identity nodes. Each must still become an int32 initializer, or ONNX Runtime runs that conv in fp32."""
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(FCHarDNet(num_classes=3).eval(), fp32)
+    assert any(n.op_type == "Identity" for n in onnx.load(str(fp32)).graph.node)  # the sharing this test is about
+    image = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    int8 = onnx.load(str(quantize_int8(fp32, [image], tmp_path / "int8.onnx")))
+    producers = {out: n for n in int8.graph.node for out in n.output}
+    initializers = {i.name: i for i in int8.graph.initializer}
+    for conv in (n for n in int8.graph.node if n.op_type == "Conv"):
+        bias = producers.get(conv.input[2])
+        assert bias is not None and bias.op_type == "DequantizeLinear", f"{conv.name}: bias not quantized"
+        assert initializers[bias.input[0]].data_type == onnx.TensorProto.INT32, conv.name
