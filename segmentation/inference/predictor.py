@@ -143,7 +143,7 @@ class Predictor:
         """Class logits (``N x C x H x W`` float32, contiguous NCHW) of a normalised batch."""
         x = self._check(x)
         if self.session is not None:
-            (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})
+            (out,) = self.session.run([_logits_output(self.session)], {INPUT_NAME: x.contiguous().cpu().numpy()})
             return torch.from_numpy(out)
         if self.backend == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -187,6 +187,12 @@ class Predictor:
 
     def __repr__(self) -> str:
         return f"Predictor(backend={self.backend!r}, device={self.device})"
+
+
+def _logits_output(session) -> str:
+    """The session's logits output: ``logits`` in every file this project exports, else an ONNX file's first output."""
+    names = [output.name for output in session.get_outputs()]
+    return OUTPUT_NAME if OUTPUT_NAME in names else names[0]
 
 
 def load_predictor(package: str | Path, backend: str = DEFAULT_BACKEND) -> tuple[Predictor, ClassInfo]:
