@@ -27,7 +27,7 @@ import numpy as np
 from segmentation.data.cityscapes_labels import MAX_LABEL_ID, NAME_TO_ID, id_to_train_id_lut
 from segmentation.data.classes import IGNORE_INDEX
 from segmentation.data.image_header import MAX_PIXELS, read_image_size
-from segmentation.data.samples import RawSample, read_image, read_label_png
+from segmentation.data.samples import RawSample, check_near_image, read_image, read_label_png
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -73,22 +73,7 @@ def _polygon(obj: dict, index: int, label: str, height: int, width: int, name: s
         ):
             raise ValueError(f"{where}: every point must be a list of two numbers [x, y], found {_excerpt(point)}")
     points = np.asarray(polygon, dtype=np.float64)
-    # Annotators place vertices on or just beside the border. Far-away ones are refused: OpenCV's fill time
-    # grows with the polygon's extent (seconds at 10^9 px), and rounding beyond int32 would wrap around.
-    margin = max(height, width)
-    inside = (
-        (points[:, 0] >= -margin)
-        & (points[:, 0] <= width + margin)
-        & (points[:, 1] >= -margin)
-        & (points[:, 1] <= height + margin)
-    )
-    if not inside.all():
-        x, y = points[~inside][0]
-        raise ValueError(
-            f"{where}: point [{x:g}, {y:g}] lies outside the {width}x{height} (W x H) image by more "
-            f"than {margin} px; coordinates must be within [-{margin}, {width + margin}] x "
-            f"[-{margin}, {height + margin}]"
-        )
+    check_near_image(points, height, width, where)
     return np.rint(points).astype(np.int32)
 
 

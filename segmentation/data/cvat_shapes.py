@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from segmentation.data.image_header import MAX_PIXELS
+from segmentation.data.samples import check_near_image
 
 AREA_SHAPES = ("polygon", "box", "mask", "ellipse")
 # Shapes without an area: they cannot label pixels of a segmentation mask, so they are counted and skipped.
@@ -82,22 +83,7 @@ def box_corners(xtl: float, ytl: float, xbr: float, ybr: float, rotation: float)
 
 
 def _check_extent(points: np.ndarray, mask: np.ndarray, where: str) -> None:
-    # CVAT keeps shapes on (or just beside) the frame. Far-away vertices are refused: OpenCV's fill time grows
-    # with the polygon's extent (seconds at 10^9 px) and rounding beyond int32 would wrap around.
-    height, width = mask.shape
-    margin = max(height, width)
-    inside = (
-        (points[:, 0] >= -margin)
-        & (points[:, 0] <= width + margin)
-        & (points[:, 1] >= -margin)
-        & (points[:, 1] <= height + margin)
-    )
-    if not inside.all():
-        x, y = points[~inside][0]
-        raise ValueError(
-            f"{where}: point ({x:g}, {y:g}) lies far outside the {width}x{height} (W x H) image; "
-            f"coordinates must be within {margin} px of it"
-        )
+    check_near_image(points, mask.shape[0], mask.shape[1], where)
 
 
 def _fill_ellipse(mask: np.ndarray, ellipse: tuple[float, ...], reach: float, value: int) -> None:

@@ -132,3 +132,23 @@ def seeded_split(keys: list[str], val_fraction: float, seed: int) -> dict[str, s
     order = np.random.default_rng(seed).permutation(len(ordered))
     val = {ordered[i] for i in order[:num_val]}
     return {key: "val" if key in val else "train" for key in ordered}
+
+
+def check_near_image(points: np.ndarray, height: int, width: int, where: str) -> None:
+    """Refuse vertices (``N x 2``, x then y) further than one image side outside a ``width x height`` image.
+
+    Annotators place vertices on or just beside the border. Far-away ones are refused: OpenCV's fill time grows with
+    the polygon's extent (seconds at 10^9 px), and rounding beyond int32 would wrap around.
+
+    Raises:
+        ValueError: naming ``where``, the first such point and the allowed range.
+    """
+    margin = max(height, width)
+    x, y = points[:, 0], points[:, 1]
+    inside = (x >= -margin) & (x <= width + margin) & (y >= -margin) & (y <= height + margin)
+    if not inside.all():
+        px, py = points[~inside][0]
+        raise ValueError(
+            f"{where}: point [{px:g}, {py:g}] lies outside the {width}x{height} (W x H) image by more than "
+            f"{margin} px; coordinates must be within [-{margin}, {width + margin}] x [-{margin}, {height + margin}]"
+        )
