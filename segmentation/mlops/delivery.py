@@ -190,8 +190,7 @@ class Delivery:
         record = batch[0]
         if not Path(record["package"]).is_dir():  # a pruned checkpoint's package goes only after its model record
             raise FileNotFoundError(errno.ENOENT, "model package folder is gone", record["package"])
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):  # log_model needs an active run
-            info = log_model_package(record["package"], name=record["name"], step=record["step"])
+        info = log_model_package(record["package"], name=record["name"], step=record["step"], run_id=self.run_id)
         self._model_ids[record["name"]] = info.model_id
 
     def _find_model(self, name: str) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import LoggedModelOutput
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
@@ -90,8 +91,9 @@ def log_model_package(
     registered_model_name: str | None = None,
     step: int | None = None,
     fmt: str | None = None,
+    run_id: str | None = None,
 ) -> ModelInfo:
-    """Log a model package folder to the active run as the serving pyfunc; optionally register a version.
+    """Log a model package folder to a run as the serving pyfunc; optionally register a version.
 
     Args:
         package: a folder written by :func:`~segmentation.models.package.save_model_package` or
@@ -101,6 +103,8 @@ def log_model_package(
         step: training step whose metrics the LoggedModel should carry.
         fmt: the numeric format (``onnx``, ``onnx-int8``, ``onnx-fp16``), recorded as metadata ``format`` and as
             the LoggedModel's tag ``format``.
+        run_id: log to this run without making it the active run (the active run when ``None``). Entering a run
+            with ``mlflow.start_run`` would end it on exit, marking a training that is still going FINISHED.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``...).
@@ -109,9 +113,15 @@ def log_model_package(
     backend = meta.get("backend", "pytorch")
     extra = {"onnx_execution_providers": meta["onnx_execution_providers"]} if backend == "onnx" else {}
     format_tag = {"format": fmt} if fmt else {}
+    tags = {
+        CLASS_NAMES_TAG: json.dumps(meta["classes"]["names"]),
+        "num_classes": str(meta["num_classes"]),
+        **format_tag,
+    }
+    model_id = _model_of_run(run_id, name, tags) if run_id else None
     with tempfile.TemporaryDirectory() as tmp:
         code = shutil.copytree(CODE_DIR, Path(tmp) / "segmentation", ignore=shutil.ignore_patterns("__pycache__"))
-        return mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(SERVING_MODEL_FILE),
             artifacts={PACKAGE_ARTIFACT: str(package)},
@@ -122,12 +132,21 @@ def log_model_package(
             registered_model_name=registered_model_name or None,
             step=step or 0,
             metadata={"backend": backend, "preprocessing": PREPROCESSING, **extra, **format_tag},
-            tags={
-                CLASS_NAMES_TAG: json.dumps(meta["classes"]["names"]),
-                "num_classes": str(meta["num_classes"]),
-                **format_tag,
-            },
+            tags=tags,
+            model_id=model_id,
         )
+    if run_id:  # what log_model does for the active run: the model is an output of the run at its step
+        mlflow.MlflowClient().log_outputs(run_id, [LoggedModelOutput(info.model_id, step or 0)])
+    return info
+
+
+def _model_of_run(run_id: str, name: str, tags: dict[str, str]) -> str:
+    """A new (PENDING) LoggedModel of ``run_id`` carrying the run's params, as log_model makes for an active run."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    model = mlflow.initialize_logged_model(
+        name=name, source_run_id=run_id, tags=tags, params=run.data.params, experiment_id=run.info.experiment_id
+    )
+    return model.model_id
 
 
 def log_pytorch_model(

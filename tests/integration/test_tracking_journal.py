@@ -12,14 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, random_bn_model
 from mlflow import MlflowClient
 
 from entrypoints import sync_tracking
+from segmentation.config import ModelConfig
+from segmentation.data.classes import ClassInfo
+from segmentation.mlops.delivery import Delivery
 from segmentation.mlops.journal import CURSOR_FILE, JOURNAL_FILE, QUARANTINE_FILE
 from segmentation.mlops.tracker import META_FILE, Tracker
+from segmentation.models.package import save_model_package
 
 EXIT_BAD_INPUT, EXIT_TRACKING_INCOMPLETE = 2, 3
+CLASSES = ClassInfo(("road", "car", "sky"), ((128, 64, 128), (0, 0, 142), (70, 130, 180)))
 
 
 @pytest.fixture
@@ -165,3 +170,21 @@ def test_a_full_disk_does_not_stop_training_and_end_reports_what_was_not_journal
     assert "5 write(s) could not be journaled" in report and "File too large" in report, report
     assert steps(client, run_id, "train/loss") == [1]
     assert client.get_run(run_id).info.status == "RUNNING"  # not even the end could be journaled
+
+
+def test_a_checkpoint_model_is_logged_to_the_training_run_without_ending_it(client, tmp_path):
+    # Logging a model through mlflow.start_run(run_id=...) ends that run on exit: the UI then showed a training
+    # that was still going as FINISHED (with an end time) from its first checkpoint on.
+    run_id = new_run(client)
+    client.log_metric(run_id, "val/mIoU", 0.5, step=3)
+    client.log_param(run_id, "cfg.train.lr", "0.02")
+    package = save_model_package(random_bn_model(3), CLASSES, ModelConfig(num_classes=3), tmp_path / "package")
+    Delivery(client, run_id, journal_dir=None).send(
+        [{"kind": "model", "package": str(package), "name": "checkpoint-step-0000003", "step": 3}]
+    )
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and not run.info.end_time
+    (model,) = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert model.name == "checkpoint-step-0000003" and model.status.to_proto() == model.status.READY.to_proto()
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 3)]
+    assert model.tags["num_classes"] == "3" and model.params == {"cfg.train.lr": "0.02"}  # as for an active run
