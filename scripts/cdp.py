@@ -169,6 +169,29 @@ class Browser:
         text = self.evaluate("document.body ? document.body.innerText.slice(0, 500) : ''")
         raise TimeoutError(f"page did not show {what} within {timeout:.0f} s; it showed: {text!r}")
 
+    def click(self, point_expression: str, what: str) -> None:
+        """A real mouse click (pointer events included) at the ``[x, y]`` that ``point_expression`` returns.
+
+        Raises:
+            RuntimeError: the expression found nothing to click (it returned ``null``), naming ``what``.
+        """
+        point = self.evaluate(point_expression)
+        if not point:
+            raise RuntimeError(f"nothing to click: {what} is not on the page")
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.send(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": point[0], "y": point[1], "button": "left", "clickCount": 1},
+            )
+
+    def type_text(self, text: str) -> None:
+        """Type ``text`` into the focused element, then press Enter."""
+        self.send("Input.insertText", {"text": text})
+        for kind in ("keyDown", "keyUp"):
+            self.send(
+                "Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13}
+            )
+
     def screenshot(self, path: Path) -> Path:
         """Capture the viewport as PNG into ``path`` (written beside it, then renamed)."""
         data = base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"])
