@@ -32,11 +32,11 @@ from segmentation.training.checkpoint import (
     CHECKPOINT_DIR,
     JOURNAL_DIR,
     STATE_FILE,
-    CheckpointManager,
     TrainerState,
     is_better,
     logged_model_name,
 )
+from segmentation.training.checkpoint_manager import CheckpointManager
 from segmentation.training.hooks import NullTracker, RunTracker
 from segmentation.training.loop import build_accelerator, plan_steps, set_epoch, train_one_epoch, validate
 from segmentation.training.losses import build_loss
