@@ -11,7 +11,6 @@ safetensors header) without loading anything, and resume skips such a checkpoint
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,15 +59,6 @@ def checkpoint_name(step: int) -> str:
 def logged_model_name(checkpoint: str | Path) -> str:
     """The name of a checkpoint's LoggedModel in the run, e.g. ``checkpoint-step-0000300``."""
     return f"checkpoint-{Path(checkpoint).name}"
-
-
-def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    """Whether ``value`` improves on ``best`` by more than ``min_delta`` (NaN never improves)."""
-    if value is None or math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
 def _safetensors_problem(path: Path) -> str | None:
