@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import describe_machine, markdown_table, peak_rss_mib, write_results
-from segmentation.config import load_config
+from segmentation.config_loading import load_config
 from segmentation.data.datasets import build_dataloader
 from segmentation.data.preprocess import run_preprocess
 

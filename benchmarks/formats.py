@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import describe_machine, markdown_table, write_results
 from benchmarks.inference import isa_line
-from segmentation.config import CONFIG_DIR, load_config
+from segmentation.config_loading import CONFIG_DIR, load_config
 from segmentation.data.preprocess import run_preprocess
 from segmentation.evaluation.formats import CPU_ONLY_NOTE, TIMING_SIZES, file_size, format_row, reference_row
 from segmentation.inference.onnx import export_onnx

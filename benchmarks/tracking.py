@@ -184,7 +184,7 @@ def measure(
     second untracked run per repeat ("off again") shows how far that estimate strays when nothing differs.
     Between runs the page cache is flushed (``os.sync``) so that one run's disk writes do not land in the next.
     """
-    from segmentation.config import CONFIG_DIR, load_config
+    from segmentation.config_loading import CONFIG_DIR, load_config
     from segmentation.steps.train import train_step
 
     cfg = load_config(

@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary file in the target folder, then rename over the target.
 
-A reader (or a process killed mid-write) therefore sees either the old file or the complete new one.
+A reader (or a process killed mid-write) therefore sees either the old file or the complete new one. The fsync
+helpers make a folder written in place durable before it is renamed (training checkpoints).
 """
 
 from __future__ import annotations
@@ -43,3 +44,27 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (its entries) where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return  # a platform that cannot open folders (Windows) cannot fsync them either
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then its subfolders and itself (their entries)."""
+    paths = sorted(folder.rglob("*"))
+    for path in paths:
+        if path.is_file():
+            fsync_path(path)
+    for path in [p for p in paths if p.is_dir()] + [folder]:
+        fsync_path(path)

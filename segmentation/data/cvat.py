@@ -13,27 +13,32 @@ or ``images/<subset>/<name>``; for videos ``images/frame_000000.<ext>``, as CVAT
 * Sizes: the declared size (``<image width height>``, or ``meta/.../original_size`` for videos) must equal the
   image's, read from its header before any mask is allocated; a ``<mask>`` box must lie inside the image.
 * XML is parsed with ``defusedxml``: DTD entities and external references are refused.
+
+The XML elements are read by :mod:`.cvat_xml`; the shapes are rasterised by :mod:`.cvat_shapes`.
 """
 
 from __future__ import annotations
 
-import colorsys
 import logging
-import math
 import os
-import re
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from xml.etree.ElementTree import Element, ParseError
-
-import defusedxml.ElementTree as SafeET
-import numpy as np
-from defusedxml import DefusedXmlException
+from xml.etree.ElementTree import Element
 
 from segmentation.data.classes import ClassInfo
-from segmentation.data.cvat_shapes import AREA_SHAPES, Shape, TrackShape, rasterize, shape_at
-from segmentation.data.image_header import MAX_PIXELS, MAX_SIDE, read_image_size
+from segmentation.data.cvat_shapes import AREA_SHAPES, TrackShape, rasterize, shape_at
+from segmentation.data.cvat_xml import (
+    build_classes,
+    check_label,
+    declared_size,
+    int_attr,
+    parse_labels,
+    parse_shape,
+    parse_xml,
+    required_attr,
+)
+from segmentation.data.image_header import read_image_size
 from segmentation.data.samples import RawSample, read_image, seeded_split
 
 logger = logging.getLogger(__name__)
@@ -51,104 +56,6 @@ UNSPLIT_SUBSETS = ("", "default")
 _SHAPE_TAGS = (*AREA_SHAPES, "polyline", "points", "skeleton", "tag", "cuboid")
 
 
-def parse_xml(path: Path) -> Element:
-    """Parse ``path`` safely. Raises ValueError naming the file (and line/column for malformed XML)."""
-    try:
-        return SafeET.parse(str(path)).getroot()
-    except ParseError as exc:
-        line, column = exc.position
-        raise ValueError(f"{path}: malformed XML at line {line}, column {column}: {exc}") from None
-    except DefusedXmlException as exc:
-        raise ValueError(
-            f"{path}: refused unsafe XML ({type(exc).__name__}: {exc}); entity declarations and "
-            "external references are not allowed in CVAT exports"
-        ) from None
-
-
-def _palette(index: int) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.75, 0.95)
-    return round(r * 255), round(g * 255), round(b * 255)
-
-
-def parse_labels(root: Element, path: Path) -> list[tuple[str, tuple[int, int, int] | None]]:
-    """Declared labels as ``(name, rgb or None)`` in declared order."""
-    labels = []
-    for owner in ("project", "task", "job"):
-        for label in root.findall(f"meta/{owner}/labels/label"):
-            name = (label.findtext("name") or "").strip()
-            if not name:
-                raise ValueError(f"{path}: a label under meta/{owner}/labels has no <name>")
-            color = (label.findtext("color") or "").strip()
-            if color and not re.fullmatch(r"#[0-9a-fA-F]{6}", color):
-                raise ValueError(f"{path}: label {name!r} has colour {color!r}; expected #rrggbb")
-            rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5)) if color else None
-            if name not in [n for n, _ in labels]:
-                labels.append((name, rgb))
-    if not labels:
-        raise ValueError(f"{path}: no labels declared under meta/project/labels, meta/task/labels or meta/job/labels")
-    return labels
-
-
-def build_classes(labels: list[tuple[str, tuple[int, int, int] | None]]) -> ClassInfo:
-    """Background first, then the declared labels (a label named ``background`` is class 0)."""
-    names, colors = ["background"], [(0, 0, 0)]
-    for name, rgb in labels:
-        if name.lower() == "background":
-            colors[0] = rgb or colors[0]
-            continue
-        names.append(name)
-        colors.append(rgb or _palette(len(names) - 1))
-    return ClassInfo(tuple(names), tuple(colors))
-
-
-def _required(element: Element, name: str, where: str) -> str:
-    value = element.attrib.get(name)
-    if value is None:
-        raise ValueError(f"{where}: attribute {name} is missing")
-    return value
-
-
-def _floats(element: Element, names: tuple[str, ...], where: str) -> list[float]:
-    """The attributes ``names`` as finite floats; ``rotation`` may be absent (0)."""
-    values = []
-    for name in names:
-        text = element.attrib.get(name, "0") if name == "rotation" else _required(element, name, where)
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise ValueError(f"{where}: attribute {name}={text!r} must be a finite number")
-        values.append(value)
-    return values
-
-
-def _int(text: str | None, what: str, where: str, low: int, high: int, why: str = "") -> int:
-    """``text`` as an integer in ``[low, high]`` (``"3.0"`` is accepted, as some exporters write it)."""
-    if text is None:
-        raise ValueError(f"{where}: attribute {what} is missing (expected an integer in [{low}, {high}])")
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value.is_integer() and low <= value <= high):
-        raise ValueError(
-            f"{where}: {what} must be an integer in [{low}, {high}], found {text!r}" + (f" ({why})" if why else "")
-        )
-    return int(value)
-
-
-def _image_size(width: str | None, height: str | None, where: str) -> tuple[int, int]:
-    """Declared ``(height, width)``, refused before any mask is allocated when no readable image can have it."""
-    w = _int(width, "width", where, 1, MAX_SIDE)
-    h = _int(height, "height", where, 1, MAX_SIDE)
-    if w * h > MAX_PIXELS:
-        raise ValueError(
-            f"{where}: declared size {w}x{h} (W x H) exceeds the {MAX_PIXELS} pixels allowed (OpenCV's image limit)"
-        )
-    return h, w
-
-
 def _check_image_size(image: Path, size: tuple[int, int], where: str) -> None:
     """Refuse a declared ``(height, width)`` that differs from the image's header, before any mask is allocated."""
     real = read_image_size(image)
@@ -156,58 +63,6 @@ def _check_image_size(image: Path, size: tuple[int, int], where: str) -> None:
         raise ValueError(
             f"{where}: declared width x height = {size[1]}x{size[0]} but {image} is {real[1]}x{real[0]} "
             "(W x H, from its header); the declared size must be the image's size"
-        )
-
-
-def parse_shape(element: Element, order: int, where: str, image_size: tuple[int, int] = (MAX_SIDE, MAX_SIDE)) -> Shape:
-    """One area shape element (``polygon``, ``box``, ``ellipse``, ``mask``) as a :class:`Shape`.
-
-    ``image_size`` is the image's ``(height, width)``: a mask's ``left/top/width/height`` box must lie inside it.
-    """
-    kind, label = element.tag, _required(element, "label", f"{where}: {element.tag}")
-    where = f"{where}: {kind} {label!r}"
-    z_order = _int(element.attrib.get("z_order", "0"), "z_order", where, -(2**31), 2**31 - 1)
-    if kind == "polygon":
-        text = _required(element, "points", where)
-        try:
-            points = np.array([[float(v) for v in p.split(",")] for p in text.split(";")])
-        except ValueError:
-            points = np.zeros(0)
-        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
-            raise ValueError(f"{where}: points must be >= 3 finite 'x,y' pairs joined by ';', found {text!r}")
-        return Shape(kind, label, z_order, order, points=points)
-    if kind == "box":
-        return Shape(
-            kind, label, z_order, order, box=tuple(_floats(element, ("xtl", "ytl", "xbr", "ybr", "rotation"), where))
-        )
-    if kind == "ellipse":
-        # CVAT 1.1 writes the radii: rx = right - cx, ry = cy - top (not the coordinates of those points).
-        cx, cy, rx, ry, rotation = _floats(element, ("cx", "cy", "rx", "ry", "rotation"), where)
-        for name, radius in (("rx", rx), ("ry", ry)):
-            if radius < 0:
-                raise ValueError(f"{where}: attribute {name}={element.attrib[name]!r} must be a radius >= 0")
-        return Shape(kind, label, z_order, order, box=(cx, cy, rx, ry, rotation))
-    # CVAT writes mask boxes inside the image; bounding them here bounds the runs decoded into them.
-    image_height, image_width = image_size
-    inside = f"the mask box must lie inside the {image_width}x{image_height} (W x H) image"
-    left = _int(element.attrib.get("left"), "left", where, 0, image_width, inside)
-    top = _int(element.attrib.get("top"), "top", where, 0, image_height, inside)
-    width = _int(element.attrib.get("width"), "width", where, 0, image_width - left, inside)
-    height = _int(element.attrib.get("height"), "height", where, 0, image_height - top, inside)
-    text = _required(element, "rle", where)
-    try:
-        rle = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"{where}: rle must be comma-separated counts, found {text!r}") from None
-    return Shape(kind, label, z_order, order, rle=rle, mask_box=(left, top, width, height))
-
-
-def _check_label(element: Element, declared: set[str], path: Path, where: str) -> None:
-    label = _required(element, "label", f"{path}: {where}: {element.tag}")
-    if element.tag != "tag" and label not in declared:  # CVAT allows tags with undeclared labels
-        raise ValueError(
-            f"{path}: {where}: {element.tag} uses label {label!r}, which meta does not declare "
-            f"(declared: {sorted(declared)})"
         )
 
 
@@ -249,17 +104,17 @@ def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped
     default_subset = root.findtext("meta/task/subset") or ""
     frames, order = [], 0
     for index, image in enumerate(root.iter("image")):
-        name = _required(image, "name", f"{xml}: <image> element {index} (id {image.attrib.get('id')!r})")
+        name = required_attr(image, "name", f"{xml}: <image> element {index} (id {image.attrib.get('id')!r})")
         where = f"image {name!r}"
         subset = image.attrib.get("subset", task_subsets.get(image.attrib.get("task_id"), default_subset))
-        image_size = _image_size(image.attrib.get("width"), image.attrib.get("height"), f"{xml}: {where}")
+        image_size = declared_size(image.attrib.get("width"), image.attrib.get("height"), f"{xml}: {where}")
         path = _image_path(raw_dir, subset, name, xml)
         _check_image_size(path, image_size, f"{xml}: {where}")
         shapes = []
         for element in image:
             if element.tag not in _SHAPE_TAGS:
                 continue
-            _check_label(element, declared, xml, where)
+            check_label(element, declared, xml, where)
             if element.tag in AREA_SHAPES:
                 shapes.append(parse_shape(element, order, f"{xml}: {where}", image_size))
             else:
@@ -285,21 +140,21 @@ def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped
     width = root.findtext("meta/task/original_size/width") or root.findtext("meta/job/original_size/width")
     if not (height and width):
         raise ValueError(f"{xml}: a video export must declare meta/task/original_size/width and height")
-    image_size = _image_size(width, height, f"{xml}: meta original_size")
+    image_size = declared_size(width, height, f"{xml}: meta original_size")
     # Frame numbers only bound the loop below, which stops at the first frame without an image.
-    num_frames = _int(size, "meta size (frame count)", str(xml), 0, 10**9) if size else None
+    num_frames = int_attr(size, "meta size (frame count)", str(xml), 0, 10**9) if size else None
     parsed = []
     for index, track in enumerate(tracks):
-        where = f"track {_required(track, 'id', f'{xml}: <track> element {index}')!r}"
-        label, states = _required(track, "label", f"{xml}: {where}"), []
+        where = f"track {required_attr(track, 'id', f'{xml}: <track> element {index}')!r}"
+        label, states = required_attr(track, "label", f"{xml}: {where}"), []
         for element in track:
             element.attrib.setdefault("label", label)
-            _check_label(element, declared, xml, where)
+            check_label(element, declared, xml, where)
             if element.tag not in AREA_SHAPES:
                 skipped[element.tag] += 1
                 continue
             shape_where = f"{xml}: {where}: {element.tag} {element.attrib['label']!r}"
-            frame = _int(element.attrib.get("frame"), "frame", shape_where, 0, 10**9)
+            frame = int_attr(element.attrib.get("frame"), "frame", shape_where, 0, 10**9)
             outside = element.attrib.get("outside", "0")  # CVAT always writes it; absent means visible
             if outside not in ("0", "1"):
                 raise ValueError(f"{shape_where}: attribute outside={outside!r} must be 0 or 1")

@@ -21,7 +21,8 @@ import optuna
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from segmentation.config import Config, ConfigError
+from segmentation.config import Config
+from segmentation.config_loading import ConfigError
 from segmentation.data.classes import ClassInfo
 from segmentation.data.datasets import SegmentationDataset, load_split
 from segmentation.inference.predictor import load_predictor

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from segmentation.config import Config, load_config
+from segmentation.config import Config
+from segmentation.config_loading import load_config
 from segmentation.mlops.run_guard import release_run_lock
 from segmentation.mlops.runs import TrackingIncompleteError, start_run
 from segmentation.training.engine import FitResult, fit

@@ -1,41 +1,22 @@
-"""Training checkpoints: Accelerate ``save_state`` folders written atomically, pruned, mirrored to MLflow.
+"""Training checkpoint folders: their layout, the trainer state saved beside Accelerate's, and the checks that tell
+a complete checkpoint from a damaged one.
 
 Layout: ``<directory>/step-0000042/`` holds what ``accelerator.save_state`` writes (model weights as
-safetensors, optimizer, scheduler, RNG state of every rank) plus ``trainer_state.json``. A folder is first written
-as ``.tmp-step-…`` and renamed when complete, so a process killed during a save leaves the previous checkpoint
-as the last complete one (resume ignores ``.tmp-*`` folders). Before the rename every file in it and the folder are
-fsynced, and the parent after it, so a power loss cannot leave a renamed folder with missing data.
-``trainer_state.json`` lists the size of every file ``save_state`` wrote: :func:`checkpoint_problem` finds a missing
-or truncated file (and a corrupt state file or safetensors header) without loading anything, and resume skips such a
-checkpoint for the one before it. The same folders are uploaded as run artifacts under ``checkpoints/`` in the
-background (through the tracker's journal, so a tracking outage does not stop the saves); when no local checkpoint
-is usable, resume downloads the last complete one from the run.
-
-The ``accelerator`` arguments are duck-typed (``save_state``, ``load_state``, ``wait_for_everyone``,
-``is_main_process``) so that Accelerate itself stays inside ``engine.py``; the uploads go to an
-:class:`~segmentation.training.hooks.ArtifactStore`.
+safetensors, optimizer, scheduler, RNG state of every rank) plus ``trainer_state.json``, which lists the size of every
+file ``save_state`` wrote: :func:`checkpoint_problem` finds a missing or truncated file (and a corrupt state file or
+safetensors header) without loading anything, and resume skips such a checkpoint for the one before it.
+:class:`~segmentation.training.checkpoint_manager.CheckpointManager` writes, prunes, uploads and fetches the folders.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
-import os
 import re
-import shutil
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
-
-from segmentation.io import write_text_atomic
-from segmentation.training.hooks import ArtifactStore
-
-logger = logging.getLogger(__name__)
 
 # A training's output folder, <output_dir>/<run_id>/: checkpoints/, the model package model/, the journal tracking/.
 ARTIFACT_DIR = "checkpoints"
@@ -44,7 +25,7 @@ MODEL_PACKAGE_DIR = "models"  # one model package per kept checkpoint, logged as
 JOURNAL_DIR = "tracking"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
-_NAME = re.compile(r"^step-(\d{7,})$")
+STEP_FOLDER = re.compile(r"^step-(\d{7,})$")
 
 
 @dataclass
@@ -78,15 +59,6 @@ def checkpoint_name(step: int) -> str:
 def logged_model_name(checkpoint: str | Path) -> str:
     """The name of a checkpoint's LoggedModel in the run, e.g. ``checkpoint-step-0000300``."""
     return f"checkpoint-{Path(checkpoint).name}"
-
-
-def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    """Whether ``value`` improves on ``best`` by more than ``min_delta`` (NaN never improves)."""
-    if value is None or math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -131,37 +103,15 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
     return _safetensors_problem(checkpoint / WEIGHTS_FILE)
 
 
-def _step_folders(directory: Path) -> list[Path]:
-    found = [p for p in directory.iterdir() if _NAME.match(p.name)] if directory.is_dir() else []
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+def step_folders(directory: Path) -> list[Path]:
+    """Every ``step-*`` folder in ``directory``, oldest first, complete or not."""
+    found = [p for p in directory.iterdir() if STEP_FOLDER.match(p.name)] if directory.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_FOLDER.match(p.name).group(1)))
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Complete checkpoints in ``directory``, oldest first (temporary, foreign and damaged folders are ignored)."""
-    return [p for p in _step_folders(Path(directory)) if checkpoint_problem(p) is None]
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if path.is_dir():
-            return  # a platform that cannot open folders (Windows) cannot fsync them either
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_tree(folder: Path) -> None:
-    """fsync every file under ``folder``, then its subfolders and itself (their entries)."""
-    paths = sorted(folder.rglob("*"))
-    for path in paths:
-        if path.is_file():
-            _fsync(path)
-    for path in [p for p in paths if p.is_dir()] + [folder]:
-        _fsync(path)
+    return [p for p in step_folders(Path(directory)) if checkpoint_problem(p) is None]
 
 
 def load_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -172,145 +122,3 @@ def load_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     state = load_file(str(path), device="cpu")
     # Under DDP Accelerate saves the wrapped model, whose keys start with "module.".
     return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-class CheckpointManager:
-    """Save, prune and upload checkpoints; find the one to resume from.
-
-    Args:
-        directory: local folder for the ``step-*`` checkpoints.
-        monitor: metric that ranks checkpoints (``val/mIoU``); ``mode`` is ``max`` or ``min``.
-        top_k: best checkpoints kept besides the last one.
-        store: receives the uploads and the checkpoints' models (the run's tracker; a no-op one on non-main ranks).
-        packages: folder of the checkpoints' model packages (``write_package`` in :meth:`save`).
-    """
-
-    def __init__(
-        self,
-        directory: str | Path,
-        monitor: str,
-        mode: str,
-        top_k: int,
-        store: ArtifactStore,
-        packages: str | Path | None = None,
-    ) -> None:
-        self.directory = Path(directory)
-        self.packages = Path(packages) if packages else self.directory.parent / MODEL_PACKAGE_DIR
-        self.monitor, self.mode, self.top_k = monitor, mode, top_k
-        self.store = store
-        self.damaged: dict[str, str] = {}  # checkpoint -> why resume skipped it
-        self._downloaded: set[str] = set()
-
-    def save(self, accelerator: Any, state: TrainerState, write_package: Callable[[Path], None] | None = None) -> Path:
-        """Write a checkpoint of the current step on every rank; the main rank commits, prunes and uploads it.
-
-        With ``write_package`` (main rank: it writes the model package of the current weights into the folder it is
-        given) the checkpoint also becomes a LoggedModel of the run at this step, linked to the step's metrics.
-        """
-        final = self.directory / checkpoint_name(state.global_step)
-        tmp = self.directory / f".tmp-{final.name}"
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)  # left over by a process killed during a save
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            sync_tree(tmp)  # what every rank's save_state wrote
-            write_text_atomic(tmp / STATE_FILE, replace(state, files=files).to_json())  # fsynced, then renamed
-            _fsync(tmp)
-            if final.exists():  # the same step saved again after a resume
-                shutil.rmtree(final)
-            tmp.rename(final)
-            _fsync(self.directory)  # the rename itself
-            _fsync(self.directory.parent)  # checkpoints/ itself, created by the first save
-            # Queued: uploaded in the background, the state file last (see fetch_last).
-            self.store.log_artifacts(final, f"{ARTIFACT_DIR}/{final.name}", last=STATE_FILE)
-            if write_package is not None:
-                package = self.packages / final.name
-                write_package(package)
-                self.store.log_model(package, state.global_step, logged_model_name(final))
-            self._prune(state)
-        accelerator.wait_for_everyone()
-        return final
-
-    def _prune(self, state: TrainerState) -> None:
-        checkpoints = list_checkpoints(self.directory)
-        keep = {checkpoints[-1]} if checkpoints else set()
-        scored = [(TrainerState.read(p / STATE_FILE).metrics.get(self.monitor), p) for p in checkpoints]
-        scored = [(v, p) for v, p in scored if v is not None and not math.isnan(v)]
-        scored.sort(key=lambda vp: vp[0], reverse=self.mode == "max")
-        keep |= {p for _, p in scored[: self.top_k]}
-        for path in checkpoints:
-            if path not in keep:
-                # Queued after its upload and before the folder goes: an upload still waiting is then skipped.
-                self.store.delete_artifacts(f"{ARTIFACT_DIR}/{path.name}")
-                shutil.rmtree(path, ignore_errors=True)
-                if (self.packages / path.name).is_dir():
-                    # The store removes the package after its LoggedModel (its upload may still be queued).
-                    self.store.delete_model(logged_model_name(path), self.packages / path.name)
-
-    def best(self) -> Path | None:
-        """The best kept checkpoint by the monitored metric, else the last one."""
-        checkpoints = list_checkpoints(self.directory)
-        scored = [(TrainerState.read(p / STATE_FILE).metrics.get(self.monitor), p) for p in checkpoints]
-        scored = [(v, p) for v, p in scored if v is not None and not math.isnan(v)]
-        if not scored:
-            return checkpoints[-1] if checkpoints else None
-        pick = max if self.mode == "max" else min
-        return pick(scored, key=lambda vp: vp[0])[1]
-
-    def last(self) -> Path | None:
-        checkpoints = list_checkpoints(self.directory)
-        return checkpoints[-1] if checkpoints else None
-
-    def mark_damaged(self, checkpoint: str | Path, reason: str) -> None:
-        """Leave ``checkpoint`` (a local folder or an artifact path) out of later :meth:`fetch_last` calls."""
-        self.damaged[str(checkpoint)] = reason
-
-    def _usable(self, where: str | Path, folder: Path) -> bool:
-        if str(where) in self.damaged:
-            return False
-        problem = checkpoint_problem(folder)
-        if problem is not None:
-            logger.warning("skipping damaged checkpoint %s: %s", where, problem)
-            self.mark_damaged(where, problem)
-            return False
-        return True
-
-    def fetch_last(self) -> Path | None:
-        """The newest usable checkpoint: local, or else downloaded from the run's ``checkpoints/`` artifacts.
-
-        Damaged ones (:func:`checkpoint_problem`, or :meth:`mark_damaged` after a failed load) are skipped with a
-        warning naming them, and recorded in :attr:`damaged`. Call on the main rank only (it talks to MLflow).
-        """
-        for local in reversed(_step_folders(self.directory)):
-            if self._usable(local, local):
-                return local
-        names = [Path(p).name for p in self.store.list_artifacts(ARTIFACT_DIR)]
-        for name in sorted((n for n in names if _NAME.match(n)), reverse=True):
-            remote = f"{ARTIFACT_DIR}/{name}"
-            if remote in self._downloaded:
-                continue  # fetched once already, and its load failed
-            files = {Path(p).name for p in self.store.list_artifacts(remote)}
-            if STATE_FILE not in files:
-                continue  # an upload cut short
-            staging = self.directory / f".download-{name}"
-            shutil.rmtree(staging, ignore_errors=True)
-            downloaded = self.store.download_artifacts(remote, staging)
-            self._downloaded.add(remote)
-            if not self._usable(f"run artifact {remote}", downloaded):
-                shutil.rmtree(staging, ignore_errors=True)
-                continue
-            sync_tree(downloaded)
-            target = self.directory / name
-            if target.exists():  # a damaged local copy: kept aside, not deleted
-                aside = self.directory / f".damaged-{name}"
-                shutil.rmtree(aside, ignore_errors=True)
-                target.rename(aside)
-            downloaded.rename(target)
-            _fsync(self.directory)
-            shutil.rmtree(staging, ignore_errors=True)
-            logger.info("downloaded checkpoint %s from run %s", name, self.store.run_id)
-            return target
-        return None

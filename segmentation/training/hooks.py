@@ -1,8 +1,9 @@
 """What training needs from the outside world, as protocols: where artifacts go and where a run is recorded.
 
 The library never imports MLflow: :func:`segmentation.training.engine.fit` receives a :class:`RunTracker` (the MLflow
-one is :class:`segmentation.mlops.tracker.Tracker`) and :class:`~segmentation.training.checkpoint.CheckpointManager`
-an :class:`ArtifactStore`. :class:`NullTracker` records nothing (untracked trainings, tests).
+one is :class:`segmentation.mlops.tracker.Tracker`) and
+:class:`~segmentation.training.checkpoint_manager.CheckpointManager` an :class:`ArtifactStore`. :class:`NullTracker`
+records nothing (untracked trainings, tests).
 """
 
 from __future__ import annotations

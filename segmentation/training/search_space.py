@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from segmentation.config import ConfigError, load_config, valid_keys
+from segmentation.config import valid_keys
+from segmentation.config_loading import ConfigError, load_config
 
 DISTRIBUTIONS = ("float", "int", "categorical")
 FIELDS = {

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from segmentation.config import CONFIG_DIR, load_config
+from segmentation.config_loading import CONFIG_DIR, load_config
 from segmentation.mlops.tracker import Tracker
 from segmentation.steps.train import train_step
 from segmentation.training.checkpoint import STATE_FILE, TrainerState, list_checkpoints, load_weights

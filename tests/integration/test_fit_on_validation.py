@@ -3,7 +3,7 @@ and the metrics, and able to stop training there. Untracked trainings on the ses
 
 from __future__ import annotations
 
-from segmentation.config import CONFIG_DIR, load_config
+from segmentation.config_loading import CONFIG_DIR, load_config
 from segmentation.training.checkpoint import list_checkpoints
 from segmentation.training.engine import fit
 

@@ -16,7 +16,7 @@ import torch
 from conftest import MLFLOW_RUN_VARS
 from mlflow import MlflowClient
 
-from segmentation.config import CONFIG_DIR, load_config
+from segmentation.config_loading import CONFIG_DIR, load_config
 from segmentation.inference.onnx import export_onnx
 from segmentation.inference.predictor import Predictor, load_predictor
 from segmentation.inference.quantize import conv_names, convert_fp16, default_int8_exclusions, quantize_int8

@@ -18,7 +18,7 @@ import torch
 from conftest import MLFLOW_RUN_VARS, REPO
 from mlflow import MlflowClient
 
-from segmentation.config import CONFIG_DIR, load_config
+from segmentation.config_loading import CONFIG_DIR, load_config
 from segmentation.mlops.locks import LockHeldError
 from segmentation.mlops.run_guard import RUN_LOCK_TAG, run_lock
 from segmentation.steps.evaluate import Protocol, evaluate_step

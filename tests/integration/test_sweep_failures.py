@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from entrypoints import sweep as sweep_entry
-from segmentation.config import CONFIG_DIR
+from segmentation.config_loading import CONFIG_DIR
 from segmentation.steps.sweep import SweepParams, sweep_step
 
 TINY_TRIAL = (

@@ -5,6 +5,7 @@
 2. No import cycles between ``segmentation`` modules, and no function-level import of a ``segmentation`` module
    (the usual way to hide a cycle).
 3. Entry points stay thin: at most ~50 lines, they parse arguments and hand one step to ``_cli.run``.
+4. Library modules stay small: at most 300 lines each (one concern per module, named for what it holds).
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "segmentation"
 MAX_ENTRY_POINT_LINES = 60
+MAX_MODULE_LINES = 300
+# TEMPORARY: modules over MAX_MODULE_LINES whose split is under way on another branch. Empty this set once those
+# splits are merged; test_split_in_progress_is_still_needed fails as soon as an entry is no longer over the limit.
+_SPLIT_IN_PROGRESS = {
+    "segmentation/mlops/registry.py",
+    "segmentation/mlops/tracker.py",
+    "segmentation/mlops/journal.py",
+    "segmentation/mlops/serving.py",  # 308 lines; not yet assigned to a split
+}
 
 
 def module_name(path: Path) -> str:
@@ -126,3 +136,27 @@ def test_readme_layout_names_every_package_folder():
     folders = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
     missing = [f for f in folders if f"{f}/" not in layout]
     assert not missing, f"README Layout does not name {missing}"
+
+
+def line_count(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_library_modules_are_at_most_300_lines():
+    offenders = [
+        f"{path.relative_to(REPO)}: {line_count(path)} lines"
+        for path in library_files()
+        if line_count(path) > MAX_MODULE_LINES and path.relative_to(REPO).as_posix() not in _SPLIT_IN_PROGRESS
+    ]
+    assert not offenders, f"modules over {MAX_MODULE_LINES} lines (split them along their concerns):\n" + "\n".join(
+        offenders
+    )
+
+
+def test_split_in_progress_is_still_needed():
+    stale = [
+        f"{name}: {f'{line_count(REPO / name)} lines' if (REPO / name).is_file() else 'no such file'}"
+        for name in sorted(_SPLIT_IN_PROGRESS)
+        if not (REPO / name).is_file() or line_count(REPO / name) <= MAX_MODULE_LINES
+    ]
+    assert not stale, "remove from _SPLIT_IN_PROGRESS (now within the limit or gone):\n" + "\n".join(stale)

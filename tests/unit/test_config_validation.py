@@ -7,7 +7,7 @@ import re
 import pytest
 
 from segmentation import config
-from segmentation.config import ConfigError, load_config
+from segmentation.config_loading import ConfigError, load_config
 
 # key=value -> the allowed range named in the message. Each value used to load fine and then fail (or silently
 # mean something else) mid-run: ``step % 0`` raised ZeroDivisionError at the first step, num_workers=-1 made the

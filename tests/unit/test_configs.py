@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segmentation.config import ConfigError, load_config
+from segmentation.config_loading import ConfigError, load_config
 from segmentation.models import build_model
 from segmentation.training.losses import build_loss
 from segmentation.training.optim import build_optimizer, build_scheduler

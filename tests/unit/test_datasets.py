@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from segmentation.config import AugmentationConfig, load_config
+from segmentation.config import AugmentationConfig
+from segmentation.config_loading import load_config
 from segmentation.data.datasets import SegmentationDataset, build_dataloader, load_split, resolve_split_table
 from segmentation.data.preprocess import run_preprocess
 from segmentation.data.transforms import build_train_transforms, build_val_transforms

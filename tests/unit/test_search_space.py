@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from segmentation.config import CONFIG_DIR, ConfigError, load_config
+from segmentation.config_loading import CONFIG_DIR, ConfigError, load_config
 from segmentation.training.search_space import (
     Distribution,
     check_against_config,
