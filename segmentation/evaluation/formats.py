@@ -151,3 +151,34 @@ def gate(row: dict, reference_miou: float, max_miou_drop: float) -> str:
 
 def file_size(path: str | Path) -> int:
     return Path(path).stat().st_size
+
+
+def markdown_table(rows: Sequence[dict], highlight: str | None = None) -> str:
+    """The formats table as Markdown (the registry renders a version's description as Markdown).
+
+    Numbers are rounded for reading (mIoU in %, times in ms); an empty cell is a value not measured here. The row
+    of ``highlight`` is bold.
+    """
+    columns = [c for c in rows[0] if c != "note"] + ["note"] if rows else []
+
+    def cell(column: str, value) -> str:
+        if value is None or value == "":
+            return ""
+        if isinstance(value, float):
+            return (
+                f"{100 * value:.2f}"
+                if column == "mIoU"
+                else f"{value:.4f}"
+                if "agreement" in column
+                else f"{value:.2f}"
+            )
+        return str(value)
+
+    header = ["mIoU %" if c == "mIoU" else c for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [cell(c, row.get(c)) for c in columns]
+        if row.get("format") == highlight:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -19,7 +19,15 @@ from mlflow import MlflowClient
 from segmentation.data.classes import ClassInfo
 from segmentation.data.datasets import SegmentationDataset, load_split
 from segmentation.evaluation.evaluate import check_classes
-from segmentation.evaluation.formats import CPU_ONLY_NOTE, TIMING_SIZES, EvalImage, file_size, format_row, gate
+from segmentation.evaluation.formats import (
+    CPU_ONLY_NOTE,
+    TIMING_SIZES,
+    EvalImage,
+    file_size,
+    format_row,
+    gate,
+    markdown_table,
+)
 from segmentation.evaluation.formats import reference_row as pytorch_row
 from segmentation.inference.onnx import export_onnx
 from segmentation.inference.parity import EXPORT_VERIFY_SIZES, ParityError, verify_onnx
@@ -101,6 +109,13 @@ def _numbers(row: dict) -> dict[str, float]:
 
 def _tags(row: dict) -> dict[str, str]:
     return {"format": row["format"], **{f"export/{k}": f"{v:.6g}" for k, v in _numbers(row).items()}}
+
+
+def _description(table: list[dict], fmt: str, model_uri: str) -> str:
+    return (
+        f"`{fmt}` export of `{model_uri}`. Accuracy on the evaluation split and latency (median ms per image on "
+        f"the machine that ran the export) of every format it measured:\n\n{markdown_table(table, highlight=fmt)}"
+    )
 
 
 def export_step(
@@ -201,6 +216,10 @@ def export_step(
             if name:
                 for key, value in _tags(rows[f]).items():
                     MlflowClient().set_model_version_tag(name, info.registered_model_version, key, value)
+                if result["table"]:  # the whole table, this format in bold, where the version page shows it
+                    MlflowClient().update_model_version(
+                        name, info.registered_model_version, description=_description(result["table"], f, model_uri)
+                    )
             if source.name and source.version:
                 if name:
                     entry["aliases"] = registry.link_companion(

@@ -130,6 +130,9 @@ def test_every_format_is_scored_gated_and_registered_as_a_companion(exported):
         version = client.get_model_version(name, exported["formats"][fmt]["registered_version"])
         assert version.tags["format"] == fmt and version.tags["source_model_version"] == "1"
         assert float(version.tags["export/mIoU"]) == pytest.approx(table[fmt]["mIoU"], abs=1e-5)
+        rows = [line for line in version.description.splitlines() if line.startswith("| ")]
+        assert [r.split(" | ")[0].strip("|* ") for r in rows] == ["format", *table]  # the whole table, every format
+        assert f"| **{fmt}** | **{100 * table[fmt]['mIoU']:.2f}** |" in version.description  # its own row in bold
         assert client.get_model_version_by_alias(name, "production").version == version.version
     run = client.get_run(client.get_model_version("tiny-onnx-int8", "1").run_id)
     logged = pd.DataFrame(mlflow.load_table("export/formats.json", run_ids=[run.info.run_id]))
