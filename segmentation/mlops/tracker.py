@@ -31,8 +31,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from segmentation.config import Config, flatten, to_yaml
 from segmentation.io import write_bytes_atomic, write_text_atomic
 from segmentation.mlops.delivery import Delivery, check_record, is_transient, superseded
-from segmentation.mlops.journal import QUARANTINE_FILE, REJECTED_FILE, Journal
-from segmentation.mlops.journal_file import META_FILE
+from segmentation.mlops.journal import Journal
+from segmentation.mlops.journal_file import META_FILE, QUARANTINE_FILE, REJECTED_FILE
 from segmentation.mlops.system_metrics import SystemMetricsSampler
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ CONFIG_ARTIFACT = "config/resolved.yaml"
 MAX_PARAM_CHARS = 6000  # the server silently truncates longer values
 JOURNAL_DIR = "tracking"  # beside checkpoints/ in <output_dir>/<run_id>/
 SYNC_COMMAND = "python -m entrypoints.sync_tracking"
-# Metric records logged within this many seconds travel in one request (see segmentation.mlops.journal): the server
-# and the sender then cost a training that logs every step a request every 2 s rather than one per step.
+# Metric records logged within this many seconds travel in one request (see segmentation.mlops.journal_sender): the
+# server and the sender then cost a training that logs every step a request every 2 s rather than one per step.
 METRICS_INTERVAL_S = 2.0
 
 

@@ -16,8 +16,8 @@ from conftest import free_port
 from mlflow import MlflowClient
 
 from entrypoints import sync_tracking
-from segmentation.mlops.journal import CURSOR_FILE, JOURNAL_FILE, QUARANTINE_FILE
-from segmentation.mlops.tracker import META_FILE, Tracker
+from segmentation.mlops.journal_file import CURSOR_FILE, JOURNAL_FILE, META_FILE, QUARANTINE_FILE
+from segmentation.mlops.tracker import Tracker
 
 EXIT_BAD_INPUT, EXIT_TRACKING_INCOMPLETE = 2, 3
 
