@@ -265,7 +265,8 @@ def mask_paths(model: nn.Module) -> dict[str, Callable[[np.ndarray], Callable[[]
 
     from segmentation.config import ModelConfig
     from segmentation.data.classes import ClassInfo
-    from segmentation.mlops.serving import IMAGE_COLUMN, SegmentationModel, encode_image
+    from segmentation.mlops.serving import SegmentationModel
+    from segmentation.mlops.serving_requests import IMAGE_COLUMN, encode_image
     from segmentation.models.package import save_model_package
 
     def deployed(image: np.ndarray) -> Callable[[], object]:

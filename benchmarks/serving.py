@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from segmentation.inference.predictor import Predictor
     from segmentation.mlops.model_store import load_model
-    from segmentation.mlops.serving import encode_image
+    from segmentation.mlops.serving_requests import encode_image
     from segmentation.models import FCHarDNet
     from segmentation.models.preprocessing import to_input_tensor
 

@@ -38,14 +38,16 @@ def _env(uri: str) -> dict[str, str]:
     return env
 
 
-def mlflow_run(uri: str, entry_point: str, experiment: str, params: dict[str, str], log: Path) -> float:
+def mlflow_run(
+    uri: str, entry_point: str, experiment: str, params: dict[str, str], log: Path, run_name: str = ""
+) -> float:
     """``mlflow run . -e <entry_point> --env-manager local`` into ``experiment``; returns its wall time in seconds.
 
     Raises:
         RuntimeError: the run failed; the message holds the tail of its output.
     """
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
-    cmd += ["--experiment-name", experiment]
+    cmd += ["--experiment-name", experiment] + (["--run-name", run_name] if run_name else [])
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     start = time.monotonic()
@@ -68,7 +70,7 @@ def make_runs(uri: str, workdir: Path, n_trials: int = 6) -> dict[str, float]:
     start = time.monotonic()
     for lr in LRS:
         params = {"config": "configs/synthetic.yaml", "data": str(data), "lr": lr, "registered_model": ""}
-        mlflow_run(uri, "train", EXPERIMENTS["lr_sweep"], params, workdir / f"train-lr{lr}.log")
+        mlflow_run(uri, "train", EXPERIMENTS["lr_sweep"], params, workdir / f"train-lr{lr}.log", f"lr={lr}")
     times["lr_sweep"] = time.monotonic() - start
     sweep = {
         "space": "configs/sweeps/synthetic.yaml",

@@ -29,7 +29,10 @@ ML_VIEW = (
     "localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('machine_learning'));"
 )
 # The innermost element whose text is exactly ``t`` (a chart title, a button label).
-BY_TEXT = "(t => [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 && (e.innerText || '').trim() === t))"
+BY_TEXT = (
+    "(t => [...document.querySelectorAll('*')]"
+    ".find(e => e.childElementCount === 0 && (e.innerText || '').trim() === t))"
+)
 NO_SPINNER = "!document.querySelector('[role=progressbar], .du-bois-light-spin, [data-testid*=spinner]')"
 
 
@@ -103,14 +106,16 @@ class Pages:
 
 
 def lr_sweep_charts(pages: Pages, experiment_id: str) -> Path:
-    pages.open(f"experiments/{experiment_id}/runs?compareRunsMode=CHART", "val/mIoU")
+    pages.open(f"experiments/{experiment_id}/runs?compareRunsMode=CHART", "Add chart", still=False)
     pages.search("Search metric charts", "val/")
     return pages.shoot("lr_sweep_charts.png")
 
 
 def run_images(pages: Pages, experiment_id: str, run_id: str) -> Path:
     """The run's val/prediction card at the last step, its image opened in the UI's preview."""
-    pages.open(f"experiments/{experiment_id}/runs/{run_id}/model-metrics", "Auto-refresh", still=False)  # it keeps polling
+    pages.open(
+        f"experiments/{experiment_id}/runs/{run_id}/model-metrics", "Auto-refresh", still=False
+    )  # it keeps polling
     pages.search("Search metric charts", "val/prediction")  # the cards below the fold are not rendered
     pages.scroll_to("val/prediction")
     pages.slide_to_last_step("val/prediction")
@@ -146,7 +151,7 @@ def sweep_runs(pages: Pages, experiment_id: str, parent_name: str) -> Path:
 
 
 def sweep_charts(pages: Pages, experiment_id: str) -> Path:
-    pages.open(f"experiments/{experiment_id}/runs?compareRunsMode=CHART", "val/mIoU")
+    pages.open(f"experiments/{experiment_id}/runs?compareRunsMode=CHART", "Add chart", still=False)
     pages.search("Search metric charts", "val/mIoU")
     return pages.shoot("sweep_charts.png")
 

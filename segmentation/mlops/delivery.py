@@ -1,7 +1,7 @@
 """How each kind of journal record reaches the tracking server: a table from record kind to handler.
 
-The journal's sender thread (:mod:`segmentation.mlops.journal`) calls :meth:`Delivery.send` with a batch of records
-of one kind (several ``metrics`` records, or one record of any other kind). Failures are classified by
+The journal's sender thread (:mod:`segmentation.mlops.journal_sender`) calls :meth:`Delivery.send` with a batch of
+records of one kind (several ``metrics`` records, or one record of any other kind). Failures are classified by
 :func:`is_transient`: the journal retries those (network, server) and sets the others aside: a local file that is
 gone or unreadable (``OSError``) or a record that does not fit :data:`RECORD_FIELDS` (:class:`DamagedRecord`) is
 quarantined, anything else the server refused is rejected. :func:`check_record` vets records read back from disk.
@@ -24,7 +24,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.artifact_utils import get_artifact_repository
 
-from segmentation.mlops.journal import DamagedRecord
+from segmentation.mlops.journal_file import DamagedRecord
 from segmentation.mlops.model_store import CLASS_NAMES_TAG, log_model_package
 from segmentation.mlops.registry import document_model
 

@@ -1,5 +1,5 @@
-"""The journal folder on disk: reading ``journal.jsonl`` back line by line, the delivery cursor ``sent`` and
-``run.json``.
+"""The journal folder on disk: the names of its files, reading ``journal.jsonl`` back line by line, the delivery
+cursor ``sent``, the side files' counts and ``run.json``.
 
 A torn last line (no newline: the process was killed mid-write) is cut off; a complete line that holds no record
 (invalid UTF-8 or JSON, not an object, no string ``kind``, or refused by a ``check``) becomes a :class:`DamagedLine`
@@ -14,6 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+JOURNAL_FILE = "journal.jsonl"  # one record (a JSON object) a line, in the order they were appended
+CURSOR_FILE = "sent"  # how many journal lines were dealt with (delivered or set aside)
+REJECTED_FILE = "rejected.jsonl"  # records the server refused for good
+QUARANTINE_FILE = "quarantine.jsonl"  # records that cannot be sent from here (damaged, local file gone)
 META_FILE = "run.json"  # {"run_id": ..., "tracking_uri": ...}: where the journal's records go
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from segmentation.data.classes import ClassInfo
 from segmentation.inference.onnx import EXECUTION_PROVIDERS
-from segmentation.mlops.serving import IMAGE_COLUMN, encode_image
+from segmentation.mlops.serving_requests import IMAGE_COLUMN, encode_image
 from segmentation.models.package import (
     PREPROCESSING,
     URI_FORMS,

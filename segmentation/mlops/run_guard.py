@@ -19,7 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
 
 from segmentation.config import Config, flatten
 from segmentation.mlops.locks import LockHeldError, TagLock
-from segmentation.mlops.tracker import CONFIG_PARAM_PREFIX
+from segmentation.mlops.run_setup import CONFIG_PARAM_PREFIX
 from segmentation.training.checkpoint import ARTIFACT_DIR, CHECKPOINT_DIR, list_checkpoints
 
 RUN_KIND_TAG = "segmentation.run_kind"

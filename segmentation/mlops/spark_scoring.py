@@ -3,7 +3,7 @@
 Files are read with Spark's ``binaryFile`` source and scored with ``mlflow.pyfunc.spark_udf`` over the logged
 model, i.e. with the contract of ``mlflow models serve`` (:mod:`segmentation.mlops.serving`). The pyfunc refuses a
 whole batch when one image in it is corrupt (the server's HTTP 400), so every file is first checked with the
-pyfunc's own decoder (:func:`~segmentation.mlops.serving.decode_image`) and the same limits: a file it refuses
+pyfunc's own decoder (:func:`~segmentation.mlops.serving_requests.decode_image`) and the same limits: a file it refuses
 becomes a row with an ``error`` and never reaches the model. Executors write the masks with atomic renames, so a
 retried or speculative task only rewrites a file with the same bytes.
 """
@@ -33,7 +33,7 @@ from pyspark.sql.functions import pandas_udf
 from segmentation.inference.files import IMAGE_SUFFIXES
 from segmentation.io import write_bytes_atomic
 from segmentation.mlops.model_store import CODE_DIR
-from segmentation.mlops.serving import IMAGE_COLUMN, LIMIT_ENV, decode_image
+from segmentation.mlops.serving_requests import IMAGE_COLUMN, LIMIT_ENV, decode_image
 
 MAX_PIXELS_ENV, MAX_REQUEST_BYTES_ENV = LIMIT_ENV["max_pixels"], LIMIT_ENV["max_request_bytes"]
 

@@ -1,11 +1,11 @@
 """The training's MLflow run behind a small :class:`Tracker`, used by the main process only.
 
-Start-up writes (params, the resolved config, the dataset, tags) go straight to the server. After
-:meth:`Tracker.open_journal`, every write (metrics, images, checkpoint uploads, the model, the final status) is a
-record of a local :class:`~segmentation.mlops.journal.Journal` under ``<output_dir>/<run_id>/tracking/`` that a
-background thread delivers (:mod:`segmentation.mlops.delivery`), so a tracking-server outage neither stops nor slows
-training and loses nothing. The resolved config goes under the ``cfg.`` prefix so it can never clash with an
-MLproject param. Runs are started, attached to and resumed in :mod:`segmentation.mlops.runs`.
+Start-up writes (params, the resolved config, the dataset, tags) go straight to the server
+(:class:`~segmentation.mlops.run_setup.RunSetup`). After :meth:`Tracker.open_journal`, every write (metrics, images,
+checkpoint uploads, the model, the final status) is a record of a local :class:`~segmentation.mlops.journal.Journal`
+under ``<output_dir>/<run_id>/tracking/`` that a background thread delivers (:mod:`segmentation.mlops.delivery`), so
+a tracking-server outage neither stops nor slows training and loses nothing. Runs are started, attached to and
+resumed in :mod:`segmentation.mlops.runs`.
 """
 
 from __future__ import annotations
@@ -21,49 +21,36 @@ from typing import Any
 
 import cv2
 import mlflow
-import mlflow.data
 import numpy as np
-from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from segmentation.config import Config, flatten, to_yaml
 from segmentation.io import write_bytes_atomic, write_text_atomic
 from segmentation.mlops.delivery import Delivery, check_record, is_transient, superseded
-from segmentation.mlops.journal import QUARANTINE_FILE, REJECTED_FILE, Journal
-from segmentation.mlops.journal_file import META_FILE
+from segmentation.mlops.journal import Journal
+from segmentation.mlops.journal_file import META_FILE, QUARANTINE_FILE, REJECTED_FILE
+from segmentation.mlops.run_setup import RunSetup
 from segmentation.mlops.system_metrics import SystemMetricsSampler
 
 logger = logging.getLogger(__name__)
 
-CONFIG_PARAM_PREFIX = "cfg."
-CONFIG_ARTIFACT = "config/resolved.yaml"
-MAX_PARAM_CHARS = 6000  # the server silently truncates longer values
 JOURNAL_DIR = "tracking"  # beside checkpoints/ in <output_dir>/<run_id>/
 SYNC_COMMAND = "python -m entrypoints.sync_tracking"
-# Metric records logged within this many seconds travel in one request (see segmentation.mlops.journal): the server
-# and the sender then cost a training that logs every step a request every 2 s rather than one per step.
+# Metric records logged within this many seconds travel in one request (see segmentation.mlops.journal_sender): the
+# server and the sender then cost a training that logs every step a request every 2 s rather than one per step.
 METRICS_INTERVAL_S = 2.0
 
 
-class Tracker:
+class Tracker(RunSetup):
     """The training's MLflow run; every method is a no-op when ``enabled`` is False (non-main ranks).
 
-    Start-up writes (params, config, dataset, tags) go straight to the server. After :meth:`open_journal`, metrics,
-    images, checkpoint uploads, the model and the final status go through the journal instead (without a journal
-    they are sent synchronously).
+    Start-up writes (params, config, dataset, tags) go straight to the server (:class:`RunSetup`). After
+    :meth:`open_journal`, metrics, images, checkpoint uploads, the model and the final status go through the journal
+    instead (without a journal they are sent synchronously).
     """
 
     def __init__(self, run_id: str | None, enabled: bool = True, tracking_uri: str | None = None) -> None:
-        self.run_id = run_id
-        self.enabled = enabled and run_id is not None
-        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-        self.client = MlflowClient(self.tracking_uri)
+        super().__init__(run_id, enabled, tracking_uri)
         self.journal: Journal | None = None
         self._delivery = Delivery(self.client, run_id, journal_dir=None)  # set when a journal is opened
-        self._logged_steps: dict[str, int] = {}  # last step of each metric already logged (server or journal)
-        self._digest: str | None = None
         self._sampler: SystemMetricsSampler | None = None
         self.system_metrics = True
         self.unjournaled = 0  # writes lost because the journal could not take them (disk full...)
@@ -73,88 +60,6 @@ class Tracker:
     def model_version(self) -> str | None:
         """The registry version created by the ``model`` record, once delivered."""
         return self._delivery.model_version
-
-    # -- start-up (synchronous) ------------------------------------------------------------------------------------
-    def log_config(self, cfg: Config) -> None:
-        """Log the resolved config as ``cfg.*`` params (batched) and as ``config/resolved.yaml``."""
-        if not self.enabled:
-            return
-        existing = self.client.get_run(self.run_id).data.params
-        flat = flatten(cfg, CONFIG_PARAM_PREFIX)
-        resumed = any(key in existing for key in flat)
-        self.log_params(flat, existing)  # a resumed run already holds them: MLflow refuses to change a value
-        self.client.log_text(self.run_id, to_yaml(cfg), "config/resolved-resume.yaml" if resumed else CONFIG_ARTIFACT)
-
-    def log_params(self, params: Mapping[str, Any], existing: Mapping[str, str] | None = None) -> None:
-        """Log params that are not on the run yet (never re-log a key, e.g. one MLflow logged from ``-P``).
-
-        ``existing``: the run's params when the caller has just read them (saves a request).
-        """
-        if not self.enabled:
-            return
-        if existing is None:
-            existing = self.client.get_run(self.run_id).data.params
-        new = {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items() if k not in existing}
-        items = [Param(k, v) for k, v in new.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self.enabled:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_dataset(self, table: Any, source: str, name: str, context: str, log: bool = True) -> tuple[str, str]:
-        """Record a table of samples as a run input (an MLflow dataset with a digest); returns ``(name, digest)``.
-
-        ``log=False`` only computes the reference (a resumed run has its inputs already). The ``training`` dataset's
-        digest becomes :attr:`dataset_digest`; metrics logged with ``dataset=(name, digest)`` are linked to it.
-        """
-        dataset = mlflow.data.from_pandas(table, source=source, name=name)
-        if context == "training":
-            self._digest = dataset.digest
-        if self.enabled and log:
-            inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
-            for attempt in range(3):
-                try:
-                    self.client.log_inputs(self.run_id, inputs)
-                    break
-                except MlflowException as exc:
-                    # The server inserts a new dataset row after checking that none exists; when several trainings
-                    # of one experiment start together, the losers hit the unique constraint (sqlite and
-                    # PostgreSQL). The row exists by then, so the retry links it to this run.
-                    duplicate = "UNIQUE constraint" in str(exc) or "duplicate key" in str(exc)
-                    if not duplicate or attempt == 2:
-                        raise
-                    time.sleep(0.2 * (attempt + 1))
-        return name, dataset.digest
-
-    @property
-    def dataset_digest(self) -> str | None:
-        """Digest of the first dataset logged as an input of the run (also after a resume)."""
-        if not self.enabled or self._digest is not None:
-            return self._digest
-        inputs = self.client.get_run(self.run_id).inputs
-        datasets = inputs.dataset_inputs if inputs is not None else []
-        training = [d for d in datasets if {t.key: t.value for t in d.tags}.get(MLFLOW_DATASET_CONTEXT) == "training"]
-        self._digest = (training or datasets)[0].dataset.digest if datasets else None
-        return self._digest
-
-    def skip_logged_steps(self) -> None:
-        """After a resume, remember which steps each metric already has so that none is logged twice."""
-        if not self.enabled:
-            return
-        for key in self.client.get_run(self.run_id).data.metrics:
-            history = self.client.get_metric_history(self.run_id, key)
-            last = max((m.step for m in history), default=-1)
-            self._logged_steps[key] = max(self._logged_steps.get(key, -1), last)
-
-    def list_artifacts(self, path: str) -> list[str]:
-        """Paths of the run's artifacts directly under ``path`` (empty when there are none)."""
-        return [f.path for f in self.client.list_artifacts(self.run_id, path)] if self.enabled else []
-
-    def download_artifacts(self, path: str, dst_dir: str | Path) -> Path:
-        Path(dst_dir).mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(self.run_id, path, str(dst_dir)))
 
     # -- during training (journaled) -------------------------------------------------------------------------------
     def open_journal(

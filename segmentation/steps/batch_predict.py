@@ -26,7 +26,7 @@ from segmentation.data.classes import ClassInfo
 from segmentation.io import atomic_path
 from segmentation.mlops import registry
 from segmentation.mlops.runs import attached_run
-from segmentation.mlops.serving import load_limits
+from segmentation.mlops.serving_requests import load_limits
 from segmentation.mlops.spark_scoring import (
     ENV_MANAGERS,
     TABLE_TYPE,

@@ -17,7 +17,7 @@ from segmentation.data.datasets import SegmentationDataset, load_split
 from segmentation.data.transforms import build_val_transforms
 from segmentation.evaluation.evaluate import EvalResult, check_classes, evaluate_model
 from segmentation.inference.predictor import DEFAULT_BACKEND, resolve_device
-from segmentation.mlops import registry
+from segmentation.mlops import promotion, registry
 from segmentation.mlops.eval_logging import data_key, log_evaluation
 from segmentation.mlops.model_store import load_model
 from segmentation.mlops.runs import attached_run
@@ -84,18 +84,18 @@ def incumbent_evaluator(model_name: str, protocol: Protocol):
     return evaluate_incumbent
 
 
-def promotion_tags(promotion: registry.Promotion) -> dict[str, str]:
+def promotion_tags(outcome: promotion.Promotion) -> dict[str, str]:
     # promotion/companions: where the companion models' aliases (the ONNX export's production) now point.
     return {
-        "promotion/promoted": str(promotion.promoted),
-        "promotion/reason": promotion.reason,
-        "promotion/companions": json.dumps(promotion.companions, sort_keys=True),
+        "promotion/promoted": str(outcome.promoted),
+        "promotion/reason": outcome.reason,
+        "promotion/companions": json.dumps(outcome.companions, sort_keys=True),
     }
 
 
 def evaluate_step(
     model_uri: str, protocol: Protocol, promote: bool = False, force: bool = False, alias: str = registry.PRODUCTION
-) -> tuple[EvalResult, registry.Promotion | None]:
+) -> tuple[EvalResult, promotion.Promotion | None]:
     """Evaluate ``model_uri`` on ``protocol.data`` inside an MLflow run, log everything and optionally promote.
 
     Raises:
@@ -117,7 +117,7 @@ def evaluate_step(
         )
         log_evaluation(result, tags, dataset=dataset, model_id=ref.model_id)
         mlflow.flush_async_logging()
-        promotion = None
+        outcome = None
         if ref.name and ref.version:
             registry.record_evaluation(
                 ref.name,
@@ -131,7 +131,7 @@ def evaluate_step(
                 },
             )
         if promote:
-            promotion = registry.promote(
+            outcome = promotion.promote(
                 ref.name,
                 ref.version,
                 alias=alias,
@@ -141,5 +141,5 @@ def evaluate_step(
                 force=force,
                 run_id=run_id,
             )
-            mlflow.set_tags(promotion_tags(promotion))
-    return result, promotion
+            mlflow.set_tags(promotion_tags(outcome))
+    return result, outcome

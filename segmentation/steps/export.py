@@ -33,7 +33,7 @@ from segmentation.inference.onnx import export_onnx
 from segmentation.inference.parity import EXPORT_VERIFY_SIZES, ParityError, verify_onnx
 from segmentation.inference.predictor import Predictor
 from segmentation.inference.quantize import convert_fp16, default_int8_exclusions, quantize_int8
-from segmentation.mlops import registry
+from segmentation.mlops import companions, registry
 from segmentation.mlops.model_store import load_model_with_meta, log_onnx_model
 from segmentation.models.package import ONNX_FILE
 
@@ -141,7 +141,7 @@ def export_step(
     each row as tags on the format's registered version. A format more than ``max_miou_drop`` points below PyTorch
     fp32 is neither logged as a model nor registered. Registered names: ``registered_model`` for fp32 ONNX, plus
     ``-int8`` / ``-fp16``; when ``model_uri`` names a registered version, each is linked to it
-    (:func:`segmentation.mlops.registry.link_companion`) and follows its ``production``/``previous`` aliases.
+    (:func:`segmentation.mlops.companions.link_companion`) and follows its ``production``/``previous`` aliases.
 
     Returns:
         The fp32 parity numbers, ``model_uri``/``registered_version``/``aliases`` of the fp32 ONNX model (``None``
@@ -222,14 +222,14 @@ def export_step(
                     )
             if source.name and source.version:
                 if name:
-                    entry["aliases"] = registry.link_companion(
+                    entry["aliases"] = companions.link_companion(
                         name, info.registered_model_version, source.name, source.version
                     )
             result["formats"][f] = entry
             if f == "onnx":
                 result.update({k: entry[k] for k in ("model_uri", "registered_version", "aliases")})
         if source.name and source.version:
-            mlflow.set_tags({registry.SOURCE_NAME_TAG: source.name, registry.SOURCE_VERSION_TAG: source.version})
+            mlflow.set_tags({companions.SOURCE_NAME_TAG: source.name, companions.SOURCE_VERSION_TAG: source.version})
     if refused:
         raise FormatRefused("; ".join(refused), result)
     return result

@@ -7,14 +7,14 @@ import json
 
 import mlflow
 
-from segmentation.mlops import registry
+from segmentation.mlops import promotion, registry
 from segmentation.mlops.runs import attached_run
 from segmentation.steps.evaluate import Protocol, incumbent_evaluator, promotion_tags
 
 
 def promote_step(
     model_name: str, version: str = "", alias: str = registry.PRODUCTION, force: bool = False, rollback: bool = False
-) -> registry.Promotion:
+) -> promotion.Promotion:
     """Promote ``version`` using the number its last evaluation recorded, or roll ``alias`` back.
 
     The incumbent is evaluated on the same data (from the candidate's ``eval/protocol`` tag) when it has no
@@ -24,7 +24,7 @@ def promote_step(
         ValueError: no ``version`` without ``rollback``, an unknown model or version, or nothing to roll back to.
     """
     if rollback:
-        return registry.rollback(model_name, alias=alias)
+        return promotion.rollback(model_name, alias=alias)
     if not version:
         raise ValueError("version is required to promote (or pass rollback=true)")
     candidate = registry.get_version(model_name, version)
@@ -33,7 +33,7 @@ def promote_step(
     if protocol_json:
         evaluator = incumbent_evaluator(model_name, Protocol(**json.loads(protocol_json)))
     with attached_run(create=False) as run_id:
-        promotion = registry.promote(
+        outcome = promotion.promote(
             model_name,
             version,
             alias=alias,
@@ -42,5 +42,5 @@ def promote_step(
             run_id=run_id or candidate.tags.get(registry.RUN_TAG),
         )
         if run_id:
-            mlflow.set_tags({**promotion_tags(promotion), "model_name": model_name, "model_version": str(version)})
-    return promotion
+            mlflow.set_tags({**promotion_tags(outcome), "model_name": model_name, "model_version": str(version)})
+    return outcome

@@ -25,7 +25,7 @@ from conftest import MLFLOW, child_env, free_port, random_bn_model, stop_process
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
 from segmentation.mlops.model_store import log_pytorch_model
-from segmentation.mlops.serving import encode_image
+from segmentation.mlops.serving_requests import encode_image
 
 pytestmark = pytest.mark.e2e
 

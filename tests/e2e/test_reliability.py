@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 from entrypoints import sync_tracking
 from segmentation.data.preprocess import run_preprocess
-from segmentation.mlops.journal import JOURNAL_FILE
+from segmentation.mlops.journal_file import JOURNAL_FILE
 from segmentation.training.checkpoint import list_checkpoints, load_weights
 
 pytestmark = pytest.mark.e2e

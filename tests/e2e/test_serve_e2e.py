@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
 from segmentation.mlops.model_store import log_pytorch_model
-from segmentation.mlops.serving import encode_image
+from segmentation.mlops.serving_requests import encode_image
 from segmentation.models import FCHarDNet
 from segmentation.steps.export import export_step
 

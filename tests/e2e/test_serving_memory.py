@@ -26,7 +26,8 @@ pytestmark = pytest.mark.e2e
 CHILD = r"""
 import json, sys
 import numpy as np, pandas as pd
-from segmentation.mlops.serving import SegmentationModel, encode_image
+from segmentation.mlops.serving import SegmentationModel
+from segmentation.mlops.serving_requests import encode_image
 
 def peak_kib():
     with open("/proc/self/status") as status:

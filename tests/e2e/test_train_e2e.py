@@ -13,7 +13,7 @@ import pytest
 from conftest import MLFLOW, REPO, child_env
 from mlflow import MlflowClient
 
-from segmentation.mlops.serving import encode_image
+from segmentation.mlops.serving_requests import encode_image
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
 from segmentation.mlops.model_store import load_model, log_pytorch_model
-from segmentation.mlops.serving import decode_image, encode_image
+from segmentation.mlops.serving_requests import decode_image, encode_image
 from segmentation.models import FCHarDNet
 from segmentation.steps.export import export_step
 

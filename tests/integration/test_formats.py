@@ -21,7 +21,8 @@ from segmentation.inference.onnx import export_onnx
 from segmentation.inference.predictor import Predictor, load_predictor
 from segmentation.inference.quantize import conv_names, convert_fp16, default_int8_exclusions, quantize_int8
 from segmentation.mlops.model_store import load_model, log_pytorch_model
-from segmentation.mlops.serving import SegmentationModel, encode_image
+from segmentation.mlops.serving import SegmentationModel
+from segmentation.mlops.serving_requests import encode_image
 from segmentation.models import FCHarDNet
 from segmentation.steps.export import FormatRefused, export_step, load_images, parse_formats
 from segmentation.training.engine import fit

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
 from segmentation.data.preprocess import run_preprocess
-from segmentation.mlops import registry
+from segmentation.mlops import promotion, registry
 from segmentation.mlops.model_store import log_pytorch_model
 from segmentation.models import FCHarDNet
 from segmentation.steps.evaluate import Protocol, evaluate_step
@@ -43,15 +43,15 @@ def test_concurrent_promoters_end_with_the_best_in_production_and_its_predecesso
     client = MlflowClient(tracking_uri)
     promoters = 6
     name = _registered_model(client, promoters + 1)
-    registry.promote(name, 1, candidate_value=0.05, data_key=DATA, client=client)  # the holder they all challenge
+    promotion.promote(name, 1, candidate_value=0.05, data_key=DATA, client=client)  # the holder they all challenge
     scores = {str(v): s for v, s in zip(range(2, promoters + 2), random.sample(range(1, 90), promoters), strict=True)}
     scores = {v: s / 100 for v, s in scores.items()}
     barrier = threading.Barrier(promoters)
 
-    def promote(version: str) -> registry.Promotion:
+    def promote(version: str) -> promotion.Promotion:
         own_client = MlflowClient(tracking_uri)
         barrier.wait()
-        return registry.promote(name, version, candidate_value=scores[version], data_key=DATA, client=own_client)
+        return promotion.promote(name, version, candidate_value=scores[version], data_key=DATA, client=own_client)
 
     with ThreadPoolExecutor(promoters) as pool:
         outcomes = list(pool.map(promote, scores))
@@ -72,14 +72,14 @@ def test_concurrent_promoters_end_with_the_best_in_production_and_its_predecesso
     for outcome in outcomes:  # every candidate was compared with the holder of its time, and says so
         reason = client.get_model_version(name, outcome.version).tags["promotion_reason"]
         assert f"version {outcome.incumbent} " in reason, reason
-    assert registry.PROMOTION_LOCK_TAG not in client.get_registered_model(name).tags
+    assert promotion.PROMOTION_LOCK_TAG not in client.get_registered_model(name).tags
 
 
 def test_rollback_waits_for_a_running_promotion(tracking_uri):
     client = MlflowClient(tracking_uri)
     name = _registered_model(client, 3)
-    registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
-    registry.promote(name, 2, candidate_value=0.6, data_key=DATA, client=client)
+    promotion.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    promotion.promote(name, 2, candidate_value=0.6, data_key=DATA, client=client)
     started, order = threading.Event(), []
 
     def slow_incumbent_evaluation(version: str) -> float:  # promotion 3 has to score the holder on new data
@@ -89,8 +89,8 @@ def test_rollback_waits_for_a_running_promotion(tracking_uri):
         return 0.1
 
     with ThreadPoolExecutor(2) as pool:
-        promotion = pool.submit(
-            registry.promote,
+        promoting = pool.submit(
+            promotion.promote,
             name,
             3,
             candidate_value=0.7,
@@ -99,9 +99,9 @@ def test_rollback_waits_for_a_running_promotion(tracking_uri):
             evaluate_incumbent=slow_incumbent_evaluation,
         )
         assert started.wait(60)
-        back = pool.submit(registry.rollback, name, client=MlflowClient(tracking_uri))
+        back = pool.submit(promotion.rollback, name, client=MlflowClient(tracking_uri))
         back.add_done_callback(lambda _: order.append("rolled back"))
-        assert promotion.result().promoted and back.result().version == "2"
+        assert promoting.result().promoted and back.result().version == "2"
     assert order == ["evaluated", "rolled back"]
     assert registry.aliases_of(name, client) == {"production": "2", "previous": "3"}
 
@@ -111,9 +111,9 @@ def test_a_nan_score_is_never_promoted_unless_forced(tracking_uri):
     name = _registered_model(client, 1)
     registry.record_evaluation(name, 1, float("nan"), DATA, client=client)
     with pytest.raises(ValueError, match=rf"version 1 of '{name}' scored eval/mIoU=nan on data '{DATA}'"):
-        registry.promote(name, 1, client=client)
+        promotion.promote(name, 1, client=client)
     assert registry.aliases_of(name, client) == {}
-    forced = registry.promote(name, 1, force=True, client=client)
+    forced = promotion.promote(name, 1, force=True, client=client)
     assert forced.promoted and forced.forced and registry.aliases_of(name, client) == {"production": "1"}
     tags = client.get_model_version(name, "1").tags
     assert tags["promotion_forced"] == "True" and tags["promotion_reason"].startswith("FORCED: eval/mIoU nan")

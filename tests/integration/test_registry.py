@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
 from segmentation.data.preprocess import run_preprocess
-from segmentation.mlops import registry
+from segmentation.mlops import companions, promotion, registry
 from segmentation.mlops.model_store import log_pytorch_model
 from segmentation.models import FCHarDNet
 from segmentation.steps.evaluate import Protocol, evaluate_step
@@ -60,36 +60,36 @@ def test_model_uris_resolve_to_name_version_and_run(client):
 
 def test_alias_moves_only_when_at_least_as_good_and_previous_allows_rollback(client):
     name = _registered_model(client, 4)
-    first = registry.promote(name, 1, candidate_value=0.50, data_key=DATA, run_id="run-a", client=client)
+    first = promotion.promote(name, 1, candidate_value=0.50, data_key=DATA, run_id="run-a", client=client)
     assert first.promoted and _aliases(client, name) == {"production": "1"}
     tags = client.get_model_version(name, "1").tags
     assert tags["promoted_by_run"] == "run-a" and float(tags["eval/mIoU"]) == 0.50
     assert tags["compared_with"].startswith("none") and tags["promotion_forced"] == "False"
 
-    worse = registry.promote(name, 2, candidate_value=0.40, data_key=DATA, client=client)
+    worse = promotion.promote(name, 2, candidate_value=0.40, data_key=DATA, client=client)
     assert not worse.promoted and _aliases(client, name) == {"production": "1"}
     assert client.get_model_version(name, "2").tags["promotion_reason"].startswith("not promoted")
     assert "promoted_by_run" not in client.get_model_version(name, "2").tags
 
-    better = registry.promote(name, 3, candidate_value=0.60, data_key=DATA, run_id="run-c", client=client)
+    better = promotion.promote(name, 3, candidate_value=0.60, data_key=DATA, run_id="run-c", client=client)
     assert better.promoted and better.incumbent == "1" and better.incumbent_value == pytest.approx(0.50)
     assert _aliases(client, name) == {"production": "3", "previous": "1"}
     tags = client.get_model_version(name, "3").tags
     assert "version 1" in tags["compared_with"] and "0.500000" in tags["compared_with"]
     assert tags["eval/data"] == DATA
 
-    equal = registry.promote(name, 4, candidate_value=0.60, data_key=DATA, client=client)
+    equal = promotion.promote(name, 4, candidate_value=0.60, data_key=DATA, client=client)
     assert equal.promoted and _aliases(client, name) == {"production": "4", "previous": "3"}
 
-    back = registry.rollback(name, client=client)
+    back = promotion.rollback(name, client=client)
     assert back.version == "3" and _aliases(client, name) == {"production": "3", "previous": "4"}
     assert "rollback" in client.get_model_version(name, "3").tags["promotion_reason"]
 
 
 def test_force_promotes_a_worse_version_and_says_so(client):
     name = _registered_model(client, 2)
-    registry.promote(name, 1, candidate_value=0.7, data_key=DATA, client=client)
-    forced = registry.promote(name, 2, candidate_value=0.1, data_key=DATA, force=True, client=client)
+    promotion.promote(name, 1, candidate_value=0.7, data_key=DATA, client=client)
+    forced = promotion.promote(name, 2, candidate_value=0.1, data_key=DATA, force=True, client=client)
     assert forced.promoted and forced.forced
     assert _aliases(client, name) == {"production": "2", "previous": "1"}
     tags = client.get_model_version(name, "2").tags
@@ -99,12 +99,12 @@ def test_force_promotes_a_worse_version_and_says_so(client):
 def test_scores_are_read_from_tags_and_compared_only_on_the_same_data(client):
     name = _registered_model(client, 2)
     registry.record_evaluation(name, 1, 0.8, DATA, client=client)
-    registry.promote(name, 1, client=client)  # number and data key both come from the version's tags
+    promotion.promote(name, 1, client=client)  # number and data key both come from the version's tags
     registry.record_evaluation(name, 2, 0.9, "other/val#def|tta=none", client=client)
     with pytest.raises(ValueError, match="has no eval/mIoU on data 'other/val#def"):
-        registry.promote(name, 2, client=client)  # the incumbent was never scored on the other data
+        promotion.promote(name, 2, client=client)  # the incumbent was never scored on the other data
     asked: list[str] = []
-    outcome = registry.promote(name, 2, client=client, evaluate_incumbent=lambda v: asked.append(v) or 0.95)
+    outcome = promotion.promote(name, 2, client=client, evaluate_incumbent=lambda v: asked.append(v) or 0.95)
     assert asked == ["1"] and not outcome.promoted and _aliases(client, name) == {"production": "1"}
     incumbent_tags = client.get_model_version(name, "1").tags  # the new number is kept for next time
     assert incumbent_tags["eval/data"] == "other/val#def|tta=none" and float(incumbent_tags["eval/mIoU"]) == 0.95
@@ -112,11 +112,11 @@ def test_scores_are_read_from_tags_and_compared_only_on_the_same_data(client):
 
 def test_incumbent_score_found_in_a_linked_evaluation_run(client):
     name = _registered_model(client, 2)
-    registry.promote(name, 1, force=True, client=client)  # production without any score
+    promotion.promote(name, 1, force=True, client=client)  # production without any score
     with mlflow.start_run():
         mlflow.set_tags({"model_name": name, "model_version": "1", "eval/data": DATA})
         mlflow.log_metric("eval/mIoU", 0.3)
-    outcome = registry.promote(
+    outcome = promotion.promote(
         name,
         2,
         candidate_value=0.25,
@@ -130,18 +130,18 @@ def test_incumbent_score_found_in_a_linked_evaluation_run(client):
 def test_unknown_version_or_model_lists_what_exists(client):
     name = _registered_model(client, 2)
     with pytest.raises(ValueError, match=r"no version '7'; existing versions: \[1, 2\]"):
-        registry.promote(name, 7, candidate_value=1.0, client=client)
+        promotion.promote(name, 7, candidate_value=1.0, client=client)
     with pytest.raises(ValueError, match=f"registered model 'nope-{name}' does not exist.*{name}"):
-        registry.promote(f"nope-{name}", 1, candidate_value=1.0, client=client)
+        promotion.promote(f"nope-{name}", 1, candidate_value=1.0, client=client)
     with pytest.raises(ValueError, match="no 'previous' alias"):
-        registry.rollback(name, client=client)
+        promotion.rollback(name, client=client)
 
 
 def test_promotion_uses_no_deprecated_stages(client):
     name = _registered_model(client, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+        promotion.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
     assert client.get_model_version(name, "1").current_stage == "None"
 
 
@@ -153,8 +153,8 @@ def test_evaluation_run_is_logged_linked_and_promotes(client, tmp_path):
     with mlflow.start_run():
         info = log_pytorch_model(torch_model, ClassInfo.cityscapes(), ModelConfig(), registered_model_name=name)
     version = str(info.registered_model_version)
-    result, promotion = evaluate_step(f"models:/{name}/{version}", Protocol(data=str(data), num_worst=1), promote=True)
-    assert promotion.promoted and _aliases(client, name) == {"production": version}
+    result, outcome = evaluate_step(f"models:/{name}/{version}", Protocol(data=str(data), num_worst=1), promote=True)
+    assert outcome.promoted and _aliases(client, name) == {"production": version}
     run_id = client.get_model_version(name, version).tags["promoted_by_run"]
     run = client.get_run(run_id)
     assert run.data.metrics["eval/mIoU"] == pytest.approx(result.metrics["eval/mIoU"])
@@ -189,7 +189,7 @@ def _exports(client: MlflowClient, source: str, source_versions: list[str]) -> s
         with mlflow.start_run() as run:
             mlflow.log_text("placeholder", "onnx_model/README.txt")
         mv = client.create_model_version(name, f"{run.info.artifact_uri}/onnx_model", run_id=run.info.run_id)
-        registry.link_companion(name, mv.version, source, source_version, client=client)
+        companions.link_companion(name, mv.version, source, source_version, client=client)
     return name
 
 
@@ -199,17 +199,17 @@ def test_export_aliases_follow_promotion_and_rollback_of_their_source(client):
     unrelated = _registered_model(client, 1)
     client.set_registered_model_alias(unrelated, "production", "1")
 
-    first = registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    first = promotion.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
     assert first.companions == {onnx: {"production": "1"}} and _aliases(client, onnx) == {"production": "1"}
 
-    worse = registry.promote(name, 2, candidate_value=0.4, data_key=DATA, client=client)
+    worse = promotion.promote(name, 2, candidate_value=0.4, data_key=DATA, client=client)
     assert not worse.promoted and worse.companions == {} and _aliases(client, onnx) == {"production": "1"}
 
-    better = registry.promote(name, 3, candidate_value=0.6, data_key=DATA, client=client)
+    better = promotion.promote(name, 3, candidate_value=0.6, data_key=DATA, client=client)
     assert better.companions == {onnx: {"production": "3", "previous": "1"}}
     assert _aliases(client, onnx) == {"production": "3", "previous": "1"}
 
-    back = registry.rollback(name, client=client)
+    back = promotion.rollback(name, client=client)
     assert back.companions == {onnx: {"production": "1", "previous": "3"}}
     assert _aliases(client, onnx) == {"production": "1", "previous": "3"}
     assert _aliases(client, unrelated) == {"production": "1"}  # only models linked by the tags move
@@ -218,11 +218,11 @@ def test_export_aliases_follow_promotion_and_rollback_of_their_source(client):
 def test_newest_export_of_a_version_wins_and_an_unexported_version_leaves_the_alias(client, caplog):
     name = _registered_model(client, 2)
     onnx = _exports(client, name, ["1", "1"])  # version 1 exported twice; version 2 never
-    registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    promotion.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
     assert _aliases(client, onnx) == {"production": "2"}
 
-    with caplog.at_level("WARNING", logger="segmentation.mlops.registry"):
-        outcome = registry.promote(name, 2, candidate_value=0.7, data_key=DATA, client=client)
+    with caplog.at_level("WARNING", logger="segmentation.mlops.companions"):
+        outcome = promotion.promote(name, 2, candidate_value=0.7, data_key=DATA, client=client)
     assert outcome.promoted and outcome.companions == {onnx: {"previous": "2"}}
     assert _aliases(client, onnx) == {"production": "2", "previous": "2"}
     assert f"has no version made from '{name}' version 2" in caplog.text and "export that version" in caplog.text
@@ -230,13 +230,13 @@ def test_newest_export_of_a_version_wins_and_an_unexported_version_leaves_the_al
 
 def test_exporting_the_production_version_gives_the_export_production(client):
     name = _registered_model(client, 2)
-    registry.promote(name, 2, candidate_value=0.5, data_key=DATA, client=client)
+    promotion.promote(name, 2, candidate_value=0.5, data_key=DATA, client=client)
     onnx = _exports(client, name, ["1"])
     assert _aliases(client, onnx) == {}  # made from a version that holds no alias
     with mlflow.start_run() as run:
         mlflow.log_text("placeholder", "onnx_model/README.txt")
     mv = client.create_model_version(onnx, f"{run.info.artifact_uri}/onnx_model", run_id=run.info.run_id)
-    assert registry.link_companion(onnx, mv.version, name, "2", client=client) == {"production": "2"}
+    assert companions.link_companion(onnx, mv.version, name, "2", client=client) == {"production": "2"}
     tags = client.get_model_version(onnx, "2").tags
     assert tags["source_model_name"] == name and tags["source_model_version"] == "2"
     assert _aliases(client, onnx) == {"production": "2"}
@@ -256,7 +256,7 @@ def test_pipeline_export_then_promote_moves_the_onnx_production(client):
             )
         versions.append(str(info.registered_model_version))
         registry.record_evaluation(name, versions[-1], 0.1 * (seed + 1), DATA, client=client)
-    registry.promote(name, versions[0], client=client)
+    promotion.promote(name, versions[0], client=client)
     # As the pipeline does it: export the candidate by version, then promote it.
     first = run_export(f"models:/{name}@production", registered_model=f"{name}-onnx", sizes=((64, 128),))
     assert first["aliases"] == {"production": "1"}
@@ -265,8 +265,8 @@ def test_pipeline_export_then_promote_moves_the_onnx_production(client):
     run = client.get_run(client.get_model_version(f"{name}-onnx", "2").run_id)
     assert run.data.tags["source_model_version"] == versions[1]
 
-    promotion = promote_step(name, versions[1])
-    assert promotion.promoted and _aliases(client, f"{name}-onnx") == {"production": "2", "previous": "1"}
+    outcome = promote_step(name, versions[1])
+    assert outcome.promoted and _aliases(client, f"{name}-onnx") == {"production": "2", "previous": "1"}
     served = mlflow.pyfunc.load_model(f"models:/{name}-onnx@production")
     assert served.metadata.metadata["backend"] == "onnx"
 
@@ -281,9 +281,9 @@ def test_a_sqlite_store_works_too(tmp_path, monkeypatch):
     client = MlflowClient(uri)
     name = _registered_model(client, 2)
     onnx = _exports(client, name, ["1", "2"])
-    registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
-    again = registry.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    promotion.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    again = promotion.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
     assert not again.promoted and "already holds" in again.reason
     assert registry.aliases_of(name, client) == {"production": "1"}
-    registry.promote(name, 2, candidate_value=0.6, data_key=DATA, client=client)
+    promotion.promote(name, 2, candidate_value=0.6, data_key=DATA, client=client)
     assert registry.aliases_of(onnx, client) == {"production": "2", "previous": "1"}

@@ -19,8 +19,8 @@ from entrypoints import sync_tracking
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
 from segmentation.mlops.delivery import Delivery
-from segmentation.mlops.journal import CURSOR_FILE, JOURNAL_FILE, QUARANTINE_FILE
-from segmentation.mlops.tracker import META_FILE, Tracker
+from segmentation.mlops.journal_file import CURSOR_FILE, JOURNAL_FILE, META_FILE, QUARANTINE_FILE
+from segmentation.mlops.tracker import Tracker
 from segmentation.models.package import save_model_package
 
 EXIT_BAD_INPUT, EXIT_TRACKING_INCOMPLETE = 2, 3

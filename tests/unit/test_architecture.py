@@ -19,14 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "segmentation"
 MAX_ENTRY_POINT_LINES = 60
 MAX_MODULE_LINES = 300
-# TEMPORARY: modules over MAX_MODULE_LINES whose split is under way on another branch. Empty this set once those
-# splits are merged; test_split_in_progress_is_still_needed fails as soon as an entry is no longer over the limit.
-_SPLIT_IN_PROGRESS = {
-    "segmentation/mlops/registry.py",
-    "segmentation/mlops/tracker.py",
-    "segmentation/mlops/journal.py",
-    "segmentation/mlops/serving.py",  # 308 lines; not yet assigned to a split
-}
 
 
 def module_name(path: Path) -> str:
@@ -146,17 +138,8 @@ def test_library_modules_are_at_most_300_lines():
     offenders = [
         f"{path.relative_to(REPO)}: {line_count(path)} lines"
         for path in library_files()
-        if line_count(path) > MAX_MODULE_LINES and path.relative_to(REPO).as_posix() not in _SPLIT_IN_PROGRESS
+        if line_count(path) > MAX_MODULE_LINES
     ]
     assert not offenders, f"modules over {MAX_MODULE_LINES} lines (split them along their concerns):\n" + "\n".join(
         offenders
     )
-
-
-def test_split_in_progress_is_still_needed():
-    stale = [
-        f"{name}: {f'{line_count(REPO / name)} lines' if (REPO / name).is_file() else 'no such file'}"
-        for name in sorted(_SPLIT_IN_PROGRESS)
-        if not (REPO / name).is_file() or line_count(REPO / name) <= MAX_MODULE_LINES
-    ]
-    assert not stale, "remove from _SPLIT_IN_PROGRESS (now within the limit or gone):\n" + "\n".join(stale)

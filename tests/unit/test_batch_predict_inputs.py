@@ -14,7 +14,7 @@ from mlflow.projects import _project_spec
 
 from entrypoints import batch_predict as entry
 from segmentation.data.classes import ClassInfo
-from segmentation.mlops.serving import decode_image
+from segmentation.mlops.serving_requests import decode_image
 from segmentation.mlops.spark_scoring import ImageSource, check_image, image_source, output_stem
 from segmentation.steps.batch_predict import PIXELS_PREFIX, batch_predict_step, build_table, check_java
 

@@ -18,15 +18,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from segmentation.mlops.delivery import check_record, is_transient, superseded
-from segmentation.mlops.journal import (
-    CURSOR_FILE,
-    JOURNAL_FILE,
-    QUARANTINE_FILE,
-    REJECTED_FILE,
-    SENDER_NICE,
-    Journal,
-    JournalError,
-)
+from segmentation.mlops.journal import Journal
+from segmentation.mlops.journal_file import CURSOR_FILE, JOURNAL_FILE, QUARANTINE_FILE, REJECTED_FILE, JournalError
+from segmentation.mlops.journal_sender import SENDER_NICE
 
 
 class FlakyServer:

@@ -17,7 +17,8 @@ from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo, colorize
 from segmentation.inference.image_bytes import image_size
 from segmentation.inference.onnx import export_onnx
-from segmentation.mlops.serving import SegmentationModel, decode_image, encode_image
+from segmentation.mlops.serving import SegmentationModel
+from segmentation.mlops.serving_requests import decode_image, encode_image
 from segmentation.models import FCHarDNet
 from segmentation.models.package import save_model_package
 from segmentation.models.preprocessing import to_input_tensor

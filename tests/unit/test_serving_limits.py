@@ -18,7 +18,8 @@ from mlflow.exceptions import MlflowException
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
 from segmentation.inference.image_bytes import exif_orientation, image_size, read_header
-from segmentation.mlops.serving import SegmentationModel, ServingError, decode_image, encode_image, load_limits
+from segmentation.mlops.serving import SegmentationModel
+from segmentation.mlops.serving_requests import ServingError, decode_image, encode_image, load_limits
 from segmentation.models import FCHarDNet
 from segmentation.models.package import save_model_package
 
