@@ -1,14 +1,18 @@
-"""Screenshots of the MLflow UI for the README: the compare view of an ``lr`` sweep and a run's prediction images.
+"""Screenshots of the MLflow UI for the README, in its model-training view.
 
-    python -m scripts.screenshots                                   # own server, synthetic data, 3-run sweep
-    python -m scripts.screenshots --lrs 0.01,0.05 --overrides "train.max_steps=2" --jobs 2 --output-dir /tmp/shots
-    python -m scripts.screenshots --tracking-uri http://127.0.0.1:5000 --experiment lr-sweep --no-sweep
+    python -m scripts.screenshots                                   # the README's runs, then its pictures
+    python -m scripts.screenshots --tracking-uri http://127.0.0.1:5000 --no-runs   # runs made earlier
+    python -m scripts.screenshots --quick --lrs 0.01,0.05 --overrides "train.max_steps=2" --jobs 2 --output-dir /tmp/s
 
 Without ``--tracking-uri`` it starts its own ``mlflow server`` on 127.0.0.1 at a free port (sqlite and artifacts in
-a temporary folder, or ``--backend-store-uri``/``--artifacts-destination``), generates a small synthetic dataset,
-trains one run per learning rate with ``entrypoints.train`` (same config, so the runs share metric keys and steps;
-``--jobs`` of them at once), then drives headless Chromium over the DevTools protocol (``scripts/cdp.py``) and
-writes ``compare_runs.png`` and ``run_images.png`` to ``--output-dir`` (default ``docs/images``). Exit code 2:
+a temporary folder, or ``--backend-store-uri``/``--artifacts-destination``). By default it then makes the README's
+runs with the commands the README gives (:mod:`scripts.readme_runs`: the default pipeline, a three-run lr sweep, an
+Optuna sweep and an INT8 export; about 25 min on 2 CPU cores) and photographs them (:mod:`scripts.readme_shots`)
+into ``--output-dir`` (default ``docs/images``).
+
+``--quick`` is the short check of the same machinery: one run per learning rate of ``--config`` (default
+``configs/tiny.yaml``, ``--jobs`` at once) on a small synthetic set, then ``compare_runs.png`` and
+``run_images.png``. Both drive headless Chromium over the DevTools protocol (``scripts/cdp.py``). Exit code 2:
 Chromium is not installed.
 """
 
@@ -27,6 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scripts.cdp import Browser, find_chromium
+from scripts.readme_runs import make_runs
+from scripts.readme_shots import capture_all
 
 REPO = Path(__file__).resolve().parent.parent
 # Set before the app loads so the assistant side panel does not cover a third of every screenshot.
@@ -47,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", default="", help="use this running server instead of starting one")
     parser.add_argument("--backend-store-uri", default="", help="store of the server started here (default: sqlite)")
     parser.add_argument("--artifacts-destination", default="", help="artifact root of the server started here")
+    parser.add_argument("--no-runs", action="store_true", help="photograph the README's runs made earlier")
+    parser.add_argument("--quick", action="store_true", help="a short lr sweep and two pictures (the options below)")
     parser.add_argument("--experiment", default="lr-sweep", help="experiment of the sweep")
     parser.add_argument("--lrs", default="0.005,0.02,0.08", help="comma-separated learning rates, one run each")
     parser.add_argument("--no-sweep", action="store_true", help="screenshot the experiment's existing runs")
@@ -348,12 +356,19 @@ def main(argv: list[str] | None = None) -> int:
             if not args.tracking_uri
             else _existing(args.tracking_uri)
         ) as uri:
-            if not args.no_sweep:
-                data = args.data or _synthetic_data(workdir / "data")
-                lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
-                run_sweep(uri, lrs, args.config, data, args.experiment, args.overrides, workdir, args.jobs)
-            experiment_id, runs = find_runs(uri, args.experiment)
-            paths = capture(uri, experiment_id, runs, Path(args.output_dir), chromium, size, args.timeout)
+            if not args.quick:
+                if not args.no_runs:
+                    times = make_runs(uri, workdir / "runs")
+                    print("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+                with Browser(chromium, *size, timeout=args.timeout) as browser:
+                    paths = capture_all(browser, uri, Path(args.output_dir), args.timeout)
+            else:
+                if not args.no_sweep:
+                    data = args.data or _synthetic_data(workdir / "data")
+                    lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+                    run_sweep(uri, lrs, args.config, data, args.experiment, args.overrides, workdir, args.jobs)
+                experiment_id, runs = find_runs(uri, args.experiment)
+                paths = capture(uri, experiment_id, runs, Path(args.output_dir), chromium, size, args.timeout)
     for path in paths:
         print(f"wrote {path}")
     return 0
