@@ -22,8 +22,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `segment
 from benchmarks.common import RESULTS_DIR, describe_machine  # noqa: E402
 from segmentation.io import write_text_atomic  # noqa: E402
 
-# Cheap and independent first; serving last, as it starts servers.
-BENCHMARKS = ("ceilings", "inference", "training", "data_loading", "tracking", "serving")
+# Cheap and independent first; Spark and serving last, as they start JVMs and servers.
+BENCHMARKS = ("ceilings", "inference", "formats", "training", "data_loading", "tracking", "batch_predict", "serving")
 TABLES_FILE = RESULTS_DIR / "README_tables.md"
 
 

@@ -7,6 +7,8 @@ import re
 import tomllib
 import yaml
 
+from benchmarks.run_all import BENCHMARKS
+
 
 def _normalise(req: str) -> str:
     return req.replace(" ", "").lower()
@@ -42,3 +44,8 @@ def test_pytest_markers_are_declared_and_used(repo):
     used -= {"parametrize", "skipif", "xfail", "usefixtures", "filterwarnings"}
     assert used == declared, f"declared {sorted(declared)}, used {sorted(used)}"
     assert "--strict-markers" in config["addopts"]
+
+
+def test_run_all_runs_every_benchmark(repo):
+    scripts = {p.stem for p in (repo / "benchmarks").glob("*.py")} - {"__init__", "common", "run_all"}
+    assert sorted(BENCHMARKS) == sorted(scripts), "benchmarks/run_all.py must list every benchmark script"
