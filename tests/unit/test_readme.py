@@ -55,3 +55,10 @@ def test_no_placeholder_left(repo, placeholder):
 def test_readme_carries_the_tested_serving_commands(repo):
     serving = (repo / "docs" / "serving.md").read_text().split("\n", 1)[1].strip()
     assert serving in (repo / "README.md").read_text()
+
+
+def test_readme_speaks_to_users_not_to_the_tracker(repo):
+    # Users cannot follow "issue 9" or "task 12": the README names what a figure or a target is about instead.
+    for path in [repo / "README.md", *sorted((repo / "docs").glob("*.md")), repo / "benchmarks" / "RESULTS.md"]:
+        found = re.findall(r"\b(?:issue|task|ticket)s?\s*#?\d+", path.read_text(), flags=re.IGNORECASE)
+        assert not found, f"{path.name} refers to the issue tracker: {found}"
