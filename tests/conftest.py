@@ -155,6 +155,27 @@ def child_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def train_command(
+    data: Path, experiment: str, overrides: str, registered_model: str = "", config: str = "configs/tiny.yaml"
+) -> list[str]:
+    """``python -m entrypoints.train`` as the tests start it (from the repository root, tiny recipe by default)."""
+    return [
+        sys.executable,
+        "-m",
+        "entrypoints.train",
+        "--config",
+        config,
+        "--data",
+        str(data),
+        "--registered-model",
+        registered_model,
+        "--experiment",
+        experiment,
+        "--overrides",
+        overrides,
+    ]
+
+
 def random_bn_model(num_classes: int, seed: int = 0):
     """An FC-HarDNet in eval mode with non-trivial BatchNorm statistics, so that a wrong BN fusion shows up."""
     import torch

@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import MLFLOW_RUN_VARS, REPO, start_mlflow_server, stop_process
+from conftest import MLFLOW_RUN_VARS, REPO, start_mlflow_server, stop_process, train_command
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
@@ -60,22 +59,8 @@ def train(uri: str, data: Path, out: Path, experiment: str, registered_model: st
     One step and one validation (what the auth tests need: a run, metrics, artifacts, a model, a registration).
     """
     env = {k: v for k, v in os.environ.items() if k not in MLFLOW_RUN_VARS}
-    cmd = [
-        sys.executable,
-        "-m",
-        "entrypoints.train",
-        "--config",
-        "configs/tiny.yaml",
-        "--data",
-        str(data),
-        "--registered-model",
-        registered_model,
-        "--experiment",
-        experiment,
-        "--overrides",
-        f"train.epochs=0 train.max_steps=1 train.val_every_n_steps=1 train.sanity_val_batches=0 "
-        f"train.output_dir={out}",
-    ]
+    overrides = "train.epochs=0 train.max_steps=1 train.val_every_n_steps=1 train.sanity_val_batches=0"
+    cmd = train_command(data, experiment, f"{overrides} train.output_dir={out}", registered_model)
     return subprocess.Popen(
         cmd,
         cwd=REPO,

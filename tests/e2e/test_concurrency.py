@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env, drop_postgres_db, make_postgres_db, start_mlflow_server, stop_process, wait_http
+from conftest import (
+    REPO,
+    child_env,
+    drop_postgres_db,
+    make_postgres_db,
+    start_mlflow_server,
+    stop_process,
+    train_command,
+    wait_http,
+)
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.e2e
@@ -75,23 +83,11 @@ def test_four_trainings_at_once(backend, servers, data, tmp_path):
     trainings = []
     for i in range(RUNS):
         log = tmp_path / f"train{i}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "entrypoints.train",
-            "--config",
-            "configs/tiny.yaml",
-            "--data",
-            str(data),
-            "--experiment",
-            name,
-            "--registered-model",
-            name,
-            "--overrides",
-            f"train.epochs=0 train.max_steps=1 train.val_every_n_steps=1 "
-            f"train.sanity_val_batches=0 system.num_workers=0 "
-            f"train.output_dir={tmp_path / f'out{i}'}",
-        ]
+        overrides = (
+            "train.epochs=0 train.max_steps=1 train.val_every_n_steps=1 train.sanity_val_batches=0 "
+            f"system.num_workers=0 train.output_dir={tmp_path / f'out{i}'}"
+        )
+        cmd = train_command(data, name, overrides, registered_model=name)
         trainings.append(
             (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), log)
         )

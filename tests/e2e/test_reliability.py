@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLFLOW_RUN_VARS, REPO, start_mlflow_server, stop_process, wait_http
+from conftest import MLFLOW_RUN_VARS, REPO, start_mlflow_server, stop_process, train_command, wait_http
 from mlflow import MlflowClient
 
 from entrypoints import sync_tracking
@@ -78,22 +78,7 @@ def train(uri: str, data: Path, out: Path, overrides: str, *args: str) -> subpro
     for var in MLFLOW_RUN_VARS:
         env.pop(var, None)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "entrypoints.train",
-        "--config",
-        "configs/tiny.yaml",
-        "--data",
-        str(data),
-        "--registered-model",
-        "",
-        "--experiment",
-        EXPERIMENT,
-        "--overrides",
-        f"train.epochs=0 train.output_dir={out} {overrides}",
-        *args,
-    ]
+    cmd = [*train_command(data, EXPERIMENT, f"train.epochs=0 train.output_dir={out} {overrides}"), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=(out / "log.txt").open("w"), stderr=subprocess.STDOUT)
 
 

@@ -7,7 +7,6 @@ to start it. Each session gets its own database, dropped afterwards.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import psycopg2
@@ -21,6 +20,7 @@ from conftest import (
     make_postgres_db,
     start_mlflow_server,
     stop_process,
+    train_command,
 )
 
 pytestmark = pytest.mark.e2e
@@ -52,21 +52,8 @@ def train(
 ) -> subprocess.CompletedProcess:
     """`python -m entrypoints.train` on the tiny recipe with MLFLOW_TRACKING_URI set, as a team member runs it."""
     env = child_env(tracking_uri, **(extra_env or {}))
-    cmd = [
-        sys.executable,
-        "-m",
-        "entrypoints.train",
-        "--config",
-        "configs/tiny.yaml",
-        "--data",
-        str(data),
-        "--registered-model",
-        registered_model,
-        "--experiment",
-        experiment,
-        "--overrides",
-        f"train.epochs=2 train.output_dir={output_dir}",
-    ]  # 4 images, batch 2: 4 steps
+    cmd = train_command(data, experiment, f"train.epochs=2 train.output_dir={output_dir}", registered_model)
+    # 4 images, batch 2: 4 steps
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLFLOW_RUN_VARS, REPO
+from conftest import MLFLOW_RUN_VARS, REPO, train_command
 from mlflow import MlflowClient
 
 from segmentation.config_loading import CONFIG_DIR, load_config
@@ -92,22 +91,7 @@ def _train_process(data: Path, uri: str, overrides: str, log: Path, *args: str) 
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     for var in MLFLOW_RUN_VARS:
         env.pop(var, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "entrypoints.train",
-        "--config",
-        str(TINY),
-        "--data",
-        str(data),
-        "--registered-model",
-        "",
-        "--experiment",
-        EXPERIMENT,
-        "--overrides",
-        overrides,
-        *args,
-    ]
+    cmd = [*train_command(data, EXPERIMENT, overrides, config=str(TINY)), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
