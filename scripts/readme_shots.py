@@ -143,7 +143,8 @@ def sweep_runs(pages: Pages, experiment_id: str, parent_name: str) -> Path:
     pages.open(f"experiments/{experiment_id}/runs?compareRunsMode=TABLE", parent_name)
     expand = (
         f"(() => {{ const row = {BY_TEXT}({json.dumps(parent_name)}).closest('[role=row], .ag-row, tr'); "
-        "return row && row.querySelector('button, [role=button]'); })()"
+        "return row && (row.querySelector('button[data-component-id*=runnamecellrenderer]') "
+        "|| row.querySelector('button')); })()"
     )
     pages.browser.click(_centre(expand), f"the expander of run {parent_name!r}")
     time.sleep(2.0)
@@ -208,9 +209,9 @@ def capture_all(browser: Browser, uri: str, output_dir: Path, timeout: float) ->
     if not int8_versions:
         raise ValueError(f"{uri}: no version of {int8!r}; run scripts.readme_runs first")
     sweep = _experiment(uri, EXPERIMENTS["sweep"])
-    parents = [
-        r for r in _runs(uri, sweep, "attributes.status = 'FINISHED'") if r["info"]["run_name"].startswith("sweep-")
-    ]
+    # The sweep's run is the one with the study tag and no parent (``mlflow run`` names it, not the sweep).
+    finished = _runs(uri, sweep, "attributes.status = 'FINISHED' and tags.`sweep.study` != ''")
+    parents = [r for r in finished if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
     if not parents:
         raise ValueError(f"{uri}: experiment {EXPERIMENTS['sweep']!r} has no finished sweep parent run")
     parent = parents[0]["info"]
