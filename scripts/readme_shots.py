@@ -7,7 +7,7 @@ section scrolled to, a slider at the last step, a search typed) with real input 
 - ``run_images.png``: the default pipeline's training run, ``val/prediction`` at its last step (slider moved there).
 - ``model_scores.png``: the registered version's LoggedModel page, its mIoU scores (training and evaluation).
 - ``model_version.png``: the registered version of the default pipeline (aliases, scores as tags).
-- ``formats_version.png``: the ``-onnx-int8`` version with its accuracy-and-latency tags.
+- ``formats_version.png``: the ``-onnx-int8`` version, its description the accuracy-and-latency table.
 - ``sweep_runs.png``, ``sweep_charts.png``, ``sweep_top_trials.png``: the Optuna sweep's parent run with its child
   runs, the trials' val/mIoU curves, and its prediction grid of the best trials.
 """
@@ -133,8 +133,12 @@ def model_scores(pages: Pages, experiment_id: str, model_id: str) -> Path:
     return pages.shoot("model_scores.png")
 
 
-def model_version(pages: Pages, name: str, version: str, filename: str) -> Path:
+def model_version(pages: Pages, name: str, version: str, filename: str, description: bool = False) -> Path:
+    """A registered version's page; ``description`` unfolds its description (collapsed by default)."""
     pages.open(f"models/{urllib.parse.quote(name)}/versions/{version}", f"Version {version}")
+    if description:
+        pages.browser.click(_centre(f"{BY_TEXT}('Description')"), "the Description toggle")
+        time.sleep(2.0)
     return pages.shoot(filename)
 
 
@@ -220,7 +224,9 @@ def capture_all(browser: Browser, uri: str, output_dir: Path, timeout: float) ->
         run_images(pages, pipeline, train_run),
         model_scores(pages, pipeline, model_id),
         model_version(pages, MODEL, production["version"], "model_version.png"),
-        model_version(pages, int8, max(v["version"] for v in int8_versions), "formats_version.png"),
+        model_version(
+            pages, int8, max((v["version"] for v in int8_versions), key=int), "formats_version.png", description=True
+        ),
         sweep_runs(pages, sweep, parent["run_name"]),
         sweep_charts(pages, sweep),
         artifact(pages, sweep, parent["run_id"], "sweep/top_trials.png", "sweep_top_trials.png"),
