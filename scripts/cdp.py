@@ -53,7 +53,7 @@ class Browser:
     """
 
     def __init__(self, executable: str, width: int = 1600, height: int = 1000, timeout: float = 60.0) -> None:
-        self.timeout = timeout
+        self.timeout, self.size = timeout, (width, height)
         self._profile = tempfile.mkdtemp(prefix="chromium-profile-")
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
@@ -169,6 +169,14 @@ class Browser:
         text = self.evaluate("document.body ? document.body.innerText.slice(0, 500) : ''")
         raise TimeoutError(f"page did not show {what} within {timeout:.0f} s; it showed: {text!r}")
 
+    def resize(self, width: int, height: int) -> None:
+        """Set the viewport (what :meth:`screenshot` captures) to ``width`` x ``height`` CSS pixels."""
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
+        self.size = (width, height)
+
     def click(self, point_expression: str, what: str) -> None:
         """A real mouse click (pointer events included) at the ``[x, y]`` that ``point_expression`` returns.
 
@@ -192,9 +200,13 @@ class Browser:
                 "Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13}
             )
 
-    def screenshot(self, path: Path) -> Path:
-        """Capture the viewport as PNG into ``path`` (written beside it, then renamed)."""
-        data = base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"])
+    def screenshot(self, path: Path, height: int | None = None) -> Path:
+        """Capture the viewport (its top ``height`` pixels when given) as PNG into ``path`` (written beside it, then
+        renamed)."""
+        params: dict[str, Any] = {"format": "png"}
+        if height:
+            params["clip"] = {"x": 0, "y": 0, "width": self.size[0], "height": height, "scale": 1}
+        data = base64.b64decode(self.send("Page.captureScreenshot", params)["data"])
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         partial.write_bytes(data)

@@ -75,9 +75,9 @@ class Pages:
         )
         time.sleep(2.0)  # charts and tables animate in after their data arrives
 
-    def shoot(self, name: str) -> Path:
+    def shoot(self, name: str, height: int | None = None) -> Path:
         time.sleep(1.0)
-        return self.browser.screenshot(self.output_dir / name)
+        return self.browser.screenshot(self.output_dir / name, height)
 
     def scroll_to(self, text: str) -> None:
         self.browser.wait_for(f"!!{BY_TEXT}({json.dumps(text)})", self.timeout, f"{text!r} on the page")
@@ -112,19 +112,26 @@ def lr_sweep_charts(pages: Pages, experiment_id: str) -> Path:
 
 
 def run_images(pages: Pages, experiment_id: str, run_id: str) -> Path:
-    """The run's val/prediction card at the last step, its image opened in the UI's preview."""
-    pages.open(
-        f"experiments/{experiment_id}/runs/{run_id}/model-metrics", "Auto-refresh", still=False
-    )  # it keeps polling
-    pages.search("Search metric charts", "val/prediction")  # the cards below the fold are not rendered
-    pages.scroll_to("val/prediction")
-    pages.slide_to_last_step("val/prediction")
-    image = f"(() => {{ const c = {_card('val/prediction')}; return c && c.querySelector('img'); }})()"
-    pages.browser.evaluate(f"{image}.scrollIntoView({{block: 'center'}})")
-    time.sleep(1.0)
-    pages.browser.click(_centre(image), "the val/prediction image at the last step")
-    time.sleep(3.0)  # the preview zooms in
-    return pages.shoot("run_images.png")
+    """The run's val/prediction card at the last step, its image opened in the UI's preview.
+
+    The window is made tall for this one: the preview opens in its middle, below the card, so the slider at the last
+    step stays in sight.
+    """
+    size = pages.browser.size
+    pages.browser.resize(size[0], max(size[1], 1500))
+    try:
+        pages.open(f"experiments/{experiment_id}/runs/{run_id}/model-metrics", "Auto-refresh", still=False)
+        pages.search("Search metric charts", "val/prediction")  # the cards below the fold are not rendered
+        pages.scroll_to("val/prediction")
+        pages.slide_to_last_step("val/prediction")
+        image = f"(() => {{ const c = {_card('val/prediction')}; return c && c.querySelector('img'); }})()"
+        pages.browser.evaluate(f"{image}.scrollIntoView({{block: 'nearest'}})")  # the card scrolls within
+        time.sleep(1.0)
+        pages.browser.click(_centre(image), "the val/prediction image at the last step")
+        time.sleep(3.0)  # the preview zooms in
+        return pages.shoot("run_images.png", height=size[1])  # the top: the card, and the preview below it
+    finally:
+        pages.browser.resize(*size)
 
 
 def model_scores(pages: Pages, experiment_id: str, model_id: str) -> Path:
@@ -133,31 +140,56 @@ def model_scores(pages: Pages, experiment_id: str, model_id: str) -> Path:
     return pages.shoot("model_scores.png")
 
 
-def model_version(pages: Pages, name: str, version: str, filename: str, description: bool = False) -> Path:
-    """A registered version's page; ``description`` unfolds its description (collapsed by default)."""
+def model_version(pages: Pages, name: str, version: str, filename: str, description: str = "") -> Path:
+    """A registered version's page; with ``description`` (text it holds), its description is unfolded until that
+    text shows (the toggle's first click can fold a section the page thinks open but has not drawn)."""
     pages.open(f"models/{urllib.parse.quote(name)}/versions/{version}", f"Version {version}")
-    if description:
-        pages.browser.click(_centre(f"{BY_TEXT}('Description')"), "the Description toggle")
+    header = (
+        "[...document.querySelectorAll('[role=button]')]"
+        ".find(e => (e.innerText || '').trim().startsWith('Description'))"
+    )
+    shown = f"document.body.innerText.includes({json.dumps(description)})"
+    clicks = 0
+    while description and not pages.browser.evaluate(shown):
+        if clicks == 3:
+            raise RuntimeError(f"the description of {name} version {version} does not show {description!r}")
+        pages.browser.click(_point(header, "r.x + 12"), "the Description toggle")  # its chevron
+        clicks += 1
         time.sleep(2.0)
     return pages.shoot(filename)
+
+
+def expand_run(pages: Pages, run_name: str, child_name: str) -> None:
+    """Unfold ``run_name``'s child runs in the runs list (table or chart view) unless ``child_name`` shows."""
+    if pages.browser.evaluate(f"!!{BY_TEXT}({json.dumps(child_name)})"):
+        return
+    expand = (
+        f"(() => {{ const row = {BY_TEXT}({json.dumps(run_name)}).closest('[role=row], .ag-row, tr'); "
+        "return row && (row.querySelector('button[data-component-id*=runnamecellrenderer]') "
+        "|| row.querySelector('button')); })()"
+    )
+    pages.browser.click(_centre(expand), f"the expander of run {run_name!r}")
+    pages.browser.wait_for(f"!!{BY_TEXT}({json.dumps(child_name)})", pages.timeout, f"child run {child_name!r}")
+    time.sleep(2.0)
 
 
 def sweep_runs(pages: Pages, experiment_id: str, parent_name: str) -> Path:
     """The runs table with the sweep's parent expanded (its child runs listed under it)."""
     pages.open(f"experiments/{experiment_id}/runs?compareRunsMode=TABLE", parent_name)
-    expand = (
-        f"(() => {{ const row = {BY_TEXT}({json.dumps(parent_name)}).closest('[role=row], .ag-row, tr'); "
-        "return row && (row.querySelector('button[data-component-id*=runnamecellrenderer]') "
-        "|| row.querySelector('button')); })()"
-    )
-    pages.browser.click(_centre(expand), f"the expander of run {parent_name!r}")
-    time.sleep(2.0)
+    expand_run(pages, parent_name, "trial-0")
     return pages.shoot("sweep_runs.png")
 
 
-def sweep_charts(pages: Pages, experiment_id: str) -> Path:
+def sweep_charts(pages: Pages, experiment_id: str, parent_name: str) -> Path:
+    """The trials' val/mIoU chart, opened full size from the experiment's chart view."""
     pages.open(f"experiments/{experiment_id}/runs?compareRunsMode=CHART", "Add chart", still=False)
+    expand_run(pages, parent_name, "trial-0")
     pages.search("Search metric charts", "val/mIoU")
+    pages.scroll_to("val/mIoU")
+    pages.browser.click(
+        _centre(f"{_card('val/mIoU')}.querySelector('button')"), "the val/mIoU chart's full-size button"
+    )
+    time.sleep(3.0)
     return pages.shoot("sweep_charts.png")
 
 
@@ -209,7 +241,7 @@ def capture_all(browser: Browser, uri: str, output_dir: Path, timeout: float) ->
     production = _get(uri, "registered-models/alias", name=MODEL, alias="production")["model_version"]
     train_run, model_id = production["run_id"], production["source"].removeprefix("models:/")
     int8 = f"{MODEL}-onnx-int8"
-    int8_versions = _post(uri, "model-versions/search", {"filter": f"name = '{int8}'"}).get("model_versions", [])
+    int8_versions = _get(uri, "model-versions/search", filter=f"name = '{int8}'").get("model_versions", [])
     if not int8_versions:
         raise ValueError(f"{uri}: no version of {int8!r}; run scripts.readme_runs first")
     sweep = _experiment(uri, EXPERIMENTS["sweep"])
@@ -225,9 +257,13 @@ def capture_all(browser: Browser, uri: str, output_dir: Path, timeout: float) ->
         model_scores(pages, pipeline, model_id),
         model_version(pages, MODEL, production["version"], "model_version.png"),
         model_version(
-            pages, int8, max((v["version"] for v in int8_versions), key=int), "formats_version.png", description=True
+            pages,
+            int8,
+            max((v["version"] for v in int8_versions), key=int),
+            "formats_version.png",
+            description="argmax agreement",
         ),
         sweep_runs(pages, sweep, parent["run_name"]),
-        sweep_charts(pages, sweep),
+        sweep_charts(pages, sweep, parent["run_name"]),
         artifact(pages, sweep, parent["run_id"], "sweep/top_trials.png", "sweep_top_trials.png"),
     ]
