@@ -18,6 +18,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--master", default=DEFAULT_MASTER, help="local[2], spark://host:7077, ...; empty: spark-submit's"
     )
     parser.add_argument("--colorize", type=str2bool, default=False, help="also write colour masks under color/")
+    parser.add_argument("--cityscapes", type=str2bool, default=False, help="also the benchmark's labelIds results")
     parser.add_argument("--env-manager", default="local", choices=ENV_MANAGERS, help="spark_udf's model environment")
     parser.add_argument("--batch-size", type=int, default=8, help="images per call of the model on an executor")
     return parser
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output,
             master=args.master,
             colorize=args.colorize,
+            cityscapes=args.cityscapes,
             env_manager=args.env_manager,
             batch_size=args.batch_size,
         )

@@ -10,7 +10,7 @@ Against a running tracking server, in this order (each a real ``mlflow run . --e
 3. ``sweep``: an Optuna sweep (``-e sweep``) of ``configs/sweeps/synthetic.yaml`` with shorter trials.
 4. ``export``: the registered version exported as ``onnx,onnx-int8`` with the accuracy-and-latency table.
 
-``scripts.screenshots --readme`` runs this (unless ``--no-runs``) and then photographs the UI.
+``python -m scripts.screenshots`` runs this (unless ``--no-runs``) and then photographs the UI.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
 Without ``--tracking-uri`` it starts its own ``mlflow server`` on 127.0.0.1 at a free port (sqlite and artifacts in
 a temporary folder, or ``--backend-store-uri``/``--artifacts-destination``). By default it then makes the README's
 runs with the commands the README gives (:mod:`scripts.readme_runs`: the default pipeline, a three-run lr sweep, an
-Optuna sweep and an INT8 export; about 25 min on 2 CPU cores) and photographs them (:mod:`scripts.readme_shots`)
-into ``--output-dir`` (default ``docs/images``).
+Optuna sweep and an INT8 export; 25–45 min on 2 CPU cores) and photographs them (:mod:`scripts.readme_shots`)
+into ``--output-dir`` (default ``docs/images``; with ``--quick`` ``screenshots-quick/``, so that the short check
+never replaces the README's pictures).
 
 ``--quick`` is the short check of the same machinery: one run per learning rate of ``--config`` (default
 ``configs/tiny.yaml``, ``--jobs`` at once) on a small synthetic set, then ``compare_runs.png`` and
@@ -49,7 +50,9 @@ NO_SPINNER = "!document.querySelector('[role=progressbar], .du-bois-light-spin, 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=str(REPO / "docs" / "images"), help="where the PNGs go")
+    parser.add_argument(
+        "--output-dir", default="", help="where the PNGs go (default: docs/images; with --quick, screenshots-quick/)"
+    )
     parser.add_argument("--tracking-uri", default="", help="use this running server instead of starting one")
     parser.add_argument("--backend-store-uri", default="", help="store of the server started here (default: sqlite)")
     parser.add_argument("--artifacts-destination", default="", help="artifact root of the server started here")
@@ -361,14 +364,15 @@ def main(argv: list[str] | None = None) -> int:
                     times = make_runs(uri, workdir / "runs")
                     print("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
                 with Browser(chromium, *size, timeout=args.timeout) as browser:
-                    paths = capture_all(browser, uri, Path(args.output_dir), args.timeout)
+                    paths = capture_all(browser, uri, Path(args.output_dir or REPO / "docs" / "images"), args.timeout)
             else:
                 if not args.no_sweep:
                     data = args.data or _synthetic_data(workdir / "data")
                     lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
                     run_sweep(uri, lrs, args.config, data, args.experiment, args.overrides, workdir, args.jobs)
                 experiment_id, runs = find_runs(uri, args.experiment)
-                paths = capture(uri, experiment_id, runs, Path(args.output_dir), chromium, size, args.timeout)
+                out = Path(args.output_dir or "screenshots-quick")
+                paths = capture(uri, experiment_id, runs, out, chromium, size, args.timeout)
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -11,6 +11,8 @@ ignored (255); ``license plate`` has id -1 and train id -1, which the lookup tab
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from segmentation.data.classes import IGNORE_INDEX
@@ -63,4 +65,23 @@ def id_to_train_id_lut() -> np.ndarray:
     for _, label_id, train_id, _, _ in LABELS:
         if label_id >= 0 and 0 <= train_id < IGNORE_INDEX:
             lut[label_id] = train_id
+    return lut
+
+
+def class_to_label_id_lut(names: Sequence[str]) -> np.ndarray:
+    """A 256-entry uint8 table ``lut[class index] -> Cityscapes label id`` for a model whose classes are Cityscapes
+    labels by name (the 19 train ids, or any of them): what the benchmark's ``*labelIds.png`` results hold.
+
+    Raises:
+        ValueError: a class that is not a Cityscapes label (named, with where the valid names are).
+    """
+    unknown = [name for name in names if NAME_TO_ID.get(name, -1) < 0]
+    if unknown:
+        raise ValueError(
+            f"classes {unknown} are not Cityscapes labels; the Cityscapes layout needs a model whose class names "
+            "are names of the official label table (segmentation/data/cityscapes_labels.py)"
+        )
+    lut = np.zeros(256, dtype=np.uint8)  # an index no class has stays 0, "unlabeled"
+    for index, name in enumerate(names):
+        lut[index] = NAME_TO_ID[name]
     return lut

@@ -38,10 +38,11 @@ from segmentation.mlops.serving_requests import IMAGE_COLUMN, LIMIT_ENV, decode_
 MAX_PIXELS_ENV, MAX_REQUEST_BYTES_ENV = LIMIT_ENV["max_pixels"], LIMIT_ENV["max_request_bytes"]
 
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")  # mlflow.pyfunc.spark_udf's choices
-MASK_DIR, COLOR_DIR = "mask", "color"
+MASK_DIR, COLOR_DIR, CITYSCAPES_DIR = "mask", "color", "cityscapes"
 CHECK_TYPE = "image string, error string"
 TABLE_TYPE = (
-    "path string, height bigint, width bigint, mask_path string, color_path string, error string, pixels array<bigint>"
+    "path string, height bigint, width bigint, mask_path string, color_path string, label_ids_path string, "
+    "error string, pixels array<bigint>"
 )
 # Spark's estimate of the cost of opening a file, in bytes (default 4 MiB). With the default, a task gets at most
 # 32 small images, and `spark_udf` with env_manager=local on a local master loads the model once per task.
@@ -65,6 +66,7 @@ class OutputSpec:
     root_prefix: str  # the qualified input root + "/": output names are input paths relative to it
     num_classes: int
     colorize: bool
+    label_ids: tuple[int, ...] = ()  # class index -> Cityscapes label id: also write the benchmark's labelIds PNGs
 
 
 def image_source(spec: str) -> ImageSource:
@@ -190,12 +192,20 @@ def write_outputs(row: pd.Series, out: OutputSpec) -> dict:
     if out.colorize:
         color_path = f"{COLOR_DIR}/{stem}.png"
         write_bytes_atomic(Path(out.out_dir) / color_path, base64.b64decode(row["colorized"]))
+    label_ids_path = None
+    if out.label_ids:  # named after the input, as the benchmark matches <city>_<seq>_<frame>*.png
+        label_ids_path = f"{CITYSCAPES_DIR}/{stem}.png"
+        ok, png = cv2.imencode(".png", np.asarray(out.label_ids, dtype=np.uint8)[mask])
+        if not ok:
+            raise RuntimeError(f"{row['path']}: could not encode its label-id mask as PNG")
+        write_bytes_atomic(Path(out.out_dir) / label_ids_path, png.tobytes())
     return {
         "path": row["path"],
         "height": int(row["height"]),
         "width": int(row["width"]),
         "mask_path": mask_path,
         "color_path": color_path,
+        "label_ids_path": label_ids_path,
         "error": None,
         "pixels": counts.tolist(),
     }

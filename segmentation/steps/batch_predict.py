@@ -1,6 +1,7 @@
 """The ``batch_predict`` step: score a folder or glob of images on Spark with a logged model's serving pyfunc.
 
-Writes ``<out_dir>/mask/<name>.png`` (class ids), ``<out_dir>/color/<name>.png`` with ``colorize``, and
+Writes ``<out_dir>/mask/<name>.png`` (class ids), ``<out_dir>/color/<name>.png`` with ``colorize``,
+``<out_dir>/cityscapes/<name>.png`` (Cityscapes label ids, the benchmark's results) with ``cityscapes``, and
 ``<out_dir>/predictions.parquet``: one row per input file with ``path, height, width, mask_path, error`` and one
 ``pixels_<class>`` column per class of the model. A file the pyfunc refuses (corrupt, not PNG/JPEG, too large) is
 a row with an ``error``, not a failed job. See :mod:`segmentation.mlops.spark_scoring` for how.
@@ -22,6 +23,7 @@ import mlflow
 import pandas as pd
 import pyspark
 
+from segmentation.data.cityscapes_labels import class_to_label_id_lut
 from segmentation.data.classes import ClassInfo
 from segmentation.io import atomic_path
 from segmentation.mlops import registry
@@ -128,7 +130,7 @@ def local_path(path: str) -> str:
     return path.removeprefix("file://") if path.startswith("file://") else path.removeprefix("file:")
 
 
-def build_table(rows: list[dict], classes: ClassInfo, colorize: bool) -> pd.DataFrame:
+def build_table(rows: list[dict], classes: ClassInfo, colorize: bool, cityscapes: bool = False) -> pd.DataFrame:
     """The Parquet table: one row per file sorted by path, with ``pixels_<class>`` counts (null for errors)."""
     columns = [part.split()[0] for part in TABLE_TYPE.split(", ")]
     table = pd.DataFrame(rows, columns=columns)
@@ -142,6 +144,8 @@ def build_table(rows: list[dict], classes: ClassInfo, colorize: bool) -> pd.Data
     table[["height", "width"]] = table[["height", "width"]].astype("Int64")
     if not colorize:
         table = table.drop(columns="color_path")
+    if not cityscapes:
+        table = table.drop(columns="label_ids_path")
     return table.sort_values("path", kind="stable").reset_index(drop=True)
 
 
@@ -152,6 +156,7 @@ def batch_predict_step(
     *,
     master: str = DEFAULT_MASTER,
     colorize: bool = False,
+    cityscapes: bool = False,
     env_manager: str = "local",
     batch_size: int = 8,
 ) -> BatchReport:
@@ -165,6 +170,8 @@ def batch_predict_step(
         out_dir: a local folder; on a cluster, one every executor mounts at the same path.
         master: the Spark master (``local[2]``, ``spark://host:7077``, ...); empty: spark-submit's.
         colorize: also write colour masks (``color/``).
+        cityscapes: also write the Cityscapes benchmark's results (``cityscapes/``: label ids, not train ids, named
+            after the input), for a model whose class names are Cityscapes labels.
         env_manager: ``mlflow.pyfunc.spark_udf``'s: ``local`` (the executors' Python), ``virtualenv``, ``uv``,
             ``conda`` (the model's logged requirements, built once per executor).
         batch_size: images per call of the pyfunc.
@@ -189,6 +196,9 @@ def batch_predict_step(
     max_pixels, max_bytes = limits.max_pixels, limits.max_request_bytes
     with tempfile.TemporaryDirectory(prefix="batch-predict-") as tmp:
         model_dir, classes = resolve_model(model_uri, tmp)
+        label_ids = (
+            tuple(int(v) for v in class_to_label_id_lut(classes.names)[: classes.num_classes]) if cityscapes else ()
+        )
         spark = start_session(master, batch_size)
         try:
             ship_code(spark, tmp)
@@ -202,7 +212,7 @@ def batch_predict_step(
                     "inputs that would write the same mask (rename one or predict them separately): "
                     + "; ".join(" and ".join(map(local_path, group)) for group in clashes)
                 )
-            spec = OutputSpec(str(out), root.rstrip("/") + "/", classes.num_classes, colorize)
+            spec = OutputSpec(str(out), root.rstrip("/") + "/", classes.num_classes, colorize, label_ids)
             started = time.perf_counter()
             scored = score_files(
                 spark,
@@ -220,7 +230,7 @@ def batch_predict_step(
             spark.stop()
     if not rows:
         raise ValueError(f"no images under {input_spec!r} (outputs under {out} are not inputs)")
-    table = build_table(rows, classes, colorize)
+    table = build_table(rows, classes, colorize, cityscapes)
     with atomic_path(out / TABLE_FILE) as tmp_table:
         table.to_parquet(tmp_table, index=False)
     failed = int(table["error"].notna().sum())

@@ -34,6 +34,7 @@ MODEL = "batch-e2e"
 CLASSES = ClassInfo(
     ("road", "sky", "car", "traffic light"), ((128, 64, 128), (70, 130, 180), (0, 0, 142), (250, 170, 30))
 )
+LABEL_IDS = np.array([7, 23, 26, 19], dtype=np.uint8)  # CLASSES as Cityscapes label ids, written out here
 SIZES = [(64, 96), (48, 128), (128, 128), (70, 90), (96, 64)]
 NUM_IMAGES = 20  # 19 images and one corrupt file
 
@@ -112,6 +113,7 @@ def test_mlflow_run_batch_predict_matches_in_process_pyfunc(java, store, images,
         "output": str(out),
         "master": "local[2]",
         "colorize": "true",
+        "cityscapes": "true",
         "env_manager": "local",
         "batch_size": "3",
     }
@@ -133,6 +135,9 @@ def test_mlflow_run_batch_predict_matches_in_process_pyfunc(java, store, images,
         mask = png(out / row["mask_path"])
         np.testing.assert_array_equal(mask, png(want["mask"]), err_msg=row["path"])
         np.testing.assert_array_equal(png(out / row["color_path"]), png(want["colorized"]), err_msg=row["path"])
+        # The benchmark's results: Cityscapes label ids (road 7, sky 23, car 26, traffic light 19), named as the input.
+        assert row["label_ids_path"] == "cityscapes/" + row["mask_path"].removeprefix("mask/")
+        np.testing.assert_array_equal(png(out / row["label_ids_path"]), LABEL_IDS[mask], err_msg=row["path"])
         assert (row["height"], row["width"]) == mask.shape == (want["height"], want["width"])
         counts = np.bincount(mask.ravel(), minlength=CLASSES.num_classes)
         assert [row[c] for c in pixel_columns] == counts.tolist(), row["path"]

@@ -1,6 +1,6 @@
 """The screenshot machinery works: ``python -m scripts.screenshots --quick`` starts its own server, runs a two-run
 sweep (both trainings at once), and writes two PNGs that show a rendered page (not a blank page or a spinner). The
-README's own pictures take the full pipeline (``python -m scripts.screenshots``, ~25 min), too long for the suite.
+README's own pictures take the full pipeline (``python -m scripts.screenshots``, 25–45 min), too long for the suite.
 The server's sqlite store is a copy of the session's migrated template (the migrations are most of its start-up)."""
 
 from __future__ import annotations

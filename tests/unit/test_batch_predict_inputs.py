@@ -13,6 +13,7 @@ import pytest
 from mlflow.projects import _project_spec
 
 from entrypoints import batch_predict as entry
+from segmentation.data.cityscapes_labels import class_to_label_id_lut
 from segmentation.data.classes import ClassInfo
 from segmentation.mlops.serving_requests import decode_image
 from segmentation.mlops.spark_scoring import ImageSource, check_image, image_source, output_stem
@@ -64,9 +65,9 @@ def test_table_has_one_pixel_column_per_class_and_nulls_for_refused_files():
     classes = ClassInfo(("road", "traffic light"), ((1, 2, 3), (4, 5, 6)))
     rows = [
         {"path": "file:/in/b.png", "height": 2, "width": 3, "mask_path": "mask/b.png", "color_path": None,
-         "error": None, "pixels": [4, 2]},
+         "label_ids_path": None, "error": None, "pixels": [4, 2]},
         {"path": "file:/in/a.png", "height": None, "width": None, "mask_path": None, "color_path": None,
-         "error": "corrupt", "pixels": None},
+         "label_ids_path": None, "error": "corrupt", "pixels": None},
     ]  # fmt: skip
     table = build_table(rows, classes, colorize=False)
     assert list(table.columns) == [
@@ -75,6 +76,16 @@ def test_table_has_one_pixel_column_per_class_and_nulls_for_refused_files():
     assert table["path"].tolist() == ["/in/a.png", "/in/b.png"]
     assert table[f"{PIXELS_PREFIX}traffic light"].tolist()[1] == 2 and table["height"].isna().tolist() == [True, False]
     assert "color_path" in build_table(rows, classes, colorize=True).columns
+    assert "label_ids_path" in build_table(rows, classes, colorize=False, cityscapes=True).columns
+
+
+def test_cityscapes_results_hold_label_ids_and_other_classes_are_refused():
+    lut = class_to_label_id_lut(ClassInfo.cityscapes().names)
+    # train ids 0..18 are the label ids the benchmark scores: road 7 ... bicycle 33
+    assert lut[:19].tolist() == [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+    assert class_to_label_id_lut(("sky", "car"))[:2].tolist() == [23, 26]
+    with pytest.raises(ValueError, match=r"classes \['lane marking'\] are not Cityscapes labels"):
+        class_to_label_id_lut(("road", "lane marking"))
 
 
 def test_missing_java_is_named(tmp_path, monkeypatch):
@@ -108,6 +119,7 @@ def test_every_mlproject_parameter_reaches_the_step(repo, monkeypatch, tmp_path)
         "output": "/out",
         "master": "spark://host:7077",
         "colorize": "true",
+        "cityscapes": "true",
         "env_manager": "virtualenv",
         "batch_size": "4",
     }
@@ -128,6 +140,7 @@ def test_every_mlproject_parameter_reaches_the_step(repo, monkeypatch, tmp_path)
     assert call["kwargs"] == {
         "master": "spark://host:7077",
         "colorize": True,
+        "cityscapes": True,
         "env_manager": "virtualenv",
         "batch_size": 4,
     }
