@@ -133,6 +133,23 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait(timeout=15)
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_tracking_uri():
+    """Undo a test's ``mlflow.set_tracking_uri``: MLflow keeps it in a module global that outlives the test (and
+    writes it into ``MLFLOW_TRACKING_URI``), so a later test's in-process lookups went to the earlier test's store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils  # the global has no public getter
+
+    uri, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if tracking_utils._tracking_uri != uri:
+        mlflow.set_tracking_uri(uri)
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real tracking server (sqlite + proxied artifacts) shared by the whole session; yields its URI."""
