@@ -158,17 +158,11 @@ class TagLock:
             self._write(self.me.to_json())
         except Exception:
             # Writers racing to create the tag collide in the store (a unique-constraint error, sqlite and
-            # PostgreSQL alike): one insert won. Anything else (the server is down) is raised as it is. The winner
-            # may be us: a request retried after its first attempt committed fails on the second. Backing off then
-            # would leave the tag naming a process that holds nothing, and every other taker refused until it
-            # goes stale.
-            mine, self.me = self.me, None
-            holder = LockOwner.parse(self._read())
+            # PostgreSQL alike): one insert won. Anything else (the server is down) is raised as it is.
+            self.me, holder = None, LockOwner.parse(self._read())
             if holder is None:
                 raise
-            if holder.owner != mine.owner:
-                raise LockHeldError(self.name, holder) from None
-            self.me = mine
+            raise LockHeldError(self.name, holder) from None
         if settle:
             time.sleep(self.settle_s)
             holder = LockOwner.parse(self._read())
