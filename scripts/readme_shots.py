@@ -18,10 +18,10 @@ import json
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from scripts.cdp import Browser
+from scripts.readme_runs import EXPERIMENTS, MODEL
 
 ML_VIEW = (
     "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
@@ -203,9 +203,6 @@ def artifact(pages: Pages, experiment_id: str, run_id: str, path: str, filename:
     return pages.shoot(filename)
 
 
-Shot = Callable[[Pages], Path]
-
-
 def _get(uri: str, path: str, **query: str) -> dict:
     with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}", timeout=30) as r:
         return json.load(r)
@@ -234,8 +231,6 @@ def capture_all(browser: Browser, uri: str, output_dir: Path, timeout: float) ->
     Raises:
         ValueError: a run or model the pictures need is missing (run ``scripts.readme_runs`` first).
     """
-    from scripts.readme_runs import EXPERIMENTS, MODEL
-
     pages = Pages(browser, uri, output_dir, timeout)
     pipeline = _experiment(uri, EXPERIMENTS["pipeline"])
     production = _get(uri, "registered-models/alias", name=MODEL, alias="production")["model_version"]
