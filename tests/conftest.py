@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -133,21 +134,54 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait(timeout=15)
 
 
+_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def _tracking_state() -> tuple[str | None, dict[str, str | None]]:
+    # MLflow keeps set_tracking_uri's value in a module global (no public getter) that outlives a test and also
+    # writes it into MLFLOW_TRACKING_URI: a later test's in-process lookups would go to the earlier test's store.
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    return tracking_utils._tracking_uri, {var: os.environ.get(var) for var in _TRACKING_ENV}
+
+
+def _restore_tracking_state(state: tuple[str | None, dict[str, str | None]]) -> None:
+    import mlflow
+
+    uri, env = state
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(uri)  # None unsets the global again
+    for var, value in env.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+
+
+@contextmanager
+def tracking_store(uri: str):
+    """MLflow pointed at ``uri`` in this process (and, through ``MLFLOW_TRACKING_URI``, its children) with no
+    inherited run; afterwards exactly the state before (open runs ended)."""
+    import mlflow
+
+    state = _tracking_state()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    for var in _TRACKING_ENV[1:]:
+        os.environ.pop(var, None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        _restore_tracking_state(state)
+
+
 @pytest.fixture(autouse=True)
 def _keep_the_tracking_uri():
-    """Undo a test's ``mlflow.set_tracking_uri``: MLflow keeps it in a module global that outlives the test (and
-    writes it into ``MLFLOW_TRACKING_URI``), so a later test's in-process lookups went to the earlier test's store."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils  # the global has no public getter
-
-    uri, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    """Undo whatever a test did to MLflow's tracking URI (see :func:`_tracking_state`)."""
+    state = _tracking_state()
     yield
-    if tracking_utils._tracking_uri != uri:
-        mlflow.set_tracking_uri(uri)
-    if env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = env
+    _restore_tracking_state(state)
 
 
 @pytest.fixture(scope="session")

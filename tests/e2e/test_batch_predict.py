@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import MLFLOW_RUN_VARS, REPO
+from conftest import MLFLOW_RUN_VARS, REPO, tracking_store
 from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
@@ -50,23 +50,14 @@ def java() -> str:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """A sqlite store holding a small random FC-HarDNet registered as `batch-e2e` with alias `production`."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in MLFLOW_RUN_VARS:
-            mp.delenv(var, raising=False)
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        try:
-            torch.manual_seed(0)
-            model = FCHarDNet(num_classes=CLASSES.num_classes).eval()
-            with mlflow.start_run():
-                info = log_pytorch_model(
-                    model, CLASSES, ModelConfig(num_classes=CLASSES.num_classes), registered_model_name=MODEL
-                )
-            MlflowClient().set_registered_model_alias(MODEL, "production", info.registered_model_version)
-        finally:
-            mlflow.set_tracking_uri(previous)
+    with tracking_store(f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}") as uri:
+        torch.manual_seed(0)
+        model = FCHarDNet(num_classes=CLASSES.num_classes).eval()
+        with mlflow.start_run():
+            info = log_pytorch_model(
+                model, CLASSES, ModelConfig(num_classes=CLASSES.num_classes), registered_model_name=MODEL
+            )
+        MlflowClient().set_registered_model_alias(MODEL, "production", info.registered_model_version)
     return uri
 
 
@@ -87,12 +78,8 @@ def images(tmp_path_factory) -> Path:
 
 def in_process(store: str, paths: list[Path]) -> pd.DataFrame:
     """The registered model's pyfunc, loaded in this process, on the same files (colorize on)."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(store)
-    try:
+    with tracking_store(store):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL}@production")
-    finally:
-        mlflow.set_tracking_uri(previous)
     request = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
     return model.predict(request, params={"colorize": True})
 

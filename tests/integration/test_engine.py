@@ -8,9 +8,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
+from conftest import tracking_store
 from mlflow import MlflowClient
 
 from segmentation.config_loading import CONFIG_DIR, load_config
@@ -123,14 +123,11 @@ def test_unreachable_server_fails_before_training(tiny_data, tmp_path, monkeypat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
-    try:
-        with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}.*not reachable"):
-            train_step(tiny_cfg(tiny_data, tmp_path))
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with (
+        tracking_store(f"http://127.0.0.1:{port}"),
+        pytest.raises(ConnectionError, match=f"127.0.0.1:{port}.*not reachable"),
+    ):
+        train_step(tiny_cfg(tiny_data, tmp_path))
     assert not (tmp_path / "out").exists()
 
 

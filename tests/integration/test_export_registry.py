@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import MLFLOW_RUN_VARS, random_bn_model
+from conftest import random_bn_model, tracking_store
 from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
@@ -39,16 +39,8 @@ def model() -> FCHarDNet:
 @pytest.fixture
 def sqlite_tracking(tmp_path, monkeypatch):
     """A private sqlite store (registry included) for this test; no server needed."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in MLFLOW_RUN_VARS:
-        monkeypatch.delenv(var, raising=False)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(previous)
+    with tracking_store(f"sqlite:///{tmp_path / 'mlflow.db'}") as uri:
+        yield uri
 
 
 def test_logged_model_loads_from_every_mlflow_uri_and_predicts(model, sqlite_tracking):

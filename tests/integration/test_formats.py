@@ -13,7 +13,7 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from conftest import MLFLOW_RUN_VARS
+from conftest import tracking_store
 from mlflow import MlflowClient
 
 from segmentation.config_loading import CONFIG_DIR, load_config
@@ -43,17 +43,8 @@ def trained(tiny_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in MLFLOW_RUN_VARS:
-            patch.delenv(var, raising=False)
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(uri)
+    with tracking_store(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}") as uri:
         yield uri
-        while mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture(scope="module")
