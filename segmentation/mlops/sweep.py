@@ -22,6 +22,7 @@ from typing import Any
 
 import mlflow
 import optuna
+import sqlalchemy.event
 import sqlalchemy.exc
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
@@ -73,8 +74,10 @@ def _storage(url: str, heartbeat_interval: int, grace_period: int, tracking_uri:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
         raise ValueError(f"storage {url!r} is not a database URL; expected e.g. {STORAGE_FORMS}") from None
-    # sqlite: wait for the other workers' writes rather than failing at once; servers: drop dead pooled connections.
-    kwargs = {"connect_args": {"timeout": 60}} if parsed.get_backend_name() == "sqlite" else {"pool_pre_ping": True}
+    # sqlite: wait for the other workers' writes rather than failing at once, and leave transactions to SQLAlchemy
+    # (see _begin_immediate); servers: drop dead pooled connections.
+    sqlite = parsed.get_backend_name() == "sqlite"
+    kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else {"pool_pre_ping": True}
     failure: Exception | None = None
     for attempt in range(5):
         if attempt:
@@ -82,13 +85,16 @@ def _storage(url: str, heartbeat_interval: int, grace_period: int, tracking_uri:
         try:
             with warnings.catch_warnings():  # heartbeat_interval is marked experimental; it is what we rely on
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                rdb = optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=kwargs,
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=CloseLostTrialRun(tracking_uri),
                 )
+            if sqlite:
+                _begin_immediate(rdb.engine)
+            return rdb
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
             failure = exc  # workers starting together race to create the tables; the loser finds them next time
         except sqlalchemy.exc.OperationalError as exc:
@@ -99,6 +105,20 @@ def _storage(url: str, heartbeat_interval: int, grace_period: int, tracking_uri:
         except ImportError as exc:
             raise ValueError(f"storage {redact(url)}: its database driver is not installed ({exc})") from None
     raise ValueError(f"storage {redact(url)}: could not create Optuna's tables: {failure}")
+
+
+def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
+    """Make every transaction on a sqlite storage take the database's write lock when it begins.
+
+    Optuna claims a waiting trial (an enqueued one, or one a dead worker left) by reading its state and writing
+    RUNNING in one transaction, relying on ``SELECT ... FOR UPDATE``, which sqlite ignores: two workers could both
+    read WAITING, both run the trial, and the second to finish failed with "Cannot tell a COMPLETE trial". Under
+    ``BEGIN IMMEDIATE`` the second worker waits for the first one's commit and then reads RUNNING.
+    """
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin(connection: sqlalchemy.engine.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def open_study(
