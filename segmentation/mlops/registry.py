@@ -11,6 +11,7 @@ was measured on), so that promotion compares only numbers measured on the same d
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -146,7 +147,28 @@ def document_model(
     client.update_registered_model(model_name, description=description)
     for key, value in tags.items():
         if value not in (None, ""):
-            client.set_registered_model_tag(model_name, key, str(value))
+            set_registered_model_tag(model_name, key, str(value), client)
+
+
+# What a SQL store's unique constraint says when two requests insert the same row (sqlite, PostgreSQL, MySQL).
+_INSERT_RACE = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def set_registered_model_tag(model_name: str, key: str, value: str, client: MlflowClient, attempts: int = 3) -> None:
+    """Set a registered model's tag, also when another process sets the same new tag at the same moment.
+
+    MLflow's SQL store creates a tag row after reading that it does not exist, so the first writes of one tag by
+    two trainings registering versions together can collide: the loser gets HTTP 400 with the database's
+    unique-constraint error. The row exists by then, so writing again updates it.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            client.set_registered_model_tag(model_name, key, value)
+            return
+        except MlflowException as exc:
+            if attempt == attempts or not any(marker in str(exc) for marker in _INSERT_RACE):
+                raise
+            time.sleep(0.1 * attempt)
 
 
 def find_evaluation(

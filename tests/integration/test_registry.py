@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import numpy as np
@@ -287,3 +289,31 @@ def test_a_sqlite_store_works_too(tmp_path, monkeypatch):
     assert registry.aliases_of(name, client) == {"production": "1"}
     promotion.promote(name, 2, candidate_value=0.6, data_key=DATA, client=client)
     assert registry.aliases_of(onnx, client) == {"production": "2", "previous": "1"}
+
+
+def test_trainings_documenting_one_model_at_once_all_succeed(client):
+    # Trainings registering versions of one model at the same moment each write its description and tags. MLflow's
+    # SQL store creates a tag row after reading that it is missing, so two first writes of a tag can collide.
+    names = [f"doc-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    writers = 6
+    for name in names:
+        client.create_registered_model(name)
+    barrier = threading.Barrier(writers)
+    errors: list[BaseException] = []
+
+    def document(writer: int) -> None:
+        own_client = MlflowClient(client.tracking_uri)
+        for name in names:
+            barrier.wait()
+            try:
+                tags = {"task": "semantic-segmentation", "latest_version_run_id": f"run-{writer}"}
+                registry.document_model(name, ["road", "sky"], tags, own_client)
+            except BaseException as exc:  # collected, so that every writer keeps meeting the barrier
+                errors.append(exc)
+
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(document, range(writers)))
+    assert not errors, [str(exc).splitlines()[0] for exc in errors]
+    for name in names:
+        tags = client.get_registered_model(name).tags
+        assert tags["task"] == "semantic-segmentation" and tags["latest_version_run_id"].startswith("run-")
