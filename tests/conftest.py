@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -184,12 +188,88 @@ def _keep_the_tracking_uri():
     _restore_tracking_state(state)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _keep_the_tracking_uri_per_module():
+    """The same for a module's fixtures (set up before any test's autouse fixture can see what they change)."""
+    state = _tracking_state()
+    yield
+    _restore_tracking_state(state)
+
+
+# One tracking server per test session, also when pytest-xdist runs the tests in several worker processes: the first
+# worker that needs it starts it (under a file lock) and writes its address into a folder the controller chose; the
+# others read it, and the controller stops it once every worker is done.
+_SERVER_DIR_KEY = "mlflow_server_dir"
+_server_dir = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller, or a run without workers
+        config.stash[_server_dir] = Path(tempfile.mkdtemp(prefix="pytest-mlflow-server-"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # pytest-xdist: hand the folder to each worker
+    node.workerinput[_SERVER_DIR_KEY] = str(node.config.stash[_server_dir])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(_server_dir, None)
+    if folder is None:
+        return
+    record = folder / "server.json"
+    if record.is_file():
+        stop_process_group(json.loads(record.read_text())["pid"])
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child, now reaped
+            return False
+    except ChildProcessError:  # another process's child (a worker's server outlives the worker)
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def stop_process_group(pid: int, timeout: float = 15) -> None:
+    """Stop a process group that this process may not be the parent of (a server another worker started)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _running(pid):
+            return
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the tracking server is end-to-end, wherever it lives: ``pytest -m "not e2e"`` starts none."""
+    for item in items:
+        if "mlflow_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """A real tracking server (sqlite + proxied artifacts) shared by the whole session; yields its URI."""
-    proc, uri, _ = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
-    yield uri
-    stop_process(proc)
+def mlflow_server(request) -> str:
+    """A real tracking server (sqlite + proxied artifacts) shared by the whole session, its workers included;
+    yields its URI."""
+    config = request.config
+    folder = Path(config.workerinput[_SERVER_DIR_KEY]) if hasattr(config, "workerinput") else config.stash[_server_dir]
+    record = folder / "server.json"
+    with (folder / "server.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.is_file():
+            proc, uri, _ = start_mlflow_server(folder / "server")
+            record.write_text(json.dumps({"uri": uri, "pid": proc.pid}))
+    yield json.loads(record.read_text())["uri"]
 
 
 # Set by `mlflow run` for its child process; a test's own runs must not attach to an outer run.

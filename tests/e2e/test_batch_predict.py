@@ -138,16 +138,15 @@ def test_mlflow_run_batch_predict_matches_in_process_pyfunc(java, store, images,
     assert run.data.tags["model_name"] == MODEL and run.data.tags["model_version"] == "1"
 
 
-def test_glob_selects_files_and_skips_outputs_inside_the_input(java, store, images, tmp_path, monkeypatch):
+def test_glob_selects_files_and_skips_outputs_inside_the_input(java, store, images, tmp_path):
     """``DIR/**/*.jpg`` reads the JPEGs of every folder; a re-run writing inside the input does not read its masks."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     source = tmp_path / "in"
     shutil.copytree(images, source)
     out = source / "predictions"  # inside the input folder, already holding a mask from an earlier run
     (out / "mask").mkdir(parents=True)
     cv2.imwrite(str(out / "mask" / "old.jpg"), np.zeros((8, 8), np.uint8))
-    report = batch_predict_step(f"models:/{MODEL}@production", f"{source}/**/*.jpg", out, master="local[1]")
+    with tracking_store(store):
+        report = batch_predict_step(f"models:/{MODEL}@production", f"{source}/**/*.jpg", out, master="local[1]")
     table = pd.read_parquet(report.table)
     assert table["path"].tolist() == [str(p) for p in sorted(source.rglob("city_*/*.jpg"))]
     assert report.failed == 0 and report.images == len(table) == 5

@@ -29,7 +29,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import MLFLOW_RUN_VARS, REPO, free_port, stop_process, wait_http
+from conftest import REPO, free_port, stop_process, tracking_store, wait_http
 from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
@@ -75,11 +75,7 @@ def post(url: str, body: dict | bytes) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def registered(mlflow_server) -> str:
     """A randomly initialised model registered with alias `production`, and its ONNX export as `<name>-onnx`."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        for var in MLFLOW_RUN_VARS:
-            mp.delenv(var, raising=False)
-        mlflow.set_tracking_uri(mlflow_server)
+    with tracking_store(mlflow_server), pytest.MonkeyPatch.context() as mp:
         client = MlflowClient()
         name = f"serve-e2e-{uuid.uuid4().hex[:8]}"
         mp.setenv("MLFLOW_EXPERIMENT_ID", client.create_experiment(name))  # keep these runs out of Default

@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import MLFLOW, MLFLOW_RUN_VARS, REPO, free_port
+
+pytestmark = pytest.mark.e2e  # starts the entry points and `mlflow run`
 
 
 def _env(uri: str, **extra: str) -> dict[str, str]:
