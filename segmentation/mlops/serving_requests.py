@@ -106,6 +106,7 @@ def encode_image(image: np.ndarray) -> str:
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/\s]*(?:=\s*){0,2}")
+_BASE64_COMPACT = re.compile(r"[A-Za-z0-9+/]*={0,2}")  # the same without whitespace
 _DATA_URL = re.compile(r"\s*data:[^,]{0,200},")  # data:image/png;base64,
 _HEADER_CHARS = 4 * 2**14  # the base64 characters of the first 48 KiB, where a PNG or JPEG header normally is
 
@@ -121,8 +122,13 @@ def _base64_span(text: Any, where: str) -> tuple[int, int]:
     if not isinstance(text, str):
         raise ServingError(f"{where}: expected a base64-encoded PNG or JPEG string, got {type(text).__name__}")
     start = _data_start(text)
-    chars = len(text) - start - sum(text.count(space, start) for space in " \t\n\r\v\f")
-    if not _BASE64.fullmatch(text, start) or chars % 4:
+    if _BASE64_COMPACT.fullmatch(text, start):  # the usual form: one pass, nothing to count
+        chars = len(text) - start
+    elif _BASE64.fullmatch(text, start):
+        chars = len(text) - start - sum(text.count(space, start) for space in " \t\n\r\v\f")
+    else:
+        chars = -1
+    if chars < 0 or chars % 4:
         raise ServingError(f"{where}: not valid base64; expected a base64-encoded PNG or JPEG file")
     return start, chars // 4 * 3 - text.count("=", max(start, len(text) - 64))
 

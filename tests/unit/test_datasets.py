@@ -14,7 +14,7 @@ from segmentation.config_loading import load_config
 from segmentation.data.datasets import SegmentationDataset, build_dataloader, load_split, resolve_split_table
 from segmentation.data.preprocess import run_preprocess
 from segmentation.data.transforms import build_train_transforms, build_val_transforms
-from segmentation.models.preprocessing import normalize
+from segmentation.models.preprocessing import normalize, to_input_tensor
 
 ALLOWED = set(range(19)) | {255}
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -74,6 +74,17 @@ def test_dataset_items_follow_the_model_contract(synthetic_root):
     assert mask.dtype == torch.int64 and mask.shape == (64, 128)
     assert torch.allclose(image, torch.from_numpy(normalize(raw_image).transpose(2, 0, 1)))  # BGR kept
     assert set(mask.unique().tolist()) <= ALLOWED and np.array_equal(mask.numpy(), raw_mask)
+
+
+def test_inference_input_is_the_training_input_bit_for_bit():
+    # Training normalises with normalize(); inference builds its tensor its own (faster) way: the values must match.
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for view in (image, image[::-1, ::2]):  # a contiguous image and a strided view of it
+        expected = np.ascontiguousarray(normalize(view).transpose(2, 0, 1))[None]
+        got = to_input_tensor(view)
+        assert got.dtype == torch.float32 and got.is_contiguous() and np.array_equal(got.numpy(), expected)
+    with pytest.raises(ValueError, match="H x W x 3"):
+        to_input_tensor(image[..., :2])
 
 
 def batches(loader, n=2):

@@ -218,3 +218,22 @@ def test_the_deadline_stops_the_work_between_images_then_refuses_up_front(serve)
         served.predict(None, request)
     assert served.seconds_per_pixel == rate  # nothing was computed
     assert served.predict(None, _request(encode_image(_image(64, 64))))["height"][0] == 64
+
+
+@pytest.mark.parametrize("form", ["compact", "mime lines", "data url", "spaces around padding"])
+def test_base64_with_or_without_whitespace_decodes_to_the_same_image(form):
+    image = _image(21, 34)  # 21 x 34 x 3: a PNG whose base64 needs padding
+    compact = encode_image(image)
+    text = {
+        "compact": compact,
+        "mime lines": base64.encodebytes(base64.b64decode(compact)).decode(),  # 76-character lines, "\n" ends
+        "data url": "data:image/png;base64," + compact,
+        "spaces around padding": compact.rstrip("=") + " " + " ".join("=" * compact.count("=")) + "\n",
+    }[form]
+    np.testing.assert_array_equal(decode_image(text), image)
+
+
+@pytest.mark.parametrize("text", ["abc*", "abcde", "ab=c", "abc==="])
+def test_text_outside_the_base64_alphabet_or_length_is_refused(text):
+    with pytest.raises(ServingError, match="not valid base64"):
+        decode_image(text)
