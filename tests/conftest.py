@@ -201,6 +201,7 @@ def _keep_the_tracking_uri_per_module():
 # others read it, and the controller stops it once every worker is done.
 _SERVER_DIR_KEY = "mlflow_server_dir"
 _server_dir = pytest.StashKey[Path]()
+_session_failed = pytest.StashKey[bool]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -213,6 +214,10 @@ def pytest_configure_node(node) -> None:  # pytest-xdist: hand the folder to eac
     node.workerinput[_SERVER_DIR_KEY] = str(node.config.stash[_server_dir])
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_session_failed] = exitstatus != 0
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     folder = config.stash.get(_server_dir, None)
     if folder is None:
@@ -220,7 +225,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     record = folder / "server.json"
     if record.is_file():
         stop_process_group(json.loads(record.read_text())["pid"])
-    shutil.rmtree(folder, ignore_errors=True)
+    if config.stash.get(_session_failed, True):
+        print(f"\nthe session's tracking server (store, artifacts, server.log) is kept in {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _running(pid: int) -> bool:
@@ -247,9 +255,14 @@ def stop_process_group(pid: int, timeout: float = 15) -> None:
         while _running(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if not _running(pid):
-            return
+            break
+    try:
+        os.killpg(pid, signal.SIGKILL)  # whatever of the group outlived its leader
+    except ProcessLookupError:
+        pass
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs the tracking server is end-to-end, wherever it lives: ``pytest -m "not e2e"`` starts none."""
     for item in items:
@@ -266,9 +279,18 @@ def mlflow_server(request) -> str:
     record = folder / "server.json"
     with (folder / "server.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.is_file() and not _running(json.loads(record.read_text())["pid"]):
+            record.unlink()  # its server is gone (killed, crashed): start another
         if not record.is_file():
-            proc, uri, _ = start_mlflow_server(folder / "server")
+            proc, uri, log = start_mlflow_server(folder / "server", wait=False)
+            # Recorded before it answers, so that the controller stops it even if this worker dies meanwhile.
             record.write_text(json.dumps({"uri": uri, "pid": proc.pid}))
+            try:
+                wait_http(f"{uri}/health", timeout=120, proc=proc, log=log)
+            except BaseException:
+                stop_process(proc)
+                record.unlink()
+                raise
     yield json.loads(record.read_text())["uri"]
 
 

@@ -166,7 +166,8 @@ def set_registered_model_tag(model_name: str, key: str, value: str, client: Mlfl
             client.set_registered_model_tag(model_name, key, value)
             return
         except MlflowException as exc:
-            if attempt == attempts or not any(marker in str(exc) for marker in _INSERT_RACE):
+            first_line = str(exc).split("\n", 1)[0]  # the store's error; the SQL and its values follow
+            if attempt == attempts or not any(marker in first_line for marker in _INSERT_RACE):
                 raise
             time.sleep(0.1 * attempt)
 

@@ -105,7 +105,7 @@ def encode_image(image: np.ndarray) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-_BASE64 = re.compile(r"[A-Za-z0-9+/\s]*(?:=\s*){0,2}")
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]*(?:=\s*){0,2}", re.ASCII)  # \s: the six whitespace characters counted below
 _BASE64_COMPACT = re.compile(r"[A-Za-z0-9+/]*={0,2}")  # the same without whitespace
 _DATA_URL = re.compile(r"\s*data:[^,]{0,200},")  # data:image/png;base64,
 _HEADER_CHARS = 4 * 2**14  # the base64 characters of the first 48 KiB, where a PNG or JPEG header normally is

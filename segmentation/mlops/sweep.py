@@ -108,12 +108,13 @@ def _storage(url: str, heartbeat_interval: int, grace_period: int, tracking_uri:
 
 
 def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
-    """Make every transaction on a sqlite storage take the database's write lock when it begins.
+    """Make every transaction on a sqlite storage (after its set-up) take the database's write lock when it begins.
 
     Optuna claims a waiting trial (an enqueued one, or one a dead worker left) by reading its state and writing
     RUNNING in one transaction, relying on ``SELECT ... FOR UPDATE``, which sqlite ignores: two workers could both
     read WAITING, both run the trial, and the second to finish failed with "Cannot tell a COMPLETE trial". Under
-    ``BEGIN IMMEDIATE`` the second worker waits for the first one's commit and then reads RUNNING.
+    ``BEGIN IMMEDIATE`` the second worker waits for the first one's commit and then reads RUNNING. Reads queue
+    behind writes too (up to the 60 s busy timeout); a sweep's few workers do not notice.
     """
 
     @sqlalchemy.event.listens_for(engine, "begin")

@@ -37,11 +37,12 @@ def test_each_enqueued_trial_is_claimed_by_one_worker_on_sqlite(tmp_path):
             errors.append(exc)
             barrier.abort()
 
-    threads = [threading.Thread(target=work, args=(study,)) for study in studies]
+    threads = [threading.Thread(target=work, args=(study,), daemon=True) for study in studies]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a worker is still waiting after 120 s"
     assert not errors, errors
     twice = {number: count for number, count in Counter(claimed).items() if count > 1}
     assert not twice, f"trials handed to more than one worker (trial number: workers): {twice}"

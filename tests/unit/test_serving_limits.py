@@ -224,6 +224,7 @@ def test_the_deadline_stops_the_work_between_images_then_refuses_up_front(serve)
 def test_base64_with_or_without_whitespace_decodes_to_the_same_image(form):
     image = _image(21, 34)  # 21 x 34 x 3: a PNG whose base64 needs padding
     compact = encode_image(image)
+    assert compact.endswith("=")
     text = {
         "compact": compact,
         "mime lines": base64.encodebytes(base64.b64decode(compact)).decode(),  # 76-character lines, "\n" ends
@@ -233,7 +234,7 @@ def test_base64_with_or_without_whitespace_decodes_to_the_same_image(form):
     np.testing.assert_array_equal(decode_image(text), image)
 
 
-@pytest.mark.parametrize("text", ["abc*", "abcde", "ab=c", "abc==="])
+@pytest.mark.parametrize("text", ["abc*", "abcde", "ab=c", "abc===", "AAA\u00a0"])
 def test_text_outside_the_base64_alphabet_or_length_is_refused(text):
     with pytest.raises(ServingError, match="not valid base64"):
         decode_image(text)
