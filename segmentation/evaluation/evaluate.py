@@ -23,7 +23,7 @@ from segmentation.config import EvalConfig
 from segmentation.data.classes import ClassInfo
 from segmentation.evaluation.metrics import confusion_matrix, scores
 from segmentation.inference.predictor import DEFAULT_BACKEND, Predictor, device_name
-from segmentation.inference.tta import check_tta_settings, predict_logits
+from segmentation.inference.tta import check_tta_settings
 from segmentation.models.preprocessing import to_bgr_image
 
 _DEFAULTS = EvalConfig()
@@ -172,8 +172,8 @@ def evaluate_model(
         for images, masks in _batches(loader):
             progress.update(len(images))
             start = time.perf_counter()
-            logits = predict_logits(runner, images.to(device), tta=tta, scales=scales, sliding_window=sliding_window)
-            preds = logits.argmax(1).cpu()  # .cpu() waits for the device, so the timing is complete
+            preds = runner.predict_class_ids(images.to(device), tta=tta, scales=scales, sliding_window=sliding_window)
+            preds = preds.cpu()  # waits for the device, so the timing is complete
             timings.append((time.perf_counter() - start, len(images)))
             for image, mask, pred in zip(images, masks, preds, strict=True):
                 image_matrix = confusion_matrix(pred, mask, num_classes, ignore)

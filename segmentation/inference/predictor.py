@@ -162,6 +162,29 @@ class Predictor:
         with torch.inference_mode():
             return self.logits(x).argmax(1).to(torch.uint8)
 
+    def predict_class_ids(
+        self,
+        batch: torch.Tensor,
+        *,
+        tta: str = "none",
+        scales: Sequence[float] = DEFAULT_SCALES,
+        sliding_window: int = 0,
+    ) -> torch.Tensor:
+        """Class ids (``N x H x W``) of a normalised batch at its own size, what evaluation scores and serving returns.
+
+        Without test-time augmentation, and when the batch fits one window, they come from the session's in-graph
+        ``class_ids`` (uint8); otherwise they are the argmax (int64) of the averaged logits of
+        :func:`~segmentation.inference.tta.predict_logits`. Both pick the first of tied maxima.
+        """
+        check_tta_settings(tta, scales, sliding_window)
+        height, width = batch.shape[-2:]
+        padded = pad_to_min_side(batch)
+        one_window = not sliding_window or max(padded.shape[-2:]) <= sliding_window
+        if tta == "none" and one_window and self.session is not None and has_class_ids(self.session):
+            return self.class_ids(padded)[:, :height, :width]
+        with torch.inference_mode():
+            return predict_logits(self, batch, tta=tta, scales=scales, sliding_window=sliding_window).argmax(1)
+
     def predict_mask(
         self,
         image_bgr: np.ndarray,
@@ -170,20 +193,12 @@ class Predictor:
         scales: Sequence[float] = DEFAULT_SCALES,
         sliding_window: int = 0,
     ) -> np.ndarray:
-        """Class ids (``H x W`` uint8) of one ``H x W x 3`` uint8 BGR image of any size.
-
-        Without test-time augmentation, and when the image fits one window, the class ids come from
-        :meth:`class_ids` (in-graph on ONNX Runtime); otherwise from the averaged logits.
-        """
+        """Class ids (``H x W`` uint8) of one ``H x W x 3`` uint8 BGR image of any size (see
+        :meth:`predict_class_ids`)."""
         check_tta_settings(tta, scales, sliding_window)
-        with torch.inference_mode():
-            batch = to_input_tensor(image_bgr).to(self.device)
-            padded = pad_to_min_side(batch)
-            if tta == "none" and (not sliding_window or max(padded.shape[-2:]) <= sliding_window):
-                height, width = batch.shape[-2:]
-                return np.ascontiguousarray(self.class_ids(padded)[0, :height, :width].cpu().numpy())
-            logits = predict_logits(self, batch, tta=tta, scales=scales, sliding_window=sliding_window)
-        return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        batch = to_input_tensor(image_bgr).to(self.device)
+        ids = self.predict_class_ids(batch, tta=tta, scales=scales, sliding_window=sliding_window)[0]
+        return np.ascontiguousarray(ids.to(torch.uint8).cpu().numpy())
 
     def __repr__(self) -> str:
         return f"Predictor(backend={self.backend!r}, device={self.device})"

@@ -307,8 +307,11 @@ def test_deployed_backend_scores_like_the_module(split):
     masks = [rng.integers(0, 4, (64, 128)).astype(np.uint8) for _ in images]
     eager = evaluate_model(model, CLASSES, InMemory(images, masks), backend="eager")
     fused = evaluate_model(model, CLASSES, InMemory(images, masks), backend="channels_last")
+    onnx = evaluate_model(model, CLASSES, InMemory(images, masks), backend="onnxruntime")  # class ids in-graph
     assert fused.latency.backend == "channels_last" and eager.latency.backend == "eager"
+    assert onnx.latency.backend == "onnxruntime"
     # BN folding changes logits by float rounding only (<= 1e-3), so a few near-tied pixels may flip.
-    assert abs(fused.metrics["eval/pixel_acc"] - eager.metrics["eval/pixel_acc"]) < 2e-3
+    for deployed in (fused, onnx):
+        assert abs(deployed.metrics["eval/pixel_acc"] - eager.metrics["eval/pixel_acc"]) < 2e-3
     with pytest.raises(ValueError, match="unknown inference backend 'tpu'"):
         evaluate_model(model, CLASSES, InMemory(images, masks), backend="tpu")

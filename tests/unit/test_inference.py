@@ -7,7 +7,7 @@ from conftest import random_bn_model
 
 from segmentation.inference.parity import ParityError, check_parity
 from segmentation.inference.predictor import BACKENDS, Predictor
-from segmentation.inference.tta import pad_to_min_side
+from segmentation.inference.tta import pad_to_min_side, predict_logits
 from segmentation.models import FCHarDNet
 from segmentation.models.preprocessing import to_input_tensor
 
@@ -62,3 +62,15 @@ def test_parity_check_fails_loudly_on_a_wrong_path(model):
 
     with pytest.raises(ParityError, match="max\\|diff\\|"):
         check_parity(Shifted(), model, sizes=((64, 64),), batch=1)
+
+
+def test_class_ids_of_a_batch_come_from_the_graph_and_equal_the_argmax_of_its_logits():
+    predictor = Predictor(random_bn_model(num_classes=5), "onnxruntime")
+    batch = torch.randn(2, 3, 40, 70, generator=torch.Generator().manual_seed(1))  # padded to 64, cropped back
+    ids = predictor.predict_class_ids(batch)
+    assert ids.dtype == torch.uint8 and ids.shape == (2, 40, 70)  # uint8: the session's class_ids output
+    assert torch.equal(ids.long(), predict_logits(predictor, batch).argmax(1))
+    flipped = predictor.predict_class_ids(batch, tta="flip")  # averaged logits: the argmax is taken here
+    assert flipped.dtype == torch.int64 and torch.equal(
+        flipped, predict_logits(predictor, batch, tta="flip").argmax(1)
+    )
