@@ -194,8 +194,7 @@ class Predictor:
         sliding_window: int = 0,
     ) -> np.ndarray:
         """Class ids (``H x W`` uint8) of one ``H x W x 3`` uint8 BGR image of any size (see
-        :meth:`predict_class_ids`)."""
-        check_tta_settings(tta, scales, sliding_window)
+        :meth:`predict_class_ids`, which checks the TTA settings before the network runs)."""
         batch = to_input_tensor(image_bgr).to(self.device)
         ids = self.predict_class_ids(batch, tta=tta, scales=scales, sliding_window=sliding_window)[0]
         return np.ascontiguousarray(ids.to(torch.uint8).cpu().numpy())
