@@ -20,6 +20,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from segmentation.inference.channel_padding import pad_channels, padding_block
 from segmentation.io import atomic_path
 from segmentation.models import fuse_bn as fold_batchnorm
 
@@ -83,6 +84,30 @@ def add_class_ids(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def inline_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``Identity(initializer)`` nodes by copies of the initializer, in place; returns ``model``.
+
+    The TorchScript exporter stores equal tensors once and hands them to later layers through Identity nodes (an
+    untrained network's folded BatchNorm biases are all zeros, for instance). Graph passes that rewrite a
+    convolution's weights or bias (channel padding, INT8 quantization) need them as the convolution's own
+    initializers.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
 def has_class_ids(session) -> bool:
     """Whether an onnxruntime session computes the ``class_ids`` output."""
     return any(output.name == CLASS_IDS_NAME for output in session.get_outputs())
@@ -139,16 +164,20 @@ def export_onnx(model: nn.Module, path: str | Path | None = None, opset: int = 1
     return data
 
 
-def create_session(onnx_model: bytes | str | Path, num_threads: int | None = None):
+def create_session(onnx_model: bytes | str | Path, num_threads: int | None = None, channel_block: int | None = None):
     """An onnxruntime CPU session tuned for this model, with the ``class_ids`` output added when a file lacks it.
 
     All graph optimisations, ``num_threads`` intra-op threads (default: ``torch.get_num_threads()``), one inter-op
     thread, and the CPU memory arena on: it keeps large activations mapped between calls instead of page-faulting
-    them in on every forward (see ``benchmarks/RESULTS.md``).
+    them in on every forward (see ``benchmarks/RESULTS.md``). Convolutions are padded with zero channels to a
+    multiple of ``channel_block`` so that ONNX Runtime runs all of them in its blocked layout
+    (:mod:`segmentation.inference.channel_padding`; the file itself is not changed).
 
     Args:
         onnx_model: serialized model bytes or a path to an ``.onnx`` file.
         num_threads: intra-op threads.
+        channel_block: the channel multiple; ``None`` picks this CPU's
+            (:func:`~segmentation.inference.channel_padding.padding_block`), 0 pads nothing.
 
     Returns:
         An ``onnxruntime.InferenceSession``.
@@ -163,5 +192,8 @@ def create_session(onnx_model: bytes | str | Path, num_threads: int | None = Non
     options.enable_cpu_mem_arena = True
     if isinstance(onnx_model, (str, Path)):
         onnx_model = Path(onnx_model).read_bytes()
-    onnx_model = add_class_ids(onnx.load_from_string(onnx_model)).SerializeToString()
-    return ort.InferenceSession(onnx_model, options, providers=EXECUTION_PROVIDERS)
+    model = add_class_ids(onnx.load_from_string(onnx_model))
+    block = padding_block() if channel_block is None else channel_block
+    if block > 1:
+        pad_channels(inline_shared_initializers(model), block)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=EXECUTION_PROVIDERS)
