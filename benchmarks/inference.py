@@ -10,6 +10,10 @@ the deployed ``Predictor.predict_mask`` (class ids computed inside ONNX Runtime)
 taken in PyTorch as before, and the class-id step alone (ArgMax + Cast on ``1 x C x H x W`` logits in ONNX
 Runtime). Their masks must equal the argmax of eager fp32 logits.
 
+The ``onnxruntime`` rows run the exported graph as it is; the deployed Predictor's session also pads convolutions
+with zero channels where the CPU calls for it (AVX2 without AVX-512: :mod:`segmentation.inference.channel_padding`),
+so the two rows side by side show what the padding gains.
+
 Batch 1, fp32, torch's default threads. Every optimised path is compared with eager fp32 NCHW of the same model on
 the same input (max |diff| <= 1e-3 on logits, argmax >= 99.9 %); a mismatch fails the run after the table is
 printed. Conv GFLOP/s counts 2 x the convolutions' multiply-adds (from forward hooks on a meta-device copy) and is
@@ -155,7 +159,7 @@ def channels_last(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def onnx_session(model: nn.Module, arena: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     onnx_model = export_onnx_bytes(fuse_bn(model))
-    session = create_session(onnx_model)
+    session = create_session(onnx_model, channel_block=0)  # the deployed row adds this CPU's channel padding
     if not arena:
         import onnxruntime as ort
 
