@@ -8,15 +8,16 @@ convolutions (zero weights, zero bias) and gives every reader of them zero weigh
 pooling, resizing and concatenation keep a zero channel zero, so the network computes the same function (up to the
 summation order of the convolutions) while every tensor between convolutions is block-aligned.
 
-Measured on a 2-core AVX2 CPU (``benchmarks/RESULTS.md``): all 70 convolutions run as NCHWc at 1.18x the
-multiply-adds, and the network takes ~10 % less time at 512x1024 and at 1024x2048. :func:`padding_block` applies it
-there only: on AVX-512 the block of 16 would add far more zero work, and the unpadded graph already ran at >= 90 %
-of the GEMM rate there.
+Measured on a 2-core AVX2 CPU (README, *Figures*): all 70 convolutions run as NCHWc at 1.18x the multiply-adds, and
+interleaved runs of the two sessions took 1.07-1.11x less time at 512x1024 and 1.05-1.09x at 1024x2048.
+:func:`padding_block` applies it there only: on AVX-512 the block of 16 would add far more zero work, and the
+unpadded graph already ran at >= 90 % of the GEMM rate there.
 
 A tensor carries padding only when every path from it stays inside what this pass understands: plain convolutions
 (float weights in initializers, one group), per-channel ops (:data:`SAME_LAYOUT`), channel concatenation, and
 ``Shape`` reads of height and width. Anything else (a graph output, a reshape, an elementwise op with another
-tensor) leaves the convolution that produces it unpadded. Quantized (QDQ) and float16 graphs pass unchanged.
+tensor, a subgraph) leaves the convolution that produces it unpadded, and weights a caller may override (graph
+inputs) are never rewritten. Quantized (QDQ) and float16 graphs pass unchanged.
 """
 
 from __future__ import annotations
@@ -48,23 +49,21 @@ def padding_block() -> int:
 
 
 class _Graph:
-    """Lookups over one graph: initializers, constants, consumers, and the channel count of each tensor that
-    convolutions produce (``None`` where it is not known from the weights alone)."""
+    """Lookups over one graph: producers, consumers, constants, and the channel count of each tensor that
+    convolutions produce (absent where the weights alone do not tell it)."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.initializers = {init.name: init for init in graph.initializer}
-        self.constants = {
-            node.output[0]: numpy_helper.to_array(node.attribute[0].t)
-            for node in graph.node
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
-        }
-        self.constants.update({name: numpy_helper.to_array(init) for name, init in self.initializers.items()})
+        self.graph_inputs = {value.name for value in graph.input}  # a caller may feed these: never rewritten
         self.outputs = {output.name for output in graph.output}
+        self.producers = {name: node for node in graph.node for name in node.output}
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
         for node in graph.node:
             for slot, name in enumerate(node.input):
                 self.consumers.setdefault(name, []).append((node, slot))
+        self.names = set(self.initializers) | self.graph_inputs | self.outputs | set(self.producers)
+        self.names |= set(self.consumers) | {info.name for info in graph.value_info}
         self.channels: dict[str, int] = {}
         for node in graph.node:
             if self.plain_conv(node):
@@ -75,16 +74,26 @@ class _Graph:
                 self.channels[node.output[0]] = sum(self.channels[name] for name in node.input)
         self._can_pad: dict[str, bool] = {}
 
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a ``Constant`` node's output or of an initializer nobody can override; else ``None``."""
+        node = self.producers.get(name)
+        if node is not None:
+            values = [attr.t for attr in node.attribute if attr.name == "value"]
+            return numpy_helper.to_array(values[0]) if node.op_type == "Constant" and values else None
+        init = self.initializers.get(name)
+        return numpy_helper.to_array(init) if init is not None and name not in self.graph_inputs else None
+
     def plain_conv(self, node: onnx.NodeProto) -> bool:
-        """A one-group 2-D convolution whose float32 weights (and bias, if any) are initializers."""
+        """A one-group 2-D convolution whose float32 weights (and bias, if any) are initializers no input overrides."""
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             return False
         weight = self.initializers.get(node.input[1])
-        bias_ok = len(node.input) < 3 or not node.input[2] or node.input[2] in self.initializers
+        bias = node.input[2] if len(node.input) > 2 else ""
+        bias_ok = not bias or (bias in self.initializers and bias not in self.graph_inputs)
         group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
         return (
             weight is not None and weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 4
-            and bias_ok and group == 1
+            and node.input[1] not in self.graph_inputs and bias_ok and group == 1
         )  # fmt: skip
 
     @staticmethod
@@ -104,7 +113,9 @@ class _Graph:
         if self.plain_conv(node):
             return slot == 0
         if node.op_type in SAME_LAYOUT:
-            return slot == 0 and self.can_pad(node.output[0])
+            extra_outputs = any(node.output[1:])  # MaxPool's indices count the channels
+            resize_ok = node.op_type != "Resize" or self._resize_keeps_channels(node, tensor)
+            return slot == 0 and not extra_outputs and resize_ok and self.can_pad(node.output[0])
         if self.channel_concat(node):
             return all(name in self.channels for name in node.input) and self.can_pad(node.output[0])
         if node.op_type == "Shape":
@@ -118,25 +129,47 @@ class _Graph:
     def _readers(self, node: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]]:
         return [reader for output in node.output for reader in self.consumers.get(output, [])]
 
+    def _leading_two(self, node: onnx.NodeProto) -> bool:
+        """A ``Slice`` of elements ``[0:2]`` (batch and channels of a shape) with constant arguments."""
+        if node.op_type != "Slice" or len(node.input) not in (4, 5):
+            return False
+        args = [self.constant(name) for name in node.input[1:]]
+        if len(args) == 3:
+            args.append(np.array([1]))
+        if any(arg is None for arg in args):
+            return False
+        return [arg.tolist() for arg in args] == [[0], [2], [0], [1]]
+
+    def _resize_keeps_channels(self, node: onnx.NodeProto, tensor: str) -> bool:
+        """A ``Resize`` of ``tensor`` whose output has as many channels as its input, whatever that number is:
+        constant scales of 1 on the channel axis, or sizes whose first two come from ``Shape(tensor)[0:2]``."""
+        sizes = node.input[3] if len(node.input) > 3 else ""
+        if sizes:
+            concat = self.producers.get(sizes)
+            if concat is None or concat.op_type != "Concat" or not concat.input:
+                return False
+            head = self.producers.get(concat.input[0])
+            shape = self.producers.get(head.input[0]) if head is not None and self._leading_two(head) else None
+            return shape is not None and shape.op_type == "Shape" and not shape.attribute and shape.input[0] == tensor
+        scales_name = node.input[1] if len(node.input) == 2 else (node.input[2] if len(node.input) > 2 else "")
+        scales = self.constant(scales_name) if scales_name else None
+        return scales is not None and scales.ndim == 1 and scales.size >= 2 and float(scales[1]) == 1.0
+
     def _shape_use_ok(self, node: onnx.NodeProto, slot: int, tensor: str) -> bool:
         """A read of ``Shape(tensor)`` that is blind to its channel count: a ``Gather`` of another dimension, or the
         exporter's ``Slice[0:2]`` that only feeds ``tensor``'s own ``Resize`` sizes (which keep its channels)."""
         if slot != 0:
             return False
         if node.op_type == "Gather":
-            index = self.constants.get(node.input[1])
+            index = self.constant(node.input[1])
             axis = next((attr.i for attr in node.attribute if attr.name == "axis"), 0)
             return axis == 0 and index is not None and index.ndim == 0 and int(index) not in (1, -3)
-        if node.op_type == "Slice" and len(node.input) in (4, 5):
-            starts, ends, axes = (self.constants.get(name) for name in node.input[1:4])
-            steps = self.constants.get(node.input[4]) if len(node.input) == 5 else np.array([1])
-            if any(v is None for v in (starts, ends, axes, steps)):
+        if self._leading_two(node) and node.output[0] not in self.outputs:
+            concats = [n for n, _ in self._readers(node)]
+            if not all(n.op_type == "Concat" and n.output[0] not in self.outputs for n in concats):
                 return False
-            if [starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()] != [[0], [2], [0], [1]]:
-                return False
-            sizes = [reader for concat, _ in self._readers(node) for reader in self._readers(concat)]
-            concats_ok = all(n.op_type == "Concat" for n, _ in self._readers(node))
-            return concats_ok and all(n.op_type == "Resize" and s == 3 and n.input[0] == tensor for n, s in sizes)
+            sizes = [reader for concat in concats for reader in self._readers(concat)]
+            return all(n.op_type == "Resize" and s == 3 and n.input[0] == tensor for n, s in sizes)
         return False
 
 
@@ -151,8 +184,12 @@ def pad_channels(model: onnx.ModelProto, block: int) -> int:
     Returns:
         How many convolutions were padded.
     """
-    if block < 2:
-        return 0
+    if block < 2 or any(
+        attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for node in model.graph.node
+        for attr in node.attribute
+    ):
+        return 0  # a subgraph (If, Loop, Scan) may read any tensor: this pass does not look inside them
     graph = _Graph(model.graph)
     layouts: dict[str, np.ndarray] = {}  # tensors that carry padding: True for a real channel, False for a zero one
     padded = 0
@@ -164,7 +201,8 @@ def pad_channels(model: onnx.ModelProto, block: int) -> int:
         elif graph.channel_concat(node) and any(name in layouts for name in node.input):
             parts = [layouts.get(name, np.ones(graph.channels[name], bool)) for name in node.input]
             layouts[node.output[0]] = np.concatenate(parts)
-    _drop_stale(model.graph, layouts)
+    if layouts:
+        _drop_stale(model.graph, layouts)
     return padded
 
 
@@ -184,15 +222,21 @@ def _pad_conv(
         new_weight = np.concatenate([new_weight, np.zeros((extra, *new_weight.shape[1:]), weight.dtype)])
         if len(node.input) > 2 and node.input[2]:
             bias = numpy_helper.to_array(graph.initializers[node.input[2]])
-            node.input[2] = _add_initializer(onnx_graph, np.concatenate([bias, np.zeros(extra, bias.dtype)]), index)
+            node.input[2] = _add_initializer(
+                onnx_graph, graph.names, np.concatenate([bias, np.zeros(extra, bias.dtype)]), index
+            )
         layouts[node.output[0]] = np.concatenate([np.ones(out_channels, bool), np.zeros(extra, bool)])
     if new_weight is not weight:
-        node.input[1] = _add_initializer(onnx_graph, new_weight, index)
+        node.input[1] = _add_initializer(onnx_graph, graph.names, new_weight, index)
     return int(pad_output)
 
 
-def _add_initializer(graph: onnx.GraphProto, array: np.ndarray, index: int) -> str:
-    name = f"channel_padding_{index}_{len(graph.initializer)}"
+def _add_initializer(graph: onnx.GraphProto, names: set[str], array: np.ndarray, index: int) -> str:
+    name, n = f"channel_padding_{index}", 0
+    while name in names:
+        n += 1
+        name = f"channel_padding_{index}_{n}"
+    names.add(name)
     graph.initializer.append(numpy_helper.from_array(array, name))
     return name
 

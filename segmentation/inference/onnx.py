@@ -12,6 +12,7 @@ planes inside the runtime: at 1024x2048 ONNX Runtime's ArgMax takes ~70 ms where
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from torch import nn
 from segmentation.inference.channel_padding import pad_channels, padding_block
 from segmentation.io import atomic_path
 from segmentation.models import fuse_bn as fold_batchnorm
+
+logger = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -94,9 +97,14 @@ def inline_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
+    fixed = {output.name for output in graph.output} | {value.name for value in graph.input}
     keep = []
     for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in initializers:
+        if (
+            node.op_type == "Identity"
+            and node.input[0] in initializers
+            and not {node.input[0], node.output[0]} & fixed
+        ):
             copy = onnx.TensorProto()
             copy.CopyFrom(initializers[node.input[0]])
             copy.name = node.output[0]
@@ -195,5 +203,12 @@ def create_session(onnx_model: bytes | str | Path, num_threads: int | None = Non
     model = add_class_ids(onnx.load_from_string(onnx_model))
     block = padding_block() if channel_block is None else channel_block
     if block > 1:
-        pad_channels(inline_shared_initializers(model), block)
+        padded = onnx.ModelProto()
+        padded.CopyFrom(model)
+        try:
+            if pad_channels(inline_shared_initializers(padded), block):
+                return ort.InferenceSession(padded.SerializeToString(), options, providers=EXECUTION_PROVIDERS)
+        except Exception as exc:  # padding is only for speed: never let it stop a model that loads without it
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            logger.warning("channel padding skipped (%s: %s)", type(exc).__name__, first_line)
     return ort.InferenceSession(model.SerializeToString(), options, providers=EXECUTION_PROVIDERS)

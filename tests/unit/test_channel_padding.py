@@ -106,7 +106,7 @@ def test_a_tensor_only_convolutions_read_is_padded_and_the_output_is_unchanged()
     "reader, why",
     [
         (helper.make_node("ReduceMean", ["r1"], ["extra"], keepdims=1), "a reduction over channels"),
-        (helper.make_node("Identity", ["r1"], ["extra"]), "a graph output"),
+        (helper.make_node("Identity", ["r1"], ["extra"]), "an op the pass does not know"),
         (helper.make_node("Shape", ["r1"], ["shape"]), "its shape as a graph output"),
     ],
 )
@@ -153,3 +153,129 @@ def test_block_below_two_changes_nothing(hardnet_onnx):
     model = onnx.load_from_string(hardnet_onnx)
     assert pad_channels(model, 0) == 0 and pad_channels(model, 1) == 0
     assert model.SerializeToString() == onnx.load_from_string(hardnet_onnx).SerializeToString()
+
+
+def test_a_tensor_that_is_a_graph_output_is_not_padded():
+    model = small_graph(None, [helper.make_tensor_value_info("r1", TensorProto.FLOAT, None)])
+    expected = run(model, ["out", "r1"])
+    assert pad_channels(model, 8) == 0
+    assert run(model, ["out", "r1"])[1].shape == expected[1].shape == (1, 10, 9, 11)
+
+
+def conv_graph(nodes: list, inits: dict, outputs: list[str], inputs: tuple = ()) -> onnx.ModelProto:
+    """A graph on ``image`` (1x3xHxW) from nodes and named numpy initializers; ``inputs`` are extra graph inputs."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "h", "w"])]
+        + [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(inits[name].shape)) for name in inputs],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        [numpy_helper.from_array(value, name) for name, value in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def weights(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+def same_output_after_padding(model: onnx.ModelProto, expected_count: int) -> None:
+    before = run(model, [o.name for o in model.graph.output])
+    assert pad_channels(model, 8) == expected_count
+    after = run(model, [o.name for o in model.graph.output])
+    for got, want in zip(after, before, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_concatenated_padded_tensors_are_read_with_zero_weights_at_each_gap():
+    """Two convolutions (10 and 6 channels) padded to 16 and 8, concatenated to 24, read by a 1x1 convolution."""
+    inits = {"wa": weights(10, 3, 3, 3), "wb": weights(6, 3, 1, 1), "wc": weights(5, 16, 1, 1)}
+    nodes = [
+        helper.make_node("Conv", ["image", "wa"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Conv", ["image", "wb"], ["b"]),
+        helper.make_node("MaxPool", ["b"], ["pb"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["ra", "pb"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "wc"], ["out"]),
+    ]
+    model = conv_graph(nodes, inits, ["out"])
+    same_output_after_padding(model, 2)
+    reader = next(n for n in model.graph.node if n.output[0] == "out")
+    weight = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == reader.input[1]))
+    assert weight.shape == (5, 24, 1, 1)
+    assert not weight[:, 10:16].any() and not weight[:, 22:24].any()  # the gaps after each part
+
+
+@pytest.mark.parametrize(
+    "sizes, scales, padded_count",
+    [
+        (None, [1.0, 1.0, 2.0, 2.0], 1),  # constant scales of 1 on channels: the channels follow the input
+        ([1, 10, 18, 22], None, 0),  # constant sizes spell out the 10 channels: padding would contradict them
+        (None, [1.0, 2.0, 2.0, 2.0], 0),  # a resize across channels (not valid for Resize's linear mode anyway)
+    ],
+)
+def test_resize_passes_padding_only_when_it_keeps_the_channel_count(sizes, scales, padded_count):
+    inits = {"w1": weights(10, 3, 3, 3), "w2": weights(4, 10, 1, 1)}
+    if sizes is not None:
+        inits["sizes"] = np.array(sizes, np.int64)
+    if scales is not None:
+        inits["scales"] = np.array(scales, np.float32)
+    resize_inputs = ["c1", "", "scales"] if scales is not None else ["c1", "", "", "sizes"]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", resize_inputs, ["up"], mode="nearest"),
+        helper.make_node("Conv", ["up", "w2"], ["out"]),
+    ]
+    model = conv_graph(nodes, {k: v for k, v in inits.items()}, ["out"])
+    if scales is not None and scales[1] != 1.0:
+        assert pad_channels(model, 8) == padded_count
+        return
+    same_output_after_padding(model, padded_count)
+
+
+def test_maxpool_indices_count_channels_so_they_prevent_padding():
+    inits = {"w1": weights(10, 3, 3, 3), "w2": weights(4, 10, 1, 1)}
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c1"], ["pool", "indices"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["pool", "w2"], ["out"]),
+    ]
+    model = conv_graph(nodes, inits, ["out"])
+    model.graph.output.append(helper.make_tensor_value_info("indices", TensorProto.INT64, None))
+    same_output_after_padding(model, 0)
+
+
+def test_a_graph_with_subgraphs_is_left_alone():
+    inits = {"w1": weights(10, 3, 3, 3), "w2": weights(4, 10, 1, 1)}
+    branch = helper.make_graph(
+        [helper.make_node("ReduceMean", ["c1"], ["mean"], keepdims=1)],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "w2"], ["out"]),
+        helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True))),
+        helper.make_node("If", ["cond"], ["branch_out"], then_branch=branch, else_branch=branch),
+    ]
+    model = conv_graph(nodes, inits, ["out", "branch_out"])
+    original = model.SerializeToString()
+    same_output_after_padding(model, 0)
+    assert model.SerializeToString() == original
+
+
+def test_weights_a_caller_can_feed_are_not_rewritten_and_new_names_never_collide():
+    inits = {"w1": weights(10, 3, 3, 3), "w2": weights(4, 10, 1, 1), "channel_padding_0": weights(2, 2)}
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "w2"], ["out"]),
+        helper.make_node("Identity", ["channel_padding_0"], ["taken"]),
+    ]
+    overridable = conv_graph(nodes, inits, ["out", "taken"], inputs=("w2",))
+    same_output_after_padding(overridable, 0)  # w2 is a graph input: padding c1 would need a rewritten w2
+    model = conv_graph(nodes, inits, ["out", "taken"])
+    same_output_after_padding(model, 1)
+    names = [init.name for init in model.graph.initializer]
+    assert len(names) == len(set(names))
