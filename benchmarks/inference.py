@@ -43,6 +43,7 @@ from benchmarks import ceilings
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
 from benchmarks.serving import street_image
 from segmentation.data.synthetic import generate_scene
+from segmentation.inference.channel_padding import cpu_flags
 from segmentation.inference.onnx import EXECUTION_PROVIDERS, add_class_ids, create_session
 from segmentation.inference.onnx import export_onnx as export_onnx_bytes
 from segmentation.inference.parity import check_parity
@@ -121,9 +122,8 @@ class PeakRss:
 
 def isa_line() -> str:
     """The vector/matrix extensions of this CPU that matter for fp32 and INT8 inference, from /proc/cpuinfo."""
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
+    flags = cpu_flags()
+    if not flags:
         return "CPU ISA: unknown (no /proc/cpuinfo)"
     found = {
         "AVX2": "avx2" in flags,

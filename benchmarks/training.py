@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from torch import nn
 
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
 from benchmarks.inference import MIN_CPU_SHARE, RETRIES, Logits, PeakRss
+from segmentation.inference.channel_padding import cpu_flags
 from segmentation.models import FCHarDNet
 
 BATCH = 2
@@ -48,11 +48,7 @@ COLUMNS = [
 
 def native_bf16() -> str | None:
     """The first CPU flag that gives native bf16 arithmetic, or None."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return None
-    present = set(flags.split(":", 1)[1].split())
+    present = cpu_flags()
     return next((flag for flag in BF16_FLAGS if flag in present), None)
 
 

@@ -34,17 +34,20 @@ AVX2_BLOCK = 8  # floats per NCHWc block in ONNX Runtime's AVX2 kernels
 
 
 @functools.cache
-def padding_block() -> int:
-    """The block :func:`pad_channels` pads to on this CPU: 8 with AVX2 and without AVX-512, else 0 (no padding).
-
-    Read from ``/proc/cpuinfo``; 0 where it cannot be read.
-    """
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (``avx2``, ``avx512f``, ...); empty where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as fh:
             line = next((line for line in fh if line.startswith("flags")), "")
     except OSError:
-        return 0
-    flags = set(line.partition(":")[2].split())
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def padding_block() -> int:
+    """The block :func:`pad_channels` pads to on this CPU: 8 with AVX2 and without AVX-512, else 0 (no padding,
+    also where the CPU's flags cannot be read)."""
+    flags = cpu_flags()
     return AVX2_BLOCK if {"avx2", "fma"} <= flags and "avx512f" not in flags else 0
 
 
