@@ -21,7 +21,7 @@ import onnx
 import torch
 
 from benchmarks.common import describe_machine, markdown_table, write_results
-from benchmarks.inference import isa_line
+from benchmarks.inference import isa_line, isa_tag
 from segmentation.config_loading import CONFIG_DIR, load_config
 from segmentation.data.preprocess import run_preprocess
 from segmentation.evaluation.formats import CPU_ONLY_NOTE, TIMING_SIZES, file_size, format_row, reference_row
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows, columns))
     if any(row["note"] == CPU_ONLY_NOTE for row in rows):
         print(f"onnx-fp16: {CPU_ONLY_NOTE} (no GPU here); its accuracy is measured on the CPU provider.")
-    print(f"results: {write_results('formats', rows, {'isa': isa_line(), 'model_uri': args.model_uri or 'trained'})}")
+    extra = {"isa": isa_line(), "model_uri": args.model_uri or "trained"}
+    print(f"results: {write_results(f'formats_{isa_tag()}', rows, extra)}")
     return 0
 
 

@@ -135,6 +135,15 @@ def isa_line() -> str:
     return "CPU ISA: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in found.items())
 
 
+def isa_tag() -> str:
+    """A short name of the widest fp32/INT8 vector ISA here, for results files whose figures depend on it:
+    ``avx512_vnni``, ``avx512``, ``avx2`` or ``other``."""
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        return "avx512_vnni" if "avx512_vnni" in flags else "avx512"
+    return "avx2" if "avx2" in flags else "other"
+
+
 def conv_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
     """Multiply-adds of every Conv2d for one input of ``shape``, from shapes alone (a meta-device copy)."""
     total = 0
@@ -581,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows, COLUMNS))
     print()
     print(markdown_table(goals, ["target", "value", "met"]))
-    print(f"results: {write_results('inference', rows, extra)}")
+    print(f"results: {write_results(f'inference_{isa_tag()}', rows, extra)}")
     if extra["parity_failures"]:
         raise SystemExit("parity check FAILED:\n" + "\n".join(extra["parity_failures"]))
     return 0
