@@ -136,12 +136,14 @@ def isa_line() -> str:
 
 
 def isa_tag() -> str:
-    """A short name of the widest fp32/INT8 vector ISA here, for results files whose figures depend on it:
-    ``avx512_vnni``, ``avx512``, ``avx2`` or ``other``."""
+    """A short name of the vector ISA here that fp32 and INT8 speed depend on, for results files:
+    ``avx512_vnni``, ``avx512``, ``avx2_vnni``, ``avx2`` or ``other``."""
     flags = cpu_flags()
     if "avx512f" in flags:
         return "avx512_vnni" if "avx512_vnni" in flags else "avx512"
-    return "avx2" if "avx2" in flags else "other"
+    if "avx2" in flags:
+        return "avx2_vnni" if "avx_vnni" in flags else "avx2"
+    return "other"
 
 
 def conv_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
