@@ -277,7 +277,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank: dict[Path, int] = {}
     for item in items:
         path = item.path
-        here = 0 if item.get_closest_marker("e2e") else 1 if "integration" in path.parts else 2
+        folder = path.parent.name  # tests/e2e, tests/integration or tests/unit
+        here = 0 if item.get_closest_marker("e2e") else 1 if folder == "integration" else 2
         rank[path] = min(rank.get(path, here), here)
     items.sort(key=lambda item: rank[item.path])  # stable: the order within a rank, and within a file, is kept
 
