@@ -43,7 +43,7 @@ from benchmarks import ceilings
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
 from benchmarks.serving import street_image
 from segmentation.data.synthetic import generate_scene
-from segmentation.inference.channel_padding import cpu_flags
+from segmentation.inference.channel_padding import cpu_flags, padding_block
 from segmentation.inference.onnx import EXECUTION_PROVIDERS, add_class_ids, create_session
 from segmentation.inference.onnx import export_onnx as export_onnx_bytes
 from segmentation.inference.parity import check_parity
@@ -423,16 +423,24 @@ def targets(rows: list[dict], gemm: float) -> list[dict]:
                 "met": row["% of GEMM"] >= 50,
             }
         )
+    # Without channel padding on this CPU the "onnxruntime" row runs the deployed session itself: not another path.
+    same_session = set() if padding_block() else {"onnxruntime"}
     for row in filter(None, deployed):
         others = [
-            r for r in rows if r["model"] == "FC-HarDNet" and r["input"] == row["input"] and r["path"] in LOGITS_PATHS
+            r
+            for r in rows
+            if r["model"] == "FC-HarDNet"
+            and r["input"] == row["input"]
+            and r["path"] in LOGITS_PATHS
+            and r["path"] not in same_session
         ]
         if others:
             best = min(others, key=lambda r: r["median_ms"])
+            note = "; the onnxruntime row is the same session on this CPU (no padding)" if same_session else ""
             out.append(
                 {
                     "target": f"deployed >= the best other logits row at {row['input']}",
-                    "value": f"{row['median_ms']:.0f} ms vs {best['median_ms']:.0f} ms ({best['path']})",
+                    "value": f"{row['median_ms']:.0f} ms vs {best['median_ms']:.0f} ms ({best['path']}{note})",
                     "met": row["median_ms"] <= best["median_ms"],
                 }
             )
