@@ -137,8 +137,10 @@ def isa_line() -> str:
 
 def isa_tag() -> str:
     """A short name of the vector ISA here that fp32 and INT8 speed depend on, for results files:
-    ``avx512_vnni``, ``avx512``, ``avx2_vnni``, ``avx2`` or ``other``."""
+    ``amx``, ``avx512_vnni``, ``avx512``, ``avx2_vnni``, ``avx2`` or ``other``."""
     flags = cpu_flags()
+    if "amx_int8" in flags:
+        return "amx"
     if "avx512f" in flags:
         return "avx512_vnni" if "avx512_vnni" in flags else "avx512"
     if "avx2" in flags:

@@ -4,8 +4,8 @@ Run: ``python benchmarks/run_all.py`` or ``python -m benchmarks.run_all`` (``--o
 ``--skip serving``). Each benchmark runs as ``python -m benchmarks.<name>`` in its own process, so one's memory
 (ONNX Runtime arenas, compiled graphs, servers) does not distort the next; its full output goes to
 ``results/<name>.log`` and its JSON to ``results/<name>.json`` (``<name>_<isa>.json`` for inference and formats,
-whose figures depend on the CPU's vector extensions: ``avx2``, ``avx2_vnni``, ``avx512``, ``avx512_vnni``). A
-failing benchmark is reported and the others still run; the exit status is 1 if any failed.
+whose figures depend on the CPU's vector extensions: ``avx2``, ``avx2_vnni``, ``avx512``, ``avx512_vnni``, ``amx``).
+A failing benchmark is reported and the others still run; the exit status is 1 if any failed.
 """
 
 from __future__ import annotations
