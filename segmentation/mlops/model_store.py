@@ -2,11 +2,12 @@
 
 Every logged model is the same models-from-code pyfunc (:mod:`segmentation.mlops.serving_model` +
 :class:`segmentation.mlops.serving.SegmentationModel`): the package (:mod:`segmentation.models.package`) goes in as
-an artifact and the ``segmentation`` code as ``code_paths``, so nothing is pickled.
+an artifact and the ``segmentation`` modules that serving imports as ``code_paths``, so nothing is pickled.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import tempfile
@@ -37,7 +38,9 @@ from segmentation.models.package import (
 
 PACKAGE_ARTIFACT = "package"
 SERVING_MODEL_FILE = Path(__file__).with_name("serving_model.py")
-CODE_DIR = Path(__file__).resolve().parent.parent  # the segmentation package, logged beside every model
+CODE_DIR = (
+    Path(__file__).resolve().parent.parent
+)  # the segmentation package; what serving imports goes with each model
 # Exactly the distributions the served code imports (segmentation itself travels as code_paths; the PyTorch model
 # runs on onnxruntime too when its parity probe passes). tests/unit/test_model_requirements.py keeps this true.
 CLASS_NAMES_TAG = "segmentation.classes"  # on every LoggedModel: its class names, as JSON
@@ -52,6 +55,55 @@ SERVING_REQUIREMENTS = (
     "pyyaml",
     "safetensors",
 )
+
+
+def _module_file(name: str) -> Path | None:
+    """The file of module ``segmentation.x.y`` (a package's ``__init__.py``); None for other names."""
+    parts = name.split(".")
+    if parts[0] != CODE_DIR.name:
+        return None
+    base = CODE_DIR.parent.joinpath(*parts)
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def served_code_files() -> list[Path]:
+    """The ``segmentation`` files the served pyfunc can import, relative to the package's parent folder.
+
+    Every ``segmentation`` import of :data:`SERVING_MODEL_FILE` and of what it imports, followed to the end,
+    function-level imports included, with the ``__init__.py`` of every package on the way: the code a logged model
+    carries (training, sweeps and the steps stay out).
+    """
+    todo, found = [SERVING_MODEL_FILE.resolve()], set()
+    while todo:
+        file = todo.pop()
+        if file in found:
+            continue
+        found.add(file)
+        folder = file.parent
+        while folder != CODE_DIR.parent:  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+            todo.append(folder / "__init__.py")
+            folder = folder.parent
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            todo += [path for path in map(_module_file, names) if path is not None]
+    return sorted(path.relative_to(CODE_DIR.parent) for path in found)
+
+
+def copy_served_code(destination: Path) -> Path:
+    """Copy :func:`served_code_files` into ``destination`` (keeping the package layout); returns the package."""
+    for relative in served_code_files():
+        target = destination / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(CODE_DIR.parent / relative, target)
+    return destination / CODE_DIR.name
 
 
 def pip_requirements() -> list[str]:
@@ -120,7 +172,7 @@ def log_model_package(
     }
     model_id = _model_of_run(run_id, name, tags) if run_id else None
     with tempfile.TemporaryDirectory() as tmp:
-        code = shutil.copytree(CODE_DIR, Path(tmp) / "segmentation", ignore=shutil.ignore_patterns("__pycache__"))
+        code = copy_served_code(Path(tmp))
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(SERVING_MODEL_FILE),
