@@ -3,8 +3,10 @@
 ``mlflow models serve --env-manager virtualenv`` creates a virtualenv from the model's ``python_env.yaml`` and
 ``requirements.txt`` (pyenv for the Python version, pip for the packages, from this machine's package sources) and
 runs the pyfunc there: a requirement missing from the model, or one that cannot be installed (a local version label
-such as ``+cpu``), fails here. MLflow caches the environment by its requirements (``MLFLOW_ENV_ROOT``), so only the
-first run on a machine pays for the install (~5 minutes here, most of it the torch wheel).
+such as ``+cpu``), fails here. The server runs outside the repository and that environment has no ``segmentation``
+installed, so every module it imports comes from the code logged with the model: one missing there fails here too.
+MLflow caches the environment by its requirements (``MLFLOW_ENV_ROOT``), so only the first run on a machine pays
+for the install (~3-5 minutes here, most of it the torch wheel).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import shutil
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import cv2
 import mlflow
@@ -24,7 +27,7 @@ from conftest import MLFLOW, child_env, free_port, random_bn_model, stop_process
 
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
-from segmentation.mlops.model_store import log_pytorch_model
+from segmentation.mlops.model_store import log_pytorch_model, served_code_files
 from segmentation.mlops.serving_requests import encode_image
 
 pytestmark = pytest.mark.e2e
@@ -44,6 +47,8 @@ def test_the_model_serves_the_same_masks_from_its_own_virtualenv(tmp_path, monke
     with mlflow.start_run():
         info = log_pytorch_model(random_bn_model(classes.num_classes), classes, ModelConfig())
     local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model"))
+    code = Path(local) / "code"
+    assert {p.relative_to(code) for p in code.rglob("*.py")} == set(served_code_files())
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8), rng.integers(0, 256, (70, 66, 3), dtype=np.uint8)]
     request = pd.DataFrame({"image": [encode_image(image) for image in images]})
@@ -52,7 +57,9 @@ def test_the_model_serves_the_same_masks_from_its_own_virtualenv(tmp_path, monke
     port = free_port()
     log = tmp_path / "serve.log"
     cmd = [MLFLOW, "models", "serve", "-m", local, "--env-manager", "virtualenv", "-h", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         # The first run on a machine builds the environment (pyenv's Python, pip from this machine's sources).
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=1500, proc=proc, log=log)

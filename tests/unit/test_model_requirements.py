@@ -9,7 +9,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from segmentation.mlops.model_store import pip_requirements
+import pytest
+
+from segmentation.mlops.model_store import CODE_DIR, pip_requirements, served_code_files
 
 # Loads the served pyfunc's code the way `mlflow models serve` does (the models-from-code entry file) and lists the
 # files of the `segmentation` modules that loading pulled in.
@@ -36,9 +38,15 @@ def _normalise(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-def test_requirements_are_exactly_the_distributions_the_served_code_imports(repo):
+@pytest.fixture(scope="module")
+def loaded_files(repo) -> list[str]:
+    """The files of the `segmentation` modules that loading the served pyfunc imports (one fresh process)."""
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=repo, capture_output=True, text=True, check=True)
-    files = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_requirements_are_exactly_the_distributions_the_served_code_imports(loaded_files):
+    files = loaded_files
     assert any(f.endswith("serving.py") for f in files) and not any("/training/" in f for f in files), files
     modules = _imported_top_level_names(files)
     distributions = metadata.packages_distributions()
@@ -58,3 +66,15 @@ def test_pins_carry_no_local_version_label():
         name, version = requirement.split("==")
         assert "+" not in version, requirement
         assert version == metadata.version(name).split("+")[0]
+
+
+def test_the_code_logged_with_a_model_is_the_closure_of_what_serving_imports(loaded_files):
+    files = {path.as_posix() for path in served_code_files()}
+    for needed in ("mlops/serving_model.py", "mlops/serving.py", "inference/predictor.py", "models/hardnet.py"):
+        assert f"segmentation/{needed}" in files
+    assert "segmentation/__init__.py" in files and "segmentation/models/__init__.py" in files
+    assert not [f for f in files if f.split("/")[1] in ("training", "steps")], sorted(files)
+    # Everything loading the served model pulls in is there (the closure also holds what functions import lazily).
+    loaded = {Path(f).relative_to(CODE_DIR.parent).as_posix() for f in loaded_files}
+    assert loaded <= files, sorted(loaded - files)
+    assert len(files) < len(list(CODE_DIR.rglob("*.py")))
