@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from segmentation.mlops.runs import TrackingIncompleteError
+from segmentation.mlops.connection import TrackingIncompleteError
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_TRACKING_INCOMPLETE = 0, 1, 2, 3
 BAD_INPUT = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, ConnectionError, FloatingPointError)

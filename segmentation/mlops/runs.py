@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from segmentation.config import Config
+from segmentation.mlops.connection import check_tracking_server
 from segmentation.mlops.journal_file import META_FILE, read_run_meta
 from segmentation.mlops.run_guard import (
     RUN_KIND_TAG,
@@ -44,36 +43,6 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
-
-
-class TrackingIncompleteError(RuntimeError):
-    """Training finished but part of its tracking data is still only in the local journal."""
-
-
-def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> str:
-    """Fail fast when an HTTP tracking server does not answer; local stores (sqlite, file) always pass.
-
-    Returns:
-        The tracking URI that was checked.
-
-    Raises:
-        ConnectionError: the server at ``uri`` refused the connection or timed out.
-    """
-    uri = uri or mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return uri
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        pass  # the server answered (e.g. 401 behind basic-auth): it is reachable
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConnectionError(
-            f"MLflow tracking server {uri} is not reachable ({getattr(exc, 'reason', exc)}). Start it "
-            f"(`mlflow server --host 127.0.0.1 --port ...`) or point MLFLOW_TRACKING_URI at a running one; "
-            f"nothing was trained."
-        ) from None
-    return uri
 
 
 def use_journal_http_defaults() -> None:

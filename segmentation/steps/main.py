@@ -10,8 +10,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from segmentation.mlops.connection import check_tracking_server
 from segmentation.mlops.pipeline import registered_version_of, run_step, start_parent_run
-from segmentation.mlops.runs import check_tracking_server
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segmentation.mlops.runs import TrackingIncompleteError, sync_journal
+from segmentation.mlops.connection import TrackingIncompleteError
+from segmentation.mlops.runs import sync_journal
 from segmentation.mlops.tracker import Tracker
 
 

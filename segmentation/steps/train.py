@@ -7,8 +7,9 @@ import logging
 
 from segmentation.config import Config
 from segmentation.config_loading import load_config
+from segmentation.mlops.connection import TrackingIncompleteError
 from segmentation.mlops.run_guard import release_run_lock
-from segmentation.mlops.runs import TrackingIncompleteError, start_run
+from segmentation.mlops.runs import start_run
 from segmentation.training.engine import FitResult, fit
 from segmentation.training.launch import inside_launch, is_main_process, relaunch
 

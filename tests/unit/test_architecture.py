@@ -6,6 +6,8 @@
    (the usual way to hide a cycle).
 3. Entry points stay thin: at most ~50 lines, they parse arguments and hand one step to ``_cli.run``.
 4. Library modules stay small: at most 300 lines each (one concern per module, named for what it holds).
+5. The entry points that only talk to MLflow (the pipeline, preprocessing) load no deep-learning runtime: every
+   process ``mlflow run`` starts pays for what its entry point imports.
 """
 
 from __future__ import annotations
@@ -143,3 +145,43 @@ def test_library_modules_are_at_most_300_lines():
     assert not offenders, f"modules over {MAX_MODULE_LINES} lines (split them along their concerns):\n" + "\n".join(
         offenders
     )
+
+
+def _module_file(name: str) -> Path | None:
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def third_party_imports_at_start(path: Path) -> set[str]:
+    """Top-level names of what importing ``path`` loads, following our own module-level imports (and the
+    ``__init__`` of each package on the way)."""
+    todo, seen, found = [path], set(), set()
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        parent = file.parent
+        while parent != REPO:
+            if (parent / "__init__.py").is_file():
+                todo.append(parent / "__init__.py")
+            parent = parent.parent
+        for name, at_top in imports(file):
+            if not at_top:
+                continue
+            if top(name) in ("segmentation", "entrypoints"):
+                todo += [f for f in [_module_file(name)] if f is not None]
+            else:
+                found.add(top(name))
+    return found
+
+
+@pytest.mark.parametrize("entry_point", ["main", "preprocess"])
+def test_mlflow_only_entry_points_start_without_deep_learning_runtimes(entry_point):
+    loaded = third_party_imports_at_start(REPO / "entrypoints" / f"{entry_point}.py")
+    assert "mlflow" in loaded  # the walk reaches the steps
+    heavy = loaded & {"torch", "torchvision", "onnx", "onnxruntime", "albumentations", "accelerate"}
+    assert not heavy, f"entrypoints.{entry_point} imports {sorted(heavy)} at start"
