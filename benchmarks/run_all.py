@@ -24,7 +24,17 @@ from benchmarks.common import RESULTS_DIR, describe_machine  # noqa: E402
 from segmentation.io import write_text_atomic  # noqa: E402
 
 # Cheap and independent first; Spark and serving last, as they start JVMs and servers.
-BENCHMARKS = ("ceilings", "inference", "formats", "training", "data_loading", "tracking", "batch_predict", "serving")
+BENCHMARKS = (
+    "ceilings",
+    "inference",
+    "formats",
+    "training",
+    "data_loading",
+    "tracking",
+    "model_logging",
+    "batch_predict",
+    "serving",
+)
 TABLES_FILE = RESULTS_DIR / "README_tables.md"
 
 
