@@ -38,9 +38,8 @@ from segmentation.models.package import (
 
 PACKAGE_ARTIFACT = "package"
 SERVING_MODEL_FILE = Path(__file__).with_name("serving_model.py")
-CODE_DIR = (
-    Path(__file__).resolve().parent.parent
-)  # the segmentation package; what serving imports goes with each model
+# The segmentation package; what serving imports from it goes with each model (served_code_files).
+CODE_DIR = Path(__file__).resolve().parent.parent
 # Exactly the distributions the served code imports (segmentation itself travels as code_paths; the PyTorch model
 # runs on onnxruntime too when its parity probe passes). tests/unit/test_model_requirements.py keeps this true.
 CLASS_NAMES_TAG = "segmentation.classes"  # on every LoggedModel: its class names, as JSON
