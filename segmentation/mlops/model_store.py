@@ -83,7 +83,8 @@ def served_code_files() -> list[Path]:
         found.add(file)
         folder = file.parent
         while folder != CODE_DIR.parent:  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
-            todo.append(folder / "__init__.py")
+            if (folder / "__init__.py").is_file():
+                todo.append(folder / "__init__.py")
             folder = folder.parent
         for node in ast.walk(ast.parse(file.read_text(), str(file))):
             if isinstance(node, ast.Import):
