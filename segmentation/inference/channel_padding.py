@@ -8,10 +8,10 @@ convolutions (zero weights, zero bias) and gives every reader of them zero weigh
 pooling, resizing and concatenation keep a zero channel zero, so the network computes the same function (up to the
 summation order of the convolutions) while every tensor between convolutions is block-aligned.
 
-Measured on a 2-core AVX2 CPU (README, *Figures*): all 70 convolutions run as NCHWc at 1.18x the multiply-adds, and
-interleaved runs of the two sessions took 1.07-1.11x less time at 512x1024 and 1.05-1.09x at 1024x2048.
-:func:`padding_block` applies it there only: on AVX-512 the block of 16 would add far more zero work, and the
-unpadded graph already ran at >= 90 % of the GEMM rate there.
+Measured on 2-core CPUs (README, *Figures*): on AVX2 all 70 convolutions run as NCHWc at 1.18x the multiply-adds,
+and interleaved runs of the two sessions took 1.07-1.11x less time at 512x1024 and 1.05-1.09x at 1024x2048; on
+AVX-512 (block 16, 1.35x the multiply-adds) 1.15-1.17x and 1.16-1.19x less on an Intel CPU, 1.00-1.05x and
+1.06-1.08x on an AMD one. :func:`padding_block` picks the block of the widest vector unit ONNX Runtime uses here.
 
 A tensor carries padding only when every path from it stays inside what this pass understands: plain convolutions
 (float weights in initializers, one group), per-channel ops (:data:`SAME_LAYOUT`), channel concatenation, and
@@ -31,6 +31,7 @@ from onnx import numpy_helper
 # Per-channel ops that map a zero channel to a zero channel and keep the channel order.
 SAME_LAYOUT = frozenset({"Relu", "AveragePool", "MaxPool", "Resize"})
 AVX2_BLOCK = 8  # floats per NCHWc block in ONNX Runtime's AVX2 kernels
+AVX512_BLOCK = 16  # ... and in its AVX-512 ones
 
 
 @functools.cache
@@ -44,11 +45,13 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def padding_block() -> int:
-    """The block :func:`pad_channels` pads to on this CPU: 8 with AVX2 and without AVX-512, else 0 (no padding,
-    also where the CPU's flags cannot be read)."""
-    flags = cpu_flags()
-    return AVX2_BLOCK if {"avx2", "fma"} <= flags and "avx512f" not in flags else 0
+def padding_block(flags: frozenset[str] | None = None) -> int:
+    """The block :func:`pad_channels` pads to on a CPU with these feature flags (default: this one's): 16 with
+    AVX-512, 8 with AVX2 and FMA, else 0 (no padding, also where the CPU's flags cannot be read)."""
+    flags = cpu_flags() if flags is None else flags
+    if "avx512f" in flags:
+        return AVX512_BLOCK
+    return AVX2_BLOCK if {"avx2", "fma"} <= flags else 0
 
 
 class _Graph:

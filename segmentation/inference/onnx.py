@@ -172,7 +172,12 @@ def export_onnx(model: nn.Module, path: str | Path | None = None, opset: int = 1
     return data
 
 
-def create_session(onnx_model: bytes | str | Path, num_threads: int | None = None, channel_block: int | None = None):
+def create_session(
+    onnx_model: bytes | str | Path,
+    num_threads: int | None = None,
+    channel_block: int | None = None,
+    profile_prefix: str | None = None,
+):
     """An onnxruntime CPU session tuned for this model, with the ``class_ids`` output added when a file lacks it.
 
     All graph optimisations, ``num_threads`` intra-op threads (default: ``torch.get_num_threads()``), one inter-op
@@ -186,6 +191,8 @@ def create_session(onnx_model: bytes | str | Path, num_threads: int | None = Non
         num_threads: intra-op threads.
         channel_block: the channel multiple; ``None`` picks this CPU's
             (:func:`~segmentation.inference.channel_padding.padding_block`), 0 pads nothing.
+        profile_prefix: when given, ONNX Runtime profiles every run into ``<prefix>_<date>.json``
+            (``session.end_profiling()`` returns the path).
 
     Returns:
         An ``onnxruntime.InferenceSession``.
@@ -198,6 +205,9 @@ def create_session(onnx_model: bytes | str | Path, num_threads: int | None = Non
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.enable_cpu_mem_arena = True
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if isinstance(onnx_model, (str, Path)):
         onnx_model = Path(onnx_model).read_bytes()
     model = add_class_ids(onnx.load_from_string(onnx_model))

@@ -7,7 +7,7 @@ import pytest
 from conftest import random_bn_model
 from onnx import TensorProto, helper, numpy_helper
 
-from segmentation.inference.channel_padding import pad_channels
+from segmentation.inference.channel_padding import pad_channels, padding_block
 from segmentation.inference.onnx import create_session, export_onnx, inline_shared_initializers
 
 
@@ -26,24 +26,40 @@ def conv_input_channels(model: onnx.ModelProto) -> list[int]:
     return [weights[node.input[1]][1] for node in model.graph.node if node.op_type == "Conv"]
 
 
-def test_fc_hardnet_padded_to_8_computes_the_same_logits_and_class_ids(hardnet_onnx):
+@pytest.mark.parametrize("block", [8, 16])
+def test_fc_hardnet_padded_to_a_block_computes_the_same_logits_and_class_ids(hardnet_onnx, block):
     x = np.random.default_rng(0).standard_normal((2, 3, 70, 133)).astype(np.float32)
     plain = create_session(hardnet_onnx, channel_block=0).run(None, {"image": x})
-    padded_run = create_session(hardnet_onnx, channel_block=8).run(None, {"image": x})
+    padded_run = create_session(hardnet_onnx, channel_block=block).run(None, {"image": x})
     assert padded_run[0].shape == plain[0].shape == (2, 19, 70, 133)
     np.testing.assert_allclose(padded_run[0], plain[0], rtol=1e-4, atol=1e-4)
     assert (padded_run[1] == plain[1]).mean() >= 0.999
 
 
-def test_every_convolution_of_fc_hardnet_reads_block_aligned_channels(hardnet_onnx):
+@pytest.mark.parametrize("block", [8, 16])
+def test_every_convolution_of_fc_hardnet_reads_block_aligned_channels(hardnet_onnx, block):
     before = conv_input_channels(onnx.load_from_string(hardnet_onnx))
-    model, count = padded(hardnet_onnx)
+    model, count = padded(hardnet_onnx, block)
     after = conv_input_channels(model)
-    assert sum(c % 8 != 0 and c >= 8 for c in before) > 30  # the harmonic widths: most reads are unaligned
-    assert all(c % 8 == 0 or c < 8 for c in after), after  # ONNX Runtime's NCHWc condition for every conv
+    assert sum(c % block != 0 and c >= 8 for c in before) > 30  # the harmonic widths: most reads are unaligned
+    assert all(c % block == 0 or c < 8 for c in after), after  # ONNX Runtime's NCHWc condition for every conv
     assert count > 30
     logits = next(o for o in model.graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 19  # the class scores are never padded
+
+
+@pytest.mark.parametrize(
+    ("flags", "block"),
+    [
+        ({"avx2", "fma", "avx512f", "avx512_vnni", "amx_int8"}, 16),  # AVX-512: ONNX Runtime's 16-float blocks
+        ({"avx2", "fma", "avx512f"}, 16),
+        ({"avx2", "fma", "avx_vnni"}, 8),  # AVX2 only: 8-float blocks
+        ({"avx", "sse4_2"}, 0),  # no AVX2 kernels: nothing to align to
+        (set(), 0),  # flags unreadable (not Linux, not x86): leave the graph alone
+    ],
+)
+def test_the_padding_block_follows_the_widest_vector_unit(flags, block):
+    assert padding_block(frozenset(flags)) == block
 
 
 def test_padding_appends_zero_rows_after_the_real_output_channels(hardnet_onnx):
