@@ -9,9 +9,13 @@ pooling, resizing and concatenation keep a zero channel zero, so the network com
 summation order of the convolutions) while every tensor between convolutions is block-aligned.
 
 Measured on 2-core CPUs (README, *Figures*): on AVX2 all 70 convolutions run as NCHWc at 1.18x the multiply-adds,
-and interleaved runs of the two sessions took 1.07-1.11x less time at 512x1024 and 1.05-1.09x at 1024x2048; on
-AVX-512 (block 16, 1.35x the multiply-adds) 1.15-1.17x and 1.16-1.19x less on an Intel CPU, 1.00-1.05x and
-1.06-1.08x on an AMD one. :func:`padding_block` picks the block of the widest vector unit ONNX Runtime uses here.
+and interleaved runs of the two sessions took 1.07-1.11x less time at 512x1024 and 1.05-1.09x at 1024x2048. With
+AVX-512 the block is 16 (1.35x the multiply-adds): 1.14-1.19x less time on an Intel CPU with AMX (two 512-bit FMA
+units per core, where ONNX Runtime's unpadded graph reached only 34-39 % of the GEMM rate), but 1.00-1.08x on an
+AMD Zen 4 CPU on a busy day, whose unpadded graph ran at >= 90 % of the GEMM rate on a quiet one, where the extra
+work cannot pay. :func:`padding_block` therefore pads on AVX2 CPUs and on AVX-512 CPUs with AMX; the environment
+variable :data:`BLOCK_ENV` overrides it (``0``, ``8`` or ``16``; ``python -m benchmarks.inference --padding-ab``
+measures which is fastest on a given CPU).
 
 A tensor carries padding only when every path from it stays inside what this pass understands: plain convolutions
 (float weights in initializers, one group), per-channel ops (:data:`SAME_LAYOUT`), channel concatenation, and
@@ -23,6 +27,7 @@ inputs) are never rewritten. Quantized (QDQ) and float16 graphs pass unchanged.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import onnx
@@ -32,6 +37,7 @@ from onnx import numpy_helper
 SAME_LAYOUT = frozenset({"Relu", "AveragePool", "MaxPool", "Resize"})
 AVX2_BLOCK = 8  # floats per NCHWc block in ONNX Runtime's AVX2 kernels
 AVX512_BLOCK = 16  # ... and in its AVX-512 ones
+BLOCK_ENV = "SEGMENTATION_CHANNEL_BLOCK"  # overrides padding_block(): 0 (no padding), 8 or 16
 
 
 @functools.cache
@@ -47,11 +53,29 @@ def cpu_flags() -> frozenset[str]:
 
 def padding_block(flags: frozenset[str] | None = None) -> int:
     """The block :func:`pad_channels` pads to on a CPU with these feature flags (default: this one's): 16 with
-    AVX-512, 8 with AVX2 and FMA, else 0 (no padding, also where the CPU's flags cannot be read)."""
+    AVX-512 and AMX, 8 with AVX2 and FMA but no AVX-512, else 0 (no padding: AVX-512 without AMX, older CPUs, and
+    where the flags cannot be read). See the module for the measurements behind it."""
     flags = cpu_flags() if flags is None else flags
     if "avx512f" in flags:
-        return AVX512_BLOCK
+        return AVX512_BLOCK if "amx_tile" in flags else 0
     return AVX2_BLOCK if {"avx2", "fma"} <= flags else 0
+
+
+def configured_block() -> int:
+    """:data:`BLOCK_ENV` when it is set, else :func:`padding_block` for this CPU.
+
+    Raises:
+        ValueError: the variable holds something other than 0, 8 or 16.
+    """
+    raw = os.environ.get(BLOCK_ENV, "").strip()
+    if not raw:
+        return padding_block()
+    if raw not in ("0", str(AVX2_BLOCK), str(AVX512_BLOCK)):
+        raise ValueError(
+            f"{BLOCK_ENV}={raw!r}: expected 0 (no padding), {AVX2_BLOCK} (AVX2 blocks) or {AVX512_BLOCK} (AVX-512 "
+            "blocks), or leave it unset to let the CPU decide"
+        )
+    return int(raw)
 
 
 class _Graph:

@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from segmentation.inference.channel_padding import pad_channels, padding_block
+from segmentation.inference.channel_padding import configured_block, pad_channels
 from segmentation.io import atomic_path
 from segmentation.models import fuse_bn as fold_batchnorm
 
@@ -189,8 +189,8 @@ def create_session(
     Args:
         onnx_model: serialized model bytes or a path to an ``.onnx`` file.
         num_threads: intra-op threads.
-        channel_block: the channel multiple; ``None`` picks this CPU's
-            (:func:`~segmentation.inference.channel_padding.padding_block`), 0 pads nothing.
+        channel_block: the channel multiple; ``None`` takes ``SEGMENTATION_CHANNEL_BLOCK`` or else this CPU's
+            (:func:`~segmentation.inference.channel_padding.configured_block`), 0 pads nothing.
         profile_prefix: when given, ONNX Runtime profiles every run into ``<prefix>_<date>.json``
             (``session.end_profiling()`` returns the path).
 
@@ -211,7 +211,7 @@ def create_session(
     if isinstance(onnx_model, (str, Path)):
         onnx_model = Path(onnx_model).read_bytes()
     model = add_class_ids(onnx.load_from_string(onnx_model))
-    block = padding_block() if channel_block is None else channel_block
+    block = configured_block() if channel_block is None else channel_block
     if block > 1:
         padded = onnx.ModelProto()
         padded.CopyFrom(model)

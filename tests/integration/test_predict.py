@@ -66,10 +66,18 @@ def test_mask_is_the_networks_argmax_at_full_resolution(package, shared_data, tm
     model, _ = load_model(str(package))
     image = cv2.imread(str(shared_data / FRAME))
     with torch.inference_mode():
-        expected = model(to_input_tensor(image)).argmax(1)[0].numpy()
+        logits = model(to_input_tensor(image))[0].numpy()
+    expected = logits.argmax(0)
     predict_step(str(package), shared_data / FRAME, tmp_path / "out", device="cpu")
     mask = cv2.imread(str(tmp_path / "out" / "mask" / "frankfurt_000000_000294_leftImg8bit.png"), cv2.IMREAD_UNCHANGED)
-    np.testing.assert_array_equal(mask, expected)
+    assert mask.shape == expected.shape
+    # The deployed session sums in another order (and over zero-padded channels on some CPUs): a pixel whose two
+    # best classes tie within float rounding may go either way, nothing else may differ.
+    differ = mask != expected
+    assert differ.mean() <= 1e-4, f"{int(differ.sum())} pixels differ from the network's argmax"
+    rows, cols = differ.nonzero()
+    gap = logits[expected[differ], rows, cols] - logits[mask[differ].astype(np.int64), rows, cols]
+    assert (gap <= 2e-3).all(), f"pixels whose chosen class scores up to {gap.max():.3g} below the best"
 
 
 def test_outputs_inside_the_input_folder_are_not_read_back(package, frame_dir):

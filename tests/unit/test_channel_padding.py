@@ -7,7 +7,7 @@ import pytest
 from conftest import random_bn_model
 from onnx import TensorProto, helper, numpy_helper
 
-from segmentation.inference.channel_padding import pad_channels, padding_block
+from segmentation.inference.channel_padding import BLOCK_ENV, configured_block, pad_channels, padding_block
 from segmentation.inference.onnx import create_session, export_onnx, inline_shared_initializers
 
 
@@ -41,8 +41,9 @@ def test_every_convolution_of_fc_hardnet_reads_block_aligned_channels(hardnet_on
     before = conv_input_channels(onnx.load_from_string(hardnet_onnx))
     model, count = padded(hardnet_onnx, block)
     after = conv_input_channels(model)
-    assert sum(c % block != 0 and c >= 8 for c in before) > 30  # the harmonic widths: most reads are unaligned
-    assert all(c % block == 0 or c < 8 for c in after), after  # ONNX Runtime's NCHWc condition for every conv
+    assert sum(c % block != 0 for c in before) > 30  # the harmonic widths: most reads are unaligned
+    # ONNX Runtime's NCHWc condition for every conv; only the image (3 channels) may be read unblocked.
+    assert all(c % block == 0 or c == 3 for c in after), after
     assert count > 30
     logits = next(o for o in model.graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 19  # the class scores are never padded
@@ -51,15 +52,34 @@ def test_every_convolution_of_fc_hardnet_reads_block_aligned_channels(hardnet_on
 @pytest.mark.parametrize(
     ("flags", "block"),
     [
-        ({"avx2", "fma", "avx512f", "avx512_vnni", "amx_int8"}, 16),  # AVX-512: ONNX Runtime's 16-float blocks
-        ({"avx2", "fma", "avx512f"}, 16),
+        ({"avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, 16),  # AVX-512 with AMX: 16-float blocks
+        ({"avx2", "fma", "avx512f", "avx512_vnni"}, 0),  # AVX-512 without AMX (AMD Zen 4): unpadded was faster
         ({"avx2", "fma", "avx_vnni"}, 8),  # AVX2 only: 8-float blocks
-        ({"avx", "sse4_2"}, 0),  # no AVX2 kernels: nothing to align to
+        ({"avx2"}, 0),  # no FMA: ONNX Runtime has no AVX2 kernels for it
+        ({"avx", "sse4_2"}, 0),
         (set(), 0),  # flags unreadable (not Linux, not x86): leave the graph alone
     ],
 )
-def test_the_padding_block_follows_the_widest_vector_unit(flags, block):
+def test_the_padding_block_follows_the_cpus_vector_units(flags, block):
     assert padding_block(frozenset(flags)) == block
+
+
+@pytest.mark.parametrize("value", ["0", "8", "16", " 16 "])
+def test_the_environment_variable_overrides_the_cpus_block(monkeypatch, value):
+    monkeypatch.setenv(BLOCK_ENV, value)
+    assert configured_block() == int(value)
+
+
+def test_without_the_environment_variable_the_cpu_decides(monkeypatch):
+    monkeypatch.delenv(BLOCK_ENV, raising=False)
+    assert configured_block() == padding_block()
+
+
+@pytest.mark.parametrize("value", ["4", "sixteen", "-8", "16.0"])
+def test_a_block_that_is_not_an_onnx_runtime_block_is_refused_by_name(monkeypatch, hardnet_onnx, value):
+    monkeypatch.setenv(BLOCK_ENV, value)
+    with pytest.raises(ValueError, match=rf"{BLOCK_ENV}='{value}': expected 0 \(no padding\), 8 .* or 16"):
+        create_session(hardnet_onnx)
 
 
 def test_padding_appends_zero_rows_after_the_real_output_channels(hardnet_onnx):
