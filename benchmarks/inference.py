@@ -361,8 +361,8 @@ def _mask_mismatch(mask: np.ndarray, reference: np.ndarray, expected: np.ndarray
     """Why ``mask`` is not eager's argmax (``expected`` of the ``C x H x W`` ``reference`` logits), or ``None``.
 
     Another summation order may flip a pixel whose two best classes tie within float rounding: such pixels may
-    differ, on at most :data:`MASK_MIN_AGREEMENT` of the image, never a pixel whose chosen class scores clearly
-    lower, and never an id that is not a class.
+    differ while at least :data:`MASK_MIN_AGREEMENT` of the image agrees; never a pixel whose chosen class scores
+    clearly lower, and never an id that is not a class.
     """
     if mask.shape != expected.shape:
         return f"mask of shape {mask.shape}, expected {expected.shape}"
