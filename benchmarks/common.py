@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -85,6 +86,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def write_results(name: str, rows: Sequence[dict], extra: dict | None = None) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+        raise ValueError(f"results name {name!r}: use letters, digits, '_', '-' and '.' only (a file name, no folder)")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     payload = {"benchmark": name, "machine": machine(), "rows": list(rows), **(extra or {})}

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=200, help="training steps when no --model-uri")
     parser.add_argument("--calibration-images", type=int, default=8)
     parser.add_argument("--sizes", nargs="+", default=[f"{h}x{w}" for h, w in TIMING_SIZES])
+    parser.add_argument(
+        "--results-name", default="", help="results file name under benchmarks/results (default: formats_<ISA tag>)"
+    )
     args = parser.parse_args(argv)
     print(describe_machine(), flush=True)
     print(isa_line(), flush=True)
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(row["note"] == CPU_ONLY_NOTE for row in rows):
         print(f"onnx-fp16: {CPU_ONLY_NOTE} (no GPU here); its accuracy is measured on the CPU provider.")
     extra = {"isa": isa_line(), "model_uri": args.model_uri or "trained"}
-    print(f"results: {write_results(f'formats_{isa_tag()}', rows, extra)}")
+    print(f"results: {write_results(args.results_name or f'formats_{isa_tag()}', rows, extra)}")
     return 0
 
 

@@ -655,6 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--padding-ab", action="store_true", help="time the deployed session per channel block, interleaved, then exit"
     )
+    parser.add_argument(
+        "--results-name",
+        default="",
+        help="results file name under benchmarks/results (default: inference_<ISA tag>; give another to keep a "
+        "run on a different CPU with the same ISA apart)",
+    )
     args = parser.parse_args(argv)
     print(describe_machine(), flush=True)
     print(isa_line(), flush=True)
@@ -674,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows, COLUMNS))
     print()
     print(markdown_table(goals, ["target", "value", "met"]))
-    print(f"results: {write_results(f'inference_{isa_tag()}', rows, extra)}")
+    print(f"results: {write_results(args.results_name or f'inference_{isa_tag()}', rows, extra)}")
     if extra["parity_failures"]:
         raise SystemExit("parity check FAILED:\n" + "\n".join(extra["parity_failures"]))
     return 0
