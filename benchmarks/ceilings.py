@@ -1,6 +1,9 @@
 """Machine ceilings: fp32 GEMM GFLOP/s (1 thread and all threads) and memory copy bandwidth.
 
 Run: ``python -m benchmarks.ceilings``. The other benchmarks compare their achieved GFLOP/s with these numbers.
+GEMM is measured in both libraries the project runs: torch's BLAS (MKL in the PyPI wheels) and ONNX Runtime's MLAS.
+They differ by CPU: on an AMD Zen 5 VM MKL ran AVX2 code at half the rate of MLAS's AVX-512 kernels, so the ceiling
+is the faster of the two.
 """
 
 from __future__ import annotations
@@ -9,20 +12,45 @@ import torch
 
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
 
+GEMM_LIBRARIES = ("torch", "onnxruntime")
 
-def gemm_gflops(threads: int, n: int = 2048) -> dict:
+
+def gemm_gflops(threads: int, n: int = 2048, library: str = "torch") -> dict:
+    """fp32 ``n`` x ``n`` matrix product GFLOP/s on ``threads`` threads with torch (``torch.mm``) or ONNX Runtime
+    (a one-node MatMul graph on the CPU provider)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    timing = time_fn(lambda: torch.mm(a, b, out=out), warmup=2, repeats=7)
+    if library == "torch":
+        out = torch.empty(n, n)
+        timing = time_fn(lambda: torch.mm(a, b, out=out), warmup=2, repeats=7)
+    elif library == "onnxruntime":
+        session = _matmul_session(n, threads)
+        feeds = {"a": a.numpy(), "b": b.numpy()}
+        timing = time_fn(lambda: session.run(None, feeds), warmup=2, repeats=7)
+    else:
+        raise ValueError(f"GEMM library {library!r}: use one of {', '.join(GEMM_LIBRARIES)}")
     flops = 2 * n**3
     return {
         "what": f"fp32 GEMM {n}x{n}",
+        "library": library,
         "threads": threads,
         **timing,
         "GFLOP/s (median)": flops / timing["median_ms"] / 1e6,
         "GFLOP/s (best)": flops / timing["min_ms"] / 1e6,
     }
+
+
+def _matmul_session(n: int, threads: int):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b")]
+    output = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", inputs, [output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def copy_bandwidth(threads: int, mib: int = 256) -> list[dict]:
@@ -50,7 +78,7 @@ def copy_bandwidth(threads: int, mib: int = 256) -> list[dict]:
 
 def run() -> list[dict]:
     all_threads = torch.get_num_threads()
-    rows = [gemm_gflops(1), gemm_gflops(all_threads)]
+    rows = [gemm_gflops(threads, library=lib) for lib in GEMM_LIBRARIES for threads in (1, all_threads)]
     rows += copy_bandwidth(all_threads)
     torch.set_num_threads(all_threads)
     return rows
@@ -64,6 +92,7 @@ def main() -> None:
             rows,
             [
                 "what",
+                "library",
                 "threads",
                 "median_ms",
                 "min_ms",
