@@ -8,6 +8,8 @@ is the faster of the two.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from benchmarks.common import describe_machine, markdown_table, time_fn, write_results
@@ -84,7 +86,12 @@ def run() -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--results-name", default="ceilings", help="results file name under benchmarks/results (default: ceilings)"
+    )
+    args = parser.parse_args(argv)
     rows = run()
     print(describe_machine())
     print(
@@ -104,7 +111,7 @@ def main() -> None:
             ],
         )
     )
-    print(f"results: {write_results('ceilings', rows)}")
+    print(f"results: {write_results(args.results_name, rows)}")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@ Runtime). Their masks must equal the argmax of eager fp32 logits (where two clas
 rounding, either class).
 
 The ``onnxruntime`` rows run the exported graph as it is; the deployed Predictor's session also pads convolutions
-with zero channels where the CPU calls for it (to 8 channels on AVX2 CPUs, to 16 on AVX-512 CPUs with AMX:
+with zero channels where the CPU calls for it (to 8 channels on AVX2 CPUs, to 16 on AVX-512 CPUs:
 :mod:`segmentation.inference.channel_padding`), so the two rows side by side show what the padding gains.
 
 Batch 1, fp32, torch's default threads. Every optimised path is compared with eager fp32 NCHW of the same model on
 the same input (max |diff| <= 1e-3 on logits, argmax >= 99.9 %); a mismatch fails the run after the table is
 printed. Conv GFLOP/s counts 2 x the convolutions' multiply-adds (from forward hooks on a meta-device copy) and is
-compared with the fp32 GEMM rate measured in the same run (benchmarks.ceilings). Rows whose process got less than
+compared with the fp32 GEMM rate measured in the same run (benchmarks.ceilings: the faster of torch's and ONNX
+Runtime's). The served targets compare with the faster of the run's two eager NCHW timings at 512x1024. Rows whose
+process got less than
 85 % of its threads' CPU time (the machine is shared) are measured again, up to twice.
 """
 
@@ -493,27 +495,26 @@ def targets(rows: list[dict], gemm: float) -> list[dict]:
             )
     served_int8 = get.get(("FC-HarDNet", INT8_SERVED, "512x1024"))
     served = get.get(("FC-HarDNet", "mask: served pyfunc, PNG in/out", "512x1024"))
-    # The eager logits timed beside the served rows (same image, same moment): on a shared machine only
-    # measurements taken under the same load compare.
-    eager = get.get(("FC-HarDNet", "mask: eager NCHW logits (reference)", "512x1024")) or eager
-    if served and eager:
-        speedup = eager["median_ms"] / served["median_ms"]
-        out.append(
-            {
-                "target": "served pyfunc (PNG in/out) >= 1.5x faster than unfused eager logits at 512x1024",
-                "value": f"{speedup:.2f}x ({served['median_ms']:.0f} vs {eager['median_ms']:.0f} ms)",
-                "met": speedup >= 1.5,
-            }
-        )
-    if served_int8 and eager:
-        speedup = eager["median_ms"] / served_int8["median_ms"]
-        out.append(
-            {
-                "target": "served INT8 pyfunc (PNG in/out) >= 1.5x faster than unfused eager logits at 512x1024",
-                "value": f"{speedup:.2f}x ({served_int8['median_ms']:.0f} vs {eager['median_ms']:.0f} ms)",
-                "met": speedup >= 1.5,
-            }
-        )
+    # Eager logits are timed twice in a run: in the logits table and beside the mask rows. The faster of the two is
+    # the reference: a slower timing of the same network measures what else ran (a neighbour, or the memory and
+    # threads an ONNX Runtime session just used: eager right after a session run took 1.3x its own time on a
+    # 2-core VM), and a target must not be met thanks to it.
+    eagers = [
+        r for r in (eager, get.get(("FC-HarDNet", "mask: eager NCHW logits (reference)", "512x1024"))) if r is not None
+    ]
+    eager = min(eagers, key=lambda r: r["median_ms"]) if eagers else None
+    both = " and ".join(f"{r['median_ms']:.0f}" for r in eagers)
+    for name, row in (("served pyfunc", served), ("served INT8 pyfunc", served_int8)):
+        if row and eager:
+            speedup = eager["median_ms"] / row["median_ms"]
+            out.append(
+                {
+                    "target": f"{name} (PNG in/out) >= 1.5x faster than unfused eager logits at 512x1024",
+                    "value": f"{speedup:.2f}x ({row['median_ms']:.0f} vs {eager['median_ms']:.0f} ms; the faster of "
+                    f"the run's eager timings: {both} ms)",
+                    "met": speedup >= 1.5,
+                }
+            )
     for item in out:
         item["met"] = "met" if item["met"] else "NOT met"
     return out

@@ -10,11 +10,13 @@ summation order of the convolutions) while every tensor between convolutions is 
 
 Measured on 2-core CPUs (README, *Figures*): on AVX2 all 70 convolutions run as NCHWc at 1.18x the multiply-adds,
 and interleaved runs of the two sessions took 1.07-1.11x less time at 512x1024 and 1.05-1.09x at 1024x2048. With
-AVX-512 the block is 16 (1.35x the multiply-adds) and every AVX-512 CPU measured gained: 1.14-1.19x less time on an
-Intel CPU with AMX, 1.02-1.15x on an AMD Zen 5 CPU (its blocked convolutions ran at ~490 GFLOP/s, the im2col ones
-at 110-360), and 1.00-1.08x on an AMD Zen 4 CPU, whose AVX-512 units are half as wide. :func:`padding_block`
-therefore pads on every AVX2 (with FMA) and AVX-512 CPU; the environment variable :data:`BLOCK_ENV` overrides it
-(``0``, ``8`` or ``16``; ``python -m benchmarks.inference --padding-ab`` measures which is fastest on a given CPU).
+AVX-512 the block is 16 (1.35x the multiply-adds): 1.14-1.19x less time on an Intel CPU with AMX and 1.02-1.15x on
+an AMD Zen 5 CPU (its blocked convolutions ran at ~490 GFLOP/s, the im2col ones at 110-360). An AMD Zen 4 CPU,
+whose AVX-512 units are half as wide, gave 1.00-1.08x on a busy day, never slower, but its unpadded graph ran at
+>= 90 % of the GEMM rate on a quiet one, so it may gain nothing there (not measured again since).
+:func:`padding_block` pads on every AVX2 (with FMA) and AVX-512 CPU; the environment variable :data:`BLOCK_ENV`
+overrides it (``0``, ``8`` or ``16``; ``python -m benchmarks.inference --padding-ab`` measures which is fastest on a
+given CPU).
 
 A tensor carries padding only when every path from it stays inside what this pass understands: plain convolutions
 (float weights in initializers, one group), per-channel ops (:data:`SAME_LAYOUT`), channel concatenation, and
