@@ -316,3 +316,56 @@ def test_weights_a_caller_can_feed_are_not_rewritten_and_new_names_never_collide
     same_output_after_padding(model, 1)
     names = [init.name for init in model.graph.initializer]
     assert len(names) == len(set(names))
+
+
+@pytest.fixture(scope="module")
+def hardnet_int8(hardnet_onnx, tmp_path_factory) -> bytes:
+    from segmentation.data.synthetic import generate_scene
+    from segmentation.inference.quantize import default_int8_exclusions, quantize_int8
+
+    path = tmp_path_factory.mktemp("int8") / "int8.onnx"
+    scenes = [generate_scene(64, 128, seed)[0] for seed in range(2)]
+    return quantize_int8(hardnet_onnx, scenes, path, default_int8_exclusions(hardnet_onnx)).read_bytes()
+
+
+def quantized_conv_input_channels(model: onnx.ModelProto) -> list[int]:
+    weights = {init.name: init.dims for init in model.graph.initializer}
+    producers = {name: node for node in model.graph.node for name in node.output}
+    channels = []
+    for node in model.graph.node:
+        dq = producers.get(node.input[1]) if node.op_type == "Conv" else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            channels.append(weights[dq.input[0]][1])
+    return channels
+
+
+def fused_integer_convolutions(model: onnx.ModelProto, tmp_path) -> int:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3  # its warning that an NCHWc-optimised file is CPU-specific is expected
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sum(node.op_type == "QLinearConv" for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_an_int8_graph_padded_to_a_block_gives_the_same_integers_and_keeps_its_integer_kernels(
+    hardnet_int8, block, tmp_path
+):
+    model, count = padded(hardnet_int8, block)
+    before = quantized_conv_input_channels(onnx.load_from_string(hardnet_int8))
+    after = quantized_conv_input_channels(model)
+    assert count > 30 and sum(c % block != 0 for c in before) > 30
+    assert all(c % block == 0 for c in after), after
+    # ONNX Runtime runs a quantized convolution in its integer kernel only when its bias scale is input scale x weight
+    # scale for every channel, the padded ones included: else it falls back to fp32 between (de)quantize nodes.
+    assert fused_integer_convolutions(model, tmp_path) == fused_integer_convolutions(
+        onnx.load_from_string(hardnet_int8), tmp_path
+    )
+    x = np.random.default_rng(1).standard_normal((1, 3, 64, 96), dtype=np.float32)
+    expected = create_session(hardnet_int8, channel_block=0).run(None, {"image": x})
+    got = create_session(hardnet_int8, channel_block=block).run(None, {"image": x})
+    # Zero channels add nothing to the integer sums, so the outputs are the same numbers, not merely close ones.
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
