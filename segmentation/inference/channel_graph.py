@@ -92,10 +92,10 @@ class ChannelGraph:
         if len(values.dims) != ndim:
             return None
         params = [self.constant(arg) for arg in dq.input[1:3] if arg]
-        if any(param is None for param in params):
+        if any(param is None for param in params) or params[0].dtype != np.float32 or _blocked(dq):
             return None
         axis = next((attr.i for attr in dq.attribute if attr.name == "axis"), 1)
-        per_tensor = all(param.size == 1 for param in params)
+        per_tensor = all(param.size == 1 and param.ndim <= 1 for param in params)
         per_channel = axis in (0, -ndim) and all(param.shape == (values.dims[0],) for param in params)
         return dq if per_tensor or per_channel else None
 
@@ -106,7 +106,9 @@ class ChannelGraph:
         if node.op_type not in QDQ or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             return False
         params = [self.constant(arg) for arg in node.input[1:3] if arg]
-        return all(param is not None and param.size == 1 for param in params)
+        return not _blocked(node) and all(
+            param is not None and param.size == 1 and param.ndim <= 1 for param in params
+        )
 
     @staticmethod
     def channel_concat(node: onnx.NodeProto) -> bool:
@@ -183,3 +185,8 @@ class ChannelGraph:
             sizes = [reader for concat in concats for reader in self._readers(concat)]
             return all(n.op_type == "Resize" and s == 3 and n.input[0] == tensor for n, s in sizes)
         return False
+
+
+def _blocked(node: onnx.NodeProto) -> bool:
+    """A (de)quantization with per-block parameters (opset 21's ``block_size``): not per tensor, not per channel."""
+    return any(attr.name == "block_size" and attr.i for attr in node.attribute)

@@ -369,3 +369,84 @@ def test_an_int8_graph_padded_to_a_block_gives_the_same_integers_and_keeps_its_i
     # Zero channels add nothing to the integer sums, so the outputs are the same numbers, not merely close ones.
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
+
+
+def quantized_graph(weights: str) -> onnx.ModelProto:
+    """image -> Q/DQ -> Conv(6, weights quantized as ``weights`` says) -> Q/DQ -> Conv(4, int8 per channel) -> out.
+
+    ``weights``: ``per-tensor-uint8`` (zero point 128) or ``per-channel-int8`` (no zero-point input)."""
+    rng = np.random.default_rng(3)
+    first = rng.integers(0, 256, (6, 3, 3, 3)).astype(np.uint8 if weights == "per-tensor-uint8" else np.int8)
+    inits = {
+        "s": np.array(0.05, np.float32),
+        "z": np.array(128, np.uint8),
+        "w1": first if weights == "per-tensor-uint8" else (first.astype(np.int16) - 128).astype(np.int8),
+        "w2": rng.integers(-60, 60, (4, 6, 1, 1)).astype(np.int8),
+        "w2_s": np.full(4, 0.02, np.float32),
+        "w2_z": np.zeros(4, np.int8),
+    }
+    if weights == "per-tensor-uint8":
+        inits |= {"w1_s": np.array(0.01, np.float32), "w1_z": np.array(128, np.uint8)}
+        w1_dq = helper.make_node("DequantizeLinear", ["w1", "w1_s", "w1_z"], ["w1_f"])
+    else:
+        inits |= {"w1_s": np.linspace(0.005, 0.02, 6).astype(np.float32)}
+        w1_dq = helper.make_node("DequantizeLinear", ["w1", "w1_s"], ["w1_f"], axis=0)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["image", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"]),
+        w1_dq,
+        helper.make_node("Conv", ["x", "w1_f"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["c1", "s", "z"], ["c1q"]),
+        helper.make_node("DequantizeLinear", ["c1q", "s", "z"], ["c1d"]),
+        helper.make_node("DequantizeLinear", ["w2", "w2_s", "w2_z"], ["w2_f"], axis=0),
+        helper.make_node("Conv", ["c1d", "w2_f"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "quantized",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, name) for name, value in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("weights", ["per-tensor-uint8", "per-channel-int8"])
+def test_quantized_weights_of_either_kind_are_padded_with_what_dequantizes_to_zero(weights):
+    model = quantized_graph(weights)
+    expected = run(model, ["out"])
+    assert pad_channels(model, 8) == 1
+    producers = {node.output[0]: node for node in model.graph.node}
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    first, second = (producers[n.input[1]] for n in model.graph.node if n.op_type == "Conv")
+    assert values[first.input[0]].shape[0] == 8 and values[second.input[0]].shape[1] == 8
+    # The two new output channels of the first convolution and the second one's two new input channels hold the
+    # value that dequantizes to 0: the zero point (128 for uint8 per tensor, 0 when there is no zero-point input).
+    zero = 128 if weights == "per-tensor-uint8" else 0
+    assert (values[first.input[0]][6:] == zero).all() and (values[second.input[0]][:, 6:] == 0).all()
+    np.testing.assert_allclose(run(model, ["out"])[0], expected[0], rtol=1e-6, atol=1e-6)
+
+
+def test_per_block_quantized_weights_are_left_alone_even_with_a_single_scale():
+    # One output channel, a 1x1 kernel and two input channels in one block: the blocked scale holds one number but
+    # is 4-D, and padding the weights to 8 rows would leave it the wrong shape for ONNX Runtime at run time.
+    inits = [
+        numpy_helper.from_array(np.array([[[[3]], [[-2]]]], np.int8), "w1"),
+        numpy_helper.from_array(np.full((1, 1, 1, 1), 0.1, np.float32), "w1_s"),
+        numpy_helper.from_array(np.ones((4, 1, 1, 1), np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w1", "w1_s"], ["w1_f"], axis=1, block_size=2),
+        helper.make_node("Conv", ["image", "w1_f"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "blocked",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert pad_channels(model, 8) == 0
