@@ -28,8 +28,9 @@ leaves the convolution that produces it unpadded, and weights a caller may overr
 rewritten. INT8 (QDQ) graphs are padded like fp32 ones: a padded input channel of a quantized convolution gets
 weights equal to its zero point, a padded output channel zero weights and zero bias (with a real channel's scales),
 so the integer sums of the real channels, hence the outputs, are exactly those of the unpadded graph; on the AMD
-Zen 5 VM the default INT8 file then ran 1.24x faster at 1024x2048. Float16 graphs, and quantized ones with
-float16 scales or per-block parameters, pass unchanged.
+Zen 5 VM (AVX-512 VNNI) the default INT8 file then ran 1.24x faster at 1024x2048. By default INT8 graphs are padded
+only on such CPUs: ONNX Runtime's 8-bit kernels differ per ISA (AVX2, AVX-VNNI, AMX) and were not measured there.
+Float16 graphs, and quantized ones with float16 scales or per-block parameters, pass unchanged.
 """
 
 from __future__ import annotations
@@ -59,25 +60,28 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def padding_block(flags: frozenset[str] | None = None) -> int:
+def padding_block(flags: frozenset[str] | None = None, quantized: bool = False) -> int:
     """The block :func:`pad_channels` pads to on a CPU with these feature flags (default: this one's): 16 with
     AVX-512, 8 with AVX2 and FMA but no AVX-512, else 0 (no padding: older CPUs, and where the flags cannot be
-    read). See the module for the measurements behind it."""
+    read). For a ``quantized`` (QDQ) graph only where that was measured to pay: 16 with AVX-512 VNNI, else 0 (AVX2's
+    8-bit kernels, with or without AVX-VNNI, and AMX were not measured). See the module for the measurements."""
     flags = cpu_flags() if flags is None else flags
+    if quantized:
+        return AVX512_BLOCK if {"avx512f", "avx512_vnni"} <= flags and "amx_int8" not in flags else 0
     if "avx512f" in flags:
         return AVX512_BLOCK
     return AVX2_BLOCK if {"avx2", "fma"} <= flags else 0
 
 
-def configured_block() -> int:
-    """:data:`BLOCK_ENV` when it is set, else :func:`padding_block` for this CPU.
+def configured_block(quantized: bool = False) -> int:
+    """:data:`BLOCK_ENV` when it is set (for any graph), else :func:`padding_block` for this CPU and kind of graph.
 
     Raises:
         ValueError: the variable holds something other than 0, 8 or 16.
     """
     raw = os.environ.get(BLOCK_ENV, "").strip()
     if not raw:
-        return padding_block()
+        return padding_block(quantized=quantized)
     if raw not in ("0", str(AVX2_BLOCK), str(AVX512_BLOCK)):
         raise ValueError(
             f"{BLOCK_ENV}={raw!r}: expected 0 (no padding), {AVX2_BLOCK} (AVX2 blocks) or {AVX512_BLOCK} (AVX-512 "

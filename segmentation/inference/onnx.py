@@ -189,8 +189,9 @@ def create_session(
     Args:
         onnx_model: serialized model bytes or a path to an ``.onnx`` file.
         num_threads: intra-op threads.
-        channel_block: the channel multiple; ``None`` takes ``SEGMENTATION_CHANNEL_BLOCK`` or else this CPU's
-            (:func:`~segmentation.inference.channel_padding.configured_block`), 0 pads nothing.
+        channel_block: the channel multiple; ``None`` takes ``SEGMENTATION_CHANNEL_BLOCK`` or else this CPU's for
+            this kind of graph, fp32 or INT8 (:func:`~segmentation.inference.channel_padding.configured_block`);
+            0 pads nothing.
         profile_prefix: when given, ONNX Runtime profiles every run into ``<prefix>_<date>.json``
             (``session.end_profiling()`` returns the path).
 
@@ -211,7 +212,8 @@ def create_session(
     if isinstance(onnx_model, (str, Path)):
         onnx_model = Path(onnx_model).read_bytes()
     model = add_class_ids(onnx.load_from_string(onnx_model))
-    block = configured_block() if channel_block is None else channel_block
+    quantized = any(node.op_type == "DequantizeLinear" for node in model.graph.node)
+    block = configured_block(quantized) if channel_block is None else channel_block
     if block > 1:
         padded = onnx.ModelProto()
         padded.CopyFrom(model)

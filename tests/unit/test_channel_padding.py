@@ -65,6 +65,25 @@ def test_the_padding_block_follows_the_cpus_vector_units(flags, block):
     assert padding_block(frozenset(flags)) == block
 
 
+@pytest.mark.parametrize(
+    ("flags", "block"),
+    [
+        ({"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni"}, 16),  # AVX-512 VNNI: measured on AMD Zen 5
+        ({"avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, 0),  # AMX runs INT8 in other kernels
+        ({"avx2", "fma", "avx512f"}, 0),  # AVX-512 without VNNI
+        ({"avx2", "fma", "avx_vnni"}, 0),  # AVX2 (with or without AVX-VNNI): not measured
+        (set(), 0),
+    ],
+)
+def test_int8_graphs_are_padded_only_on_the_cpus_where_it_was_measured_to_pay(flags, block):
+    assert padding_block(frozenset(flags), quantized=True) == block
+
+
+def test_the_environment_variable_pads_int8_graphs_too(monkeypatch):
+    monkeypatch.setenv(BLOCK_ENV, "8")
+    assert configured_block(quantized=True) == 8
+
+
 @pytest.mark.parametrize("value", ["0", "8", "16", " 16 "])
 def test_the_environment_variable_overrides_the_cpus_block(monkeypatch, value):
     monkeypatch.setenv(BLOCK_ENV, value)
