@@ -180,6 +180,26 @@ def tracking_store(uri: str):
         _restore_tracking_state(state)
 
 
+def new_sqlite_store(folder: Path) -> str:
+    """The URI of a new sqlite store in ``folder`` whose artifacts stay in ``folder`` as well.
+
+    A sqlite store's default artifact root is ``./mlruns`` in the working directory: the checkout, when the tests
+    run from it. The store is created here with its root in ``folder``, which its Default experiment keeps.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    SqlAlchemyStore(uri, str(folder / "mlartifacts")).engine.dispose()
+    return uri
+
+
+@contextmanager
+def sqlite_tracking_store(folder: Path):
+    """:func:`tracking_store` on :func:`new_sqlite_store` in ``folder``."""
+    with tracking_store(new_sqlite_store(folder)) as uri:
+        yield uri
+
+
 @pytest.fixture(autouse=True)
 def _keep_the_tracking_uri():
     """Undo whatever a test did to MLflow's tracking URI (see :func:`_tracking_state`)."""

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import MLFLOW_RUN_VARS, REPO, tracking_store
+from conftest import MLFLOW_RUN_VARS, REPO, sqlite_tracking_store, tracking_store
 from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
@@ -50,7 +50,7 @@ def java() -> str:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """A sqlite store holding a small random FC-HarDNet registered as `batch-e2e` with alias `production`."""
-    with tracking_store(f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}") as uri:
+    with sqlite_tracking_store(tmp_path_factory.mktemp("store")) as uri:
         torch.manual_seed(0)
         model = FCHarDNet(num_classes=CLASSES.num_classes).eval()
         with mlflow.start_run():

@@ -23,7 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import MLFLOW, child_env, free_port, random_bn_model, stop_process, wait_http
+from conftest import MLFLOW, child_env, free_port, new_sqlite_store, random_bn_model, stop_process, wait_http
 
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
@@ -40,7 +40,7 @@ def _mask(text: str) -> np.ndarray:
 def test_the_model_serves_the_same_masks_from_its_own_virtualenv(tmp_path, monkeypatch):
     if shutil.which("pyenv") is None and not (tmp_path.home() / ".pyenv" / "bin" / "pyenv").is_file():
         pytest.fail("pyenv is not installed: MLflow's virtualenv environment manager needs it for the Python version")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     classes = ClassInfo.cityscapes()

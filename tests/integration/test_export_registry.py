@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import random_bn_model, tracking_store
+from conftest import random_bn_model, sqlite_tracking_store
 from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
@@ -39,7 +39,7 @@ def model() -> FCHarDNet:
 @pytest.fixture
 def sqlite_tracking(tmp_path, monkeypatch):
     """A private sqlite store (registry included) for this test; no server needed."""
-    with tracking_store(f"sqlite:///{tmp_path / 'mlflow.db'}") as uri:
+    with sqlite_tracking_store(tmp_path) as uri:
         yield uri
 
 

@@ -13,7 +13,7 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from conftest import tracking_store
+from conftest import sqlite_tracking_store
 from mlflow import MlflowClient
 
 from segmentation.config_loading import CONFIG_DIR, load_config
@@ -43,7 +43,7 @@ def trained(tiny_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
-    with tracking_store(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}") as uri:
+    with sqlite_tracking_store(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
 
 
