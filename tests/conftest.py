@@ -184,10 +184,12 @@ def new_sqlite_store(folder: Path) -> str:
     """The URI of a new sqlite store in ``folder`` whose artifacts stay in ``folder`` as well.
 
     A sqlite store's default artifact root is ``./mlruns`` in the working directory: the checkout, when the tests
-    run from it. The store is created here with its root in ``folder``, which its Default experiment keeps.
+    run from it. The store starts as a copy of the session's migrated template (:func:`copy_migrated_sqlite`) and
+    gets its Default experiment here, with the artifact root in ``folder``.
     """
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+    copy_migrated_sqlite(folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     SqlAlchemyStore(uri, str(folder / "mlartifacts")).engine.dispose()
     return uri

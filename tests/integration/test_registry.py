@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import MLFLOW_RUN_VARS
+from conftest import MLFLOW_RUN_VARS, new_sqlite_store
 from mlflow import MlflowClient
 
 from segmentation.config import ModelConfig
@@ -275,8 +275,7 @@ def test_pipeline_export_then_promote_moves_the_onnx_production(client):
 
 def test_a_sqlite_store_works_too(tmp_path, monkeypatch):
     # A sqlite store hands alias versions back as ints where the server gives strings; both must compare equal.
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns: here, not in the checkout
+    uri = new_sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for var in MLFLOW_RUN_VARS:
         monkeypatch.delenv(var, raising=False)
