@@ -7,10 +7,10 @@ session with channels padded to 0, 8 and 16 in turn).
 
 Besides logits, the masks users get are timed on a street image (the Cityscapes sample when present): unfused eager
 logits again (the reference, timed beside the others), the served pyfunc in-process (base64 PNG in, base64 PNG out),
-the deployed ``Predictor.predict_mask`` (class ids computed inside ONNX Runtime), the same network with the argmax
-taken in PyTorch as before, and the class-id step alone (ArgMax + Cast on ``1 x C x H x W`` logits in ONNX
-Runtime). Their masks must equal the argmax of eager fp32 logits (where two class scores tie within float
-rounding, either class).
+the deployed ``Predictor.predict_mask`` (class ids computed inside ONNX Runtime by a session without the logits
+output), the same network with the argmax taken in PyTorch as before, and the class-id step alone (ArgMax + Cast on
+``1 x H x W x C`` scores in ONNX Runtime, as the deployed session computes them). Their masks must equal the
+argmax of eager fp32 logits (where two class scores tie within float rounding, either class).
 
 The ``onnxruntime`` rows run the exported graph as it is; the deployed Predictor's session also pads convolutions
 with zero channels where the CPU calls for it (to 8 channels on AVX2 CPUs, to 16 on AVX-512 CPUs:
@@ -48,7 +48,7 @@ from benchmarks.common import describe_machine, markdown_table, time_fn, write_r
 from benchmarks.serving import street_image
 from segmentation.data.synthetic import generate_scene
 from segmentation.inference.channel_padding import configured_block, cpu_flags, pad_channels, padding_block
-from segmentation.inference.onnx import EXECUTION_PROVIDERS, add_class_ids, create_session, inline_shared_initializers
+from segmentation.inference.onnx import EXECUTION_PROVIDERS, create_session, inline_shared_initializers
 from segmentation.inference.onnx import export_onnx as export_onnx_bytes
 from segmentation.inference.parity import check_parity
 from segmentation.inference.predictor import Predictor
@@ -284,12 +284,16 @@ def bench_model(
     return rows
 
 
-def _passthrough(num_classes: int) -> onnx.ModelProto:
-    """A graph whose input is its ``logits`` output: with :func:`add_class_ids` it times the class-id step alone
-    (ArgMax + Cast, reading the caller's logits in place: no copy node in front of them)."""
-    shape = [1, num_classes, "height", "width"]
-    logits = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, shape)
-    graph = onnx.helper.make_graph([], "passthrough", [logits], [logits])
+def _class_id_step(num_classes: int) -> onnx.ModelProto:
+    """The deployed class-id step alone: ArgMax over the class axis of channels-last scores and the cast to uint8,
+    what the class-ids session runs after its upsampling (:func:`segmentation.inference.onnx.one_output_graph`)."""
+    scores = onnx.helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [1, "height", "width", num_classes])
+    ids = onnx.helper.make_tensor_value_info("class_ids", onnx.TensorProto.UINT8, [1, "height", "width"])
+    nodes = [
+        onnx.helper.make_node("ArgMax", ["scores"], ["class_ids_int64"], axis=3, keepdims=0),
+        onnx.helper.make_node("Cast", ["class_ids_int64"], ["class_ids"], to=onnx.TensorProto.UINT8),
+    ]
+    graph = onnx.helper.make_graph(nodes, "class_id_step", [scores], [ids])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
@@ -313,8 +317,9 @@ def mask_paths(model: nn.Module) -> dict[str, Callable[[np.ndarray], Callable[[]
 
     def class_id_step(image: np.ndarray) -> Callable[[], object]:
         logits = Predictor(model).logits(to_input_tensor(image)).numpy()
-        session = create_session(add_class_ids(_passthrough(logits.shape[1])).SerializeToString())
-        return lambda: session.run(["class_ids"], {"logits": logits})[0][0]
+        scores = np.ascontiguousarray(logits.transpose(0, 2, 3, 1))
+        session = create_session(_class_id_step(logits.shape[1]).SerializeToString())
+        return lambda: session.run(["class_ids"], {"scores": scores})[0][0]
 
     def served(image: np.ndarray) -> Callable[[], object]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -625,15 +630,22 @@ def profile_top_ops(size: tuple[int, int], top: int = 15) -> str:
     return text
 
 
-def padding_ab(sizes: list[tuple[int, int]], blocks: tuple[int, ...] = (0, 8, 16), rounds: int = 7) -> str:
+def padding_ab(
+    sizes: list[tuple[int, int]], blocks: tuple[int, ...] = (0, 8, 16), rounds: int = 7, int8: bool = False
+) -> str:
     """Interleaved A/B of the deployed session with convolutions padded to each channel block (0: unpadded).
 
-    One session per block on one exported network (random weights), run in turn on the same input ``rounds``
-    times per size (each round in another order), so that a shared machine's slow spells hit every block alike.
-    Logits must match the unpadded session's (max |diff| <= 1e-4), and each block must pad convolutions; else the
-    run fails.
+    One session per block on one exported network (random weights; with ``int8``, its default INT8 file,
+    calibrated on street scenes), run in turn on the same input ``rounds`` times per size (each round in another
+    order), so that a shared machine's slow spells hit every block alike. Logits must match the unpadded session's
+    (max |diff| <= 1e-4), and each block must pad convolutions; else the run fails.
     """
     onnx_model = export_onnx_bytes(FCHarDNet(num_classes=19).eval())
+    if int8:
+        with tempfile.TemporaryDirectory() as tmp:
+            scenes = [generate_scene(256, 512, seed)[0] for seed in range(4)]
+            exclusions = default_int8_exclusions(onnx_model)
+            onnx_model = quantize_int8(onnx_model, scenes, Path(tmp) / "int8.onnx", exclusions).read_bytes()
     for block in blocks:
         if block and not pad_channels(inline_shared_initializers(onnx.load_from_string(onnx_model)), block):
             raise SystemExit(f"padding to {block} channels changed no convolution: the A/B would time one graph twice")
@@ -672,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--padding-ab", action="store_true", help="time the deployed session per channel block, interleaved, then exit"
     )
+    parser.add_argument("--int8", action="store_true", help="with --padding-ab: time the default INT8 file instead")
     parser.add_argument(
         "--results-name",
         default="",
@@ -686,8 +699,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     if args.padding_ab:
-        print(f"the deployed session's channel block here: {configured_block()} (this CPU's: {padding_block()})")
-        print(padding_ab(sizes))
+        kind = "INT8" if args.int8 else "fp32"
+        here, cpu = configured_block(args.int8), padding_block(quantized=args.int8)
+        print(f"the deployed {kind} session's channel block here: {here} (this CPU's: {cpu})")
+        print(padding_ab(sizes, int8=args.int8))
         return 0
     rows, goals, extra = run(sizes, not args.no_compile, not args.no_peers and not args.key_rows, args.key_rows)
     per_library = ", ".join(f"{lib} {rate:.0f}" for lib, rate in sorted(extra["gemm"]["per library"].items()))
