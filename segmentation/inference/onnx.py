@@ -3,10 +3,8 @@
 Export, export verification, the :class:`~segmentation.inference.predictor.Predictor` and serving all use these two
 functions, so the session that was verified is the session that serves.
 
-Every graph has two outputs: ``logits`` and ``class_ids``, an ArgMax over the class axis cast to uint8 that is
-appended to the network (:func:`add_class_ids`). Asking the session for ``class_ids`` alone keeps the ``C`` float
-planes inside the runtime: at 1024x2048 ONNX Runtime's ArgMax takes ~70 ms where ``torch.argmax`` over the
-``(1, C, H, W)`` logits took ~0.8 s on this CPU. ONNX ArgMax picks the first of tied maxima, as ``torch.argmax`` does.
+Every graph has two outputs, ``logits`` and ``class_ids`` (:mod:`segmentation.inference.graph_outputs`, whose names
+are importable from here too); ``create_session(..., only=...)`` makes a session with one of them.
 """
 
 from __future__ import annotations
@@ -18,73 +16,42 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx import TensorProto, helper
 from torch import nn
 
 from segmentation.inference.channel_padding import configured_block, pad_channels
+from segmentation.inference.graph_outputs import (
+    CLASS_IDS_NAME,
+    MAX_CLASS_IDS,
+    OUTPUT_NAME,
+    add_class_ids,
+    num_classes,
+    one_output_graph,
+    output_names,
+)
 from segmentation.io import atomic_path
 from segmentation.models import fuse_bn as fold_batchnorm
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "CLASS_IDS_NAME",
+    "EXECUTION_PROVIDERS",
+    "INPUT_NAME",
+    "MAX_CLASS_IDS",
+    "OUTPUT_NAME",
+    "add_class_ids",
+    "create_session",
+    "export_onnx",
+    "inline_shared_initializers",
+    "num_classes",
+    "one_output_graph",
+    "output_names",
+]
+
 INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
-CLASS_IDS_NAME = "class_ids"
-MAX_CLASS_IDS = 256  # class ids travel as uint8
 EXECUTION_PROVIDERS = ["CPUExecutionProvider"]
 _DIMS = {0: "batch", 2: "height", 3: "width"}
 _TRACE_SIZE = (64, 128)  # any size the network accepts: height and width are exported as dynamic axes
-
-
-_CHANNEL_KEEPING = {"Resize", "Upsample", "Identity", "Relu", "QuantizeLinear", "DequantizeLinear", "Cast"}
-
-
-def num_classes(graph: onnx.GraphProto) -> int | None:
-    """Channels of the ``logits`` output: its declared dim, else the output channels of the Conv that produces it
-    (through resizes and (de)quantization); ``None`` when neither is known."""
-    output = next((o for o in graph.output if o.name == OUTPUT_NAME), None)
-    dims = output.type.tensor_type.shape.dim if output is not None else []
-    if len(dims) == 4 and dims[1].dim_value:
-        return dims[1].dim_value
-    producers = {name: node for node in graph.node for name in node.output}
-    shapes = {init.name: list(init.dims) for init in graph.initializer}
-    node = producers.get(OUTPUT_NAME)
-    while node is not None and node.op_type in _CHANNEL_KEEPING:
-        node = producers.get(node.input[0])
-    if node is None or node.op_type != "Conv":
-        return None
-    weight = node.input[1]
-    while weight in producers and producers[weight].op_type in _CHANNEL_KEEPING:  # QDQ: weights pass through a DQ
-        weight = producers[weight].input[0]
-    return shapes[weight][0] if weight in shapes else None
-
-
-def add_class_ids(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Append ``class_ids = Cast<uint8>(ArgMax(logits, axis=1))`` as a second output, in place; returns ``model``.
-
-    A graph that already has the output, or whose ``logits`` have more than :data:`MAX_CLASS_IDS` or an unknown
-    number of classes, is returned unchanged (the Predictor then takes the argmax of the logits itself).
-
-    Shape:
-        ``logits (N, C, H, W)`` float -> ``class_ids (N, H, W)`` uint8.
-    """
-    graph = model.graph
-    outputs = {output.name: output for output in graph.output}
-    if CLASS_IDS_NAME in outputs or OUTPUT_NAME not in outputs:
-        return model
-    dims = outputs[OUTPUT_NAME].type.tensor_type.shape.dim
-    if len(dims) != 4 or not 0 < (num_classes(graph) or 0) <= MAX_CLASS_IDS:
-        return model
-    argmax = f"{CLASS_IDS_NAME}_int64"
-    graph.node.extend(
-        [
-            helper.make_node("ArgMax", [OUTPUT_NAME], [argmax], name="ClassIdsArgMax", axis=1, keepdims=0),
-            helper.make_node("Cast", [argmax], [CLASS_IDS_NAME], name="ClassIdsCast", to=TensorProto.UINT8),
-        ]
-    )
-    shape = [dim.dim_param or dim.dim_value or None for i, dim in enumerate(dims) if i != 1]
-    graph.output.append(helper.make_tensor_value_info(CLASS_IDS_NAME, TensorProto.UINT8, shape))
-    return model
 
 
 def inline_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -114,11 +81,6 @@ def inline_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(keep)
     return model
-
-
-def has_class_ids(session) -> bool:
-    """Whether an onnxruntime session computes the ``class_ids`` output."""
-    return any(output.name == CLASS_IDS_NAME for output in session.get_outputs())
 
 
 def export_onnx(model: nn.Module, path: str | Path | None = None, opset: int = 17, fuse_bn: bool = True) -> bytes:
@@ -177,6 +139,7 @@ def create_session(
     num_threads: int | None = None,
     channel_block: int | None = None,
     profile_prefix: str | None = None,
+    only: str | None = None,
 ):
     """An onnxruntime CPU session tuned for this model, with the ``class_ids`` output added when a file lacks it.
 
@@ -194,9 +157,15 @@ def create_session(
             0 pads nothing.
         profile_prefix: when given, ONNX Runtime profiles every run into ``<prefix>_<date>.json``
             (``session.end_profiling()`` returns the path).
+        only: ``"logits"`` or ``"class_ids"``: a session with that output alone (:func:`one_output_graph`), which
+            skips the work of the other; by default both.
 
     Returns:
         An ``onnxruntime.InferenceSession``.
+
+    Raises:
+        ValueError: ``only`` names an output the graph does not have (``class_ids`` of a model with more than
+            :data:`MAX_CLASS_IDS` classes, for instance).
     """
     import onnxruntime as ort  # heavy, and only needed on the ONNX paths
 
@@ -212,6 +181,8 @@ def create_session(
     if isinstance(onnx_model, (str, Path)):
         onnx_model = Path(onnx_model).read_bytes()
     model = add_class_ids(onnx.load_from_string(onnx_model))
+    if only is not None:
+        model = one_output_graph(model, only)
     quantized = any(node.op_type == "DequantizeLinear" for node in model.graph.node)
     block = configured_block(quantized) if channel_block is None else channel_block
     if block > 1:

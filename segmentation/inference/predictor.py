@@ -16,10 +16,12 @@ Runtime's arena keeps them mapped between calls. If the export or the session fa
 PyTorch on a small probe (:func:`segmentation.inference.parity.check_parity`), ``"auto"`` logs why and falls back
 to fused channels_last eager. On a GPU ``"auto"`` is channels_last eager.
 
-Masks: on ONNX Runtime, :meth:`Predictor.predict_mask` asks the session for its ``class_ids`` output (an ArgMax
-appended to the graph, :func:`segmentation.inference.onnx.add_class_ids`), so the ``C`` float planes of the logits
-never leave the runtime; ``torch.argmax`` over ``(1, C, H, W)`` logits cost about as much as the network at
-1024x2048. Test-time augmentation and sliding windows average logits, so they keep taking the argmax in PyTorch.
+Masks: on ONNX Runtime, :meth:`Predictor.predict_mask` runs a second session of the same graph whose only output is
+``class_ids`` (an ArgMax appended to the graph, :func:`segmentation.inference.onnx.add_class_ids`, computed
+channels-last by :func:`segmentation.inference.onnx.one_output_graph`), made on first use, so the ``C`` float planes
+of the logits are never upsampled to full size in NCHW nor leave the runtime; ``torch.argmax`` over
+``(1, C, H, W)`` logits cost about as much as the network at 1024x2048. The logits session, in turn, has no ArgMax.
+Test-time augmentation and sliding windows average logits, so they keep taking the argmax in PyTorch.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from segmentation.inference.onnx import (
     OUTPUT_NAME,
     create_session,
     export_onnx,
-    has_class_ids,
+    output_names,
 )
 from segmentation.inference.parity import check_parity, model_device
 from segmentation.inference.tta import DEFAULT_SCALES, check_tta_settings, pad_to_min_side, predict_logits
@@ -88,6 +90,8 @@ class Predictor:
             raise ValueError(f"unknown inference backend {backend!r}; allowed: {', '.join(BACKEND_CHOICES)}")
         self.num_threads = num_threads
         self.session = None
+        self._onnx: bytes | None = None  # the graph self.session runs, for the class-ids session
+        self._ids_session: object | None = None  # made on first use; False: the graph has no class ids
         self.module = None
         self.backend = backend
         if model is None:  # from_onnx fills in the session
@@ -101,7 +105,8 @@ class Predictor:
         if backend == "auto":
             backend = self._auto(model) if self.device.type == "cpu" else FALLBACK_BACKEND
         elif backend == "onnxruntime":
-            self.session = create_session(export_onnx(self.module, fuse_bn=False), num_threads)
+            self._onnx = export_onnx(self.module, fuse_bn=False)
+            self.session = _logits_session(self._onnx, num_threads)
         if backend == "channels_last":
             self.module = self.module.to(memory_format=torch.channels_last)
         self.backend = backend
@@ -111,13 +116,15 @@ class Predictor:
         """A predictor running an exported ``.onnx`` file on onnxruntime (CPU)."""
         predictor = cls(None, "onnxruntime", num_threads)
         predictor._check_input = None
-        predictor.session = create_session(Path(path), num_threads)
+        predictor._onnx = Path(path).read_bytes()  # bytes: the class-ids session is made later, maybe without the file
+        predictor.session = _logits_session(predictor._onnx, num_threads)
         return predictor
 
     def _auto(self, model: nn.Module) -> str:
         self.backend = "onnxruntime"  # named in a ParityError message
         try:
-            self.session = create_session(export_onnx(self.module, fuse_bn=False), self.num_threads)
+            self._onnx = export_onnx(self.module, fuse_bn=False)
+            self.session = _logits_session(self._onnx, self.num_threads)
             check_parity(self, model, sizes=(_PROBE_SIZE,), batch=1)
         except Exception as exc:  # any failure here only costs speed: fall back to PyTorch
             first_line = str(exc).splitlines()[0] if str(exc) else ""
@@ -127,7 +134,7 @@ class Predictor:
                 first_line,
                 FALLBACK_BACKEND,
             )
-            self.session = None
+            self.session = self._onnx = None
             return FALLBACK_BACKEND
         return "onnxruntime"
 
@@ -155,12 +162,28 @@ class Predictor:
     def class_ids(self, x: torch.Tensor) -> torch.Tensor:
         """Class ids (``N x H x W`` uint8, the first index among tied maxima) of a normalised batch: computed
         inside ONNX Runtime when the session has the ``class_ids`` output, else the argmax of :meth:`logits`."""
-        if self.session is not None and has_class_ids(self.session):
+        session = self._class_ids_session()
+        if session is not None:
             x = self._check(x)
-            (out,) = self.session.run([CLASS_IDS_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})
+            (out,) = session.run([CLASS_IDS_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})
             return torch.from_numpy(out)
         with torch.inference_mode():
             return self.logits(x).argmax(1).to(torch.uint8)
+
+    def _class_ids_session(self):
+        """The session of the same graph with the ``class_ids`` output alone
+        (:func:`~segmentation.inference.onnx.one_output_graph`), made on first use; ``None`` off ONNX Runtime, for a
+        graph without class ids (more than 256 classes) and when it cannot be made (the argmax of the logits gives
+        the same class ids)."""
+        if self._ids_session is None and self.session is not None:
+            self._ids_session = False
+            try:
+                if CLASS_IDS_NAME in output_names(self._onnx):
+                    self._ids_session = create_session(self._onnx, self.num_threads, only=CLASS_IDS_NAME)
+            except Exception as exc:  # only costs speed
+                first_line = str(exc).splitlines()[0] if str(exc) else ""
+                logger.warning("class-ids session unavailable (%s: %s)", type(exc).__name__, first_line)
+        return self._ids_session or None
 
     def predict_class_ids(
         self,
@@ -180,7 +203,7 @@ class Predictor:
         height, width = batch.shape[-2:]
         padded = pad_to_min_side(batch)
         one_window = not sliding_window or max(padded.shape[-2:]) <= sliding_window
-        if tta == "none" and one_window and self.session is not None and has_class_ids(self.session):
+        if tta == "none" and one_window and self._class_ids_session() is not None:
             return self.class_ids(padded)[:, :height, :width]
         with torch.inference_mode():
             return predict_logits(self, batch, tta=tta, scales=scales, sliding_window=sliding_window).argmax(1)
@@ -201,6 +224,13 @@ class Predictor:
 
     def __repr__(self) -> str:
         return f"Predictor(backend={self.backend!r}, device={self.device})"
+
+
+def _logits_session(onnx_model: bytes, num_threads: int | None):
+    """A session of the graph for :meth:`Predictor.logits`: its ``logits`` output alone when it has one (the
+    class-id ArgMax would run on every call otherwise), else every output."""
+    only = OUTPUT_NAME if OUTPUT_NAME in output_names(onnx_model) else None
+    return create_session(onnx_model, num_threads, only=only)
 
 
 def _logits_output(session) -> str:

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from segmentation.config import ModelConfig
 from segmentation.data.classes import ClassInfo
-from segmentation.inference.onnx import CLASS_IDS_NAME, add_class_ids, create_session, export_onnx
+from segmentation.inference.onnx import CLASS_IDS_NAME, add_class_ids, create_session, export_onnx, one_output_graph
 from segmentation.inference.parity import ParityError, verify_onnx
 from segmentation.inference.predictor import Predictor
 from segmentation.mlops.model_store import load_model
@@ -113,7 +113,78 @@ def test_class_ids_are_added_to_a_file_exported_without_them(onnx_file, tmp_path
     image = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     with_ids = Predictor.from_onnx(onnx_file).predict_mask(image)
     assert np.array_equal(predictor.predict_mask(image), with_ids)
-    assert [o.name for o in predictor.session.get_outputs()] == ["logits", "class_ids"]
+    assert [o.name for o in predictor.session.get_outputs()] == ["logits"]  # the class-id ArgMax is not run there
+    assert [o.name for o in predictor._class_ids_session().get_outputs()] == ["class_ids"]
+
+
+def test_class_ids_session_of_fc_hardnet_skips_the_logits_and_equals_their_argmax():
+    exported = export_onnx(random_bn_model(num_classes=19))
+    graph = one_output_graph(onnx.load_from_string(exported), CLASS_IDS_NAME).graph
+    assert [o.name for o in graph.output] == [CLASS_IDS_NAME]
+    assert not any("logits" in node.output for node in graph.node)  # the NCHW upsampling to the logits is gone
+    argmax = next(node for node in graph.node if node.op_type == "ArgMax")
+    assert onnx.helper.get_attribute_value(argmax.attribute[0]) == 3  # ... computed channels-last
+    logits_only = one_output_graph(onnx.load_from_string(exported), "logits").graph
+    assert [o.name for o in logits_only.output] == ["logits"]
+    assert not any(node.op_type in ("ArgMax", "Transpose") for node in logits_only.node)
+    full, masks = create_session(exported), create_session(exported, only=CLASS_IDS_NAME)
+    assert [o.name for o in masks.get_outputs()] == [CLASS_IDS_NAME]
+    for height, width in ((64, 128), (70, 90), (97, 131)):
+        x = torch.randn(1, 3, height, width).numpy()
+        logits, ids = full.run(None, {"image": x})
+        (only,) = masks.run(None, {"image": x})
+        assert only.dtype == np.uint8 and np.array_equal(only, ids) and np.array_equal(only, logits.argmax(1))
+
+
+def _resized_logits(mode: str, transform: str, by_scales: bool) -> onnx.ModelProto:
+    """``logits = Resize(image)`` to twice the size plus 3 x 5 pixels (or by constant scales), like a network's
+    final upsampling."""
+    h = onnx.helper
+    nodes = []
+    if by_scales:
+        nodes.append(h.make_node("Constant", [], ["scales"], value_floats=[1.0, 1.0, 2.5, 3.0]))
+        inputs = ["image", "", "scales"]
+    else:
+        nodes += [
+            h.make_node("Shape", ["image"], ["shape"]),
+            h.make_node("Constant", [], ["twice"], value_ints=[1, 1, 2, 2]),
+            h.make_node("Constant", [], ["more"], value_ints=[0, 0, 3, 5]),
+            h.make_node("Mul", ["shape", "twice"], ["doubled"]),
+            h.make_node("Add", ["doubled", "more"], ["sizes"]),
+        ]
+        inputs = ["image", "", "", "sizes"]
+    nodes.append(h.make_node("Resize", inputs, ["logits"], mode=mode, coordinate_transformation_mode=transform))
+    shape = ["batch", 5, "height", "width"]
+    graph = h.make_graph(
+        nodes,
+        "resize",
+        [h.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["batch", 5, "h", "w"])],
+        [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, shape)],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("by_scales", [False, True])
+@pytest.mark.parametrize("transform", ["align_corners", "half_pixel", "pytorch_half_pixel", "asymmetric"])
+def test_channels_last_class_ids_equal_the_argmax_for_every_linear_resize(transform, by_scales):
+    model = add_class_ids(_resized_logits("linear", transform, by_scales))
+    rewritten = one_output_graph(model, CLASS_IDS_NAME)
+    assert any(node.op_type == "Transpose" for node in rewritten.graph.node)  # the channels-last head was used
+    full = create_session(model.SerializeToString(), channel_block=0)
+    masks = create_session(model.SerializeToString(), channel_block=0, only=CLASS_IDS_NAME)
+    rng = np.random.default_rng(3)
+    for x in (rng.integers(0, 3, (2, 5, 13, 17)).astype(np.float32), rng.standard_normal((1, 5, 20, 9), np.float32)):
+        logits = full.run(["logits"], {"image": x})[0]  # small integers: ties between classes everywhere
+        assert np.array_equal(masks.run(None, {"image": x})[0], logits.argmax(1))
+
+
+def test_one_output_graph_keeps_other_heads():
+    cubic = add_class_ids(_resized_logits("cubic", "half_pixel", by_scales=False))
+    graph = one_output_graph(cubic, CLASS_IDS_NAME).graph
+    assert not any(node.op_type == "Transpose" for node in graph.node)  # not a linear resize: its ArgMax stays
+    assert [o.name for o in graph.output] == [CLASS_IDS_NAME]
+    with pytest.raises(ValueError, match="no 'class_ids' output"):
+        one_output_graph(_logits_passthrough(3), CLASS_IDS_NAME)
 
 
 def test_predict_mask_reads_the_in_graph_class_ids_without_tta(tmp_path):
@@ -124,6 +195,7 @@ def test_predict_mask_reads_the_in_graph_class_ids_without_tta(tmp_path):
     image = np.random.default_rng(2).integers(0, 256, (40, 70, 3), dtype=np.uint8)  # padded to 64 rows inside
     logits = predictor.logits(torch.nn.functional.pad(to_input_tensor(image), (0, 0, 0, 24)))[0, :, :40]
     mask = predictor.predict_mask(image)
+    assert [o.name for o in predictor._class_ids_session().get_outputs()] == [CLASS_IDS_NAME]  # masks' own session
     assert mask.shape == (40, 70) and mask.flags.c_contiguous
     assert np.array_equal(mask, logits.argmin(0).numpy())  # the graph's output, cropped to the image
     flipped = predictor.predict_mask(image, tta="flip")  # TTA averages logits: argmax taken in PyTorch
