@@ -163,7 +163,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "augmentation.crop_width": (1, None),
     "augmentation.val_height": (0, None),  # 0 = full resolution
     "augmentation.val_width": (0, None),
-    "model.num_classes": (1, None),
+    "model.num_classes": (1, 256),  # class ids travel as uint8 masks
     "loss.min_k": (1, None),
     "loss.threshold": (0, None),  # a per-pixel cross-entropy value, not a probability: values above 1 are valid
     "loss.ignore_index": (0, 255),

@@ -28,6 +28,7 @@ REFUSED = {
     "loss.threshold=-0.1": ">= 0",
     "loss.threshold=nan": ">= 0",
     "loss.ignore_index=256": "in [0, 255]",
+    "model.num_classes=257": "in [1, 256]",  # class ids travel as uint8 masks
     "data.ignore_index=-1": "in [0, 255]",
     "scheduler.warmup_steps=-10": ">= 0",
     "eval.sliding_window=-64": ">= 0",
@@ -64,6 +65,7 @@ def test_out_of_range_value_in_yaml_is_refused(tmp_path):
         "system.seed=0",
         "system.seed=4294967295",
         "loss.ignore_index=0",
+        "model.num_classes=256",
     ],
 )
 def test_boundary_values_are_accepted(override):
