@@ -12,8 +12,7 @@ Measured on 2-core CPUs (README, *Figures*): on AVX2 all 70 convolutions run as 
 and interleaved runs of the two sessions took 1.07-1.11x less time at 512x1024 and 1.05-1.09x at 1024x2048. With
 AVX-512 the block is 16 (1.35x the multiply-adds): 1.14-1.19x less time on an Intel CPU with AMX and 1.02-1.15x on
 an AMD Zen 5 CPU (its blocked convolutions ran at ~490 GFLOP/s, the im2col ones at 110-360). An AMD Zen 4 CPU,
-whose AVX-512 units are half as wide, gave 1.00-1.08x on a busy day, never slower, but its unpadded graph ran at
->= 90 % of the GEMM rate on a quiet one, so it may gain nothing there (not measured again since).
+whose AVX-512 units are half as wide, gave 1.00-1.08x on one busy day and 1.10-1.11x on another.
 :func:`padding_block` pads on every AVX2 (with FMA) and AVX-512 CPU; the environment variable :data:`BLOCK_ENV`
 overrides it (``0``, ``8`` or ``16``; ``python -m benchmarks.inference --padding-ab`` measures which is fastest on a
 given CPU).
@@ -27,8 +26,9 @@ Anything else (a graph output, a reshape, an elementwise op with another tensor,
 leaves the convolution that produces it unpadded, and weights a caller may override (graph inputs) are never
 rewritten. INT8 (QDQ) graphs are padded like fp32 ones: a padded input channel of a quantized convolution gets
 weights equal to its zero point, a padded output channel zero weights and zero bias (with a real channel's scales),
-so the integer sums of the real channels, hence the outputs, are exactly those of the unpadded graph; on the AMD
-Zen 5 VM (AVX-512 VNNI) the default INT8 file then ran 1.24x faster at 1024x2048. By default INT8 graphs are padded
+so the integer sums of the real channels, hence the outputs, are exactly those of the unpadded graph; the default
+INT8 file then ran 1.24x faster at 1024x2048 on an AMD Zen 5 CPU (AVX-512 VNNI) and 1.28-1.33x on a Zen 4 one
+(``--padding-ab --int8``). By default INT8 graphs are padded
 only on such CPUs: ONNX Runtime's 8-bit kernels differ per ISA (AVX2, AVX-VNNI, AMX) and were not measured there.
 Float16 graphs, and quantized ones with float16 scales or per-block parameters, pass unchanged.
 """
