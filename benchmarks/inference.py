@@ -597,8 +597,8 @@ def run(
 
 
 def profile_top_ops(size: tuple[int, int], top: int = 15) -> str:
-    """Top ops by self CPU time of fused channels_last eager (torch.profiler) and of the deployed ONNX Runtime
-    session (:func:`~segmentation.inference.onnx.create_session`)."""
+    """Top ops by self CPU time of fused channels_last eager (torch.profiler) and of the deployed masks session (ONNX
+    Runtime, ``class_ids`` alone, as :class:`~segmentation.inference.predictor.Predictor` runs it)."""
     import json
     from collections import Counter
 
@@ -613,7 +613,7 @@ def profile_top_ops(size: tuple[int, int], top: int = 15) -> str:
     text += prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top) + "\n```\n"
     with tempfile.TemporaryDirectory() as tmp:
         # The deployed session: BN folded, class ids in the graph, channels padded where this CPU calls for it.
-        session = create_session(export_onnx_bytes(model), profile_prefix=os.path.join(tmp, "ort"))
+        session = create_session(export_onnx_bytes(model), profile_prefix=os.path.join(tmp, "ort"), only="class_ids")
         for _ in range(3):
             session.run(None, {"image": x.numpy()})
         events = json.load(open(session.end_profiling()))
@@ -623,7 +623,7 @@ def profile_top_ops(size: tuple[int, int], top: int = 15) -> str:
             per_op[event["args"]["op_name"]] += event["dur"] / 3
     total = sum(per_op.values())
     median = sorted(runs)[len(runs) // 2] / 1000
-    text += f"### deployed ONNX Runtime session, channel block {configured_block()}, {size[0]}x{size[1]}"
+    text += f"### deployed masks session (ONNX Runtime), channel block {configured_block()}, {size[0]}x{size[1]}"
     text += f" (model_run median {median:.0f} ms)\n"
     text += "| op | ms per run | share of kernel time |\n|---|---|---|\n"
     text += "".join(f"| {op} | {us / 1000:.1f} | {100 * us / total:.1f}% |\n" for op, us in per_op.most_common(top))
@@ -633,7 +633,7 @@ def profile_top_ops(size: tuple[int, int], top: int = 15) -> str:
 def padding_ab(
     sizes: list[tuple[int, int]], blocks: tuple[int, ...] = (0, 8, 16), rounds: int = 7, int8: bool = False
 ) -> str:
-    """Interleaved A/B of the deployed session with convolutions padded to each channel block (0: unpadded).
+    """Interleaved A/B of the deployed logits session with convolutions padded to each channel block (0: unpadded).
 
     One session per block on one exported network (random weights; with ``int8``, its default INT8 file,
     calibrated on street scenes), run in turn on the same input ``rounds`` times per size (each round in another
@@ -649,12 +649,12 @@ def padding_ab(
     for block in blocks:
         if block and not pad_channels(inline_shared_initializers(onnx.load_from_string(onnx_model)), block):
             raise SystemExit(f"padding to {block} channels changed no convolution: the A/B would time one graph twice")
-    sessions = {block: create_session(onnx_model, channel_block=block) for block in blocks}
+    sessions = {block: create_session(onnx_model, channel_block=block, only="logits") for block in blocks}
     lines = [f"| input | {' | '.join(f'block {b} ms' for b in blocks)} | unpadded / best | max abs diff |", ""]
     lines[1] = "|" + "---|" * (len(blocks) + 3)
     for height, width in sizes:
         x = np.random.default_rng(0).standard_normal((1, 3, height, width), dtype=np.float32)
-        logits = {block: session.run(["logits"], {"image": x})[0] for block, session in sessions.items()}
+        logits = {block: session.run(None, {"image": x})[0] for block, session in sessions.items()}
         times: dict[int, list[float]] = {block: [] for block in blocks}
         for round_ in range(rounds):
             for block in blocks[round_ % len(blocks) :] + blocks[: round_ % len(blocks)]:

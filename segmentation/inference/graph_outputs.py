@@ -76,12 +76,15 @@ def one_output_graph(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
     the other one needs: ONNX Runtime runs every node of a session whatever outputs a run asks for, so a session
     that serves masks would compute the full-size logits, and one that serves logits the class-id ArgMax.
 
-    For ``class_ids``, when they are :func:`add_class_ids`' ArgMax of ``logits`` and those come from a plain linear
-    ``Resize`` (FC-HarDNet's final upsampling), they are computed channels-last from that Resize's input: the same
-    interpolation of the same values (ONNX Runtime's channels-last bilinear kernel gives the same scores bit for
-    bit; the test suite checks the class ids against the argmax of the logits for every interpolation mode), while
+    For ``class_ids``, when they are an ArgMax over the class axis of 4-D ``logits`` that come from a linear
+    ``Resize`` to sizes given as a tensor (FC-HarDNet's final upsampling to the input's size), they are computed
+    channels-last from that Resize's input (:func:`_channels_last_head`): the same interpolation of the same values,
+    and ONNX Runtime's channels-last bilinear kernel gives the same scores bit for bit as its NCHW one (the test suite
+    checks the class ids against the argmax of the logits for each coordinate mode, with ties and near-ties), while
     it and an ArgMax over contiguous scores took 11 ms where the NCHW pair took 22-24 ms (19 classes at 512x1024,
-    2-core AMD EPYC). Any other graph keeps its own class-id nodes.
+    2-core AMD EPYC). A Resize by constant scales is left alone: after a convolution ONNX Runtime runs it with its
+    blocked (NCHWc) kernel, which rounds differently. Any other graph keeps its own class-id nodes, and a graph with
+    subgraphs (If, Loop, Scan), whose nodes may read names they do not list as inputs, keeps all its nodes.
 
     Raises:
         ValueError: the graph has no such output.
@@ -91,7 +94,10 @@ def one_output_graph(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
     graph = copy.graph
     if not any(o.name == output for o in graph.output):
         raise ValueError(f"the graph has no {output!r} output (outputs: {[o.name for o in graph.output]})")
-    head = _channels_last_head(graph) if output == CLASS_IDS_NAME else []
+    flat = not any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute
+    )
+    head = _channels_last_head(graph) if output == CLASS_IDS_NAME and flat else []
     if head:  # ... -> ArgMax -> Cast becomes ... -> channels-last head -> the same Cast, in topological order
         replaced = set(head[-1].output) | {CLASS_IDS_NAME}
         cast = next(node for node in graph.node if CLASS_IDS_NAME in node.output)
@@ -101,15 +107,16 @@ def one_output_graph(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
     kept = [o for o in graph.output if o.name == output]
     del graph.output[:]
     graph.output.extend(kept)
-    _drop_unused_nodes(graph)
+    if flat:
+        _drop_unused(graph)
     return copy
 
 
 def _channels_last_head(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Nodes that compute the ArgMax feeding ``class_ids`` channels-last from the input of the Resize producing
-    ``logits``; empty unless that ArgMax is :func:`add_class_ids`' and the Resize a plain linear one (ONNX opset
-    >= 11 form, no ``axes``, antialiasing, aspect-ratio policy or crop region), which on a 4-D input upsamples
-    height and width alone."""
+    ``logits``; empty unless that ArgMax is one over axis 1 (first of tied maxima) of declared 4-D ``logits``, and
+    the Resize a linear one to a ``sizes`` tensor (ONNX opset >= 11 form; ``scales`` unnamed or empty; no ``axes``,
+    antialiasing, aspect-ratio policy or crop region), which therefore upsamples height and width alone."""
     producers = {name: node for node in graph.node for name in node.output}
     cast = producers.get(CLASS_IDS_NAME)
     argmax = producers.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
@@ -118,8 +125,17 @@ def _channels_last_head(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     attrs = {a.name: helper.get_attribute_value(a) for a in argmax.attribute}
     if attrs.get("axis") != 1 or attrs.get("keepdims", 1) != 0 or attrs.get("select_last_index", 0):
         return []
+    logits = next(o for o in graph.output if o.name == OUTPUT_NAME)
     resize = producers.get(OUTPUT_NAME)
-    if resize is None or resize.op_type != "Resize" or resize.domain not in ("", "ai.onnx") or len(resize.input) < 3:
+    if (
+        len(logits.type.tensor_type.shape.dim) != 4
+        or resize is None
+        or resize.op_type != "Resize"
+        or resize.domain not in ("", "ai.onnx")
+        or len(resize.input) != 4
+        or not resize.input[3]
+        or (resize.input[2] and not _is_empty_constant(graph, resize.input[2], producers))
+    ):
         return []
     attrs = {a.name: helper.get_attribute_value(a) for a in resize.attribute}
     plain = (
@@ -129,36 +145,45 @@ def _channels_last_head(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
         and "axes" not in attrs
         and attrs.get("keep_aspect_ratio_policy", b"stretch") == b"stretch"
     )
-    given = [i for i in (2, 3) if i < len(resize.input) and resize.input[i]]  # scales or sizes, never both
-    if not plain or len(given) != 1:
+    if not plain:
         return []
-    perm, moved, target, scores = (f"{CLASS_IDS_NAME}_{part}" for part in ("perm", "nhwc", "target", "scores"))
-    resize_inputs = [moved, "", "", ""][: given[0] + 1]
-    resize_inputs[given[0]] = target
-    upsample = helper.make_node("Resize", resize_inputs, [scores], name="ClassIdsResize")
+    perm, moved, sizes, scores = (f"{CLASS_IDS_NAME}_{part}" for part in ("perm", "nhwc", "sizes", "scores"))
+    # roi (required before opset 13) and the empty scales pass through: roi is read only by tf_crop_and_resize
+    upsample = helper.make_node("Resize", [moved, *resize.input[1:3], sizes], [scores], name="ClassIdsResize")
     upsample.attribute.extend(resize.attribute)  # the same interpolation, on the moved axes
     return [
         helper.make_node("Constant", [], [perm], name="ClassIdsPerm", value_ints=_NHWC),
-        helper.make_node("Gather", [resize.input[given[0]], perm], [target], name="ClassIdsTarget", axis=0),
+        helper.make_node("Gather", [resize.input[3], perm], [sizes], name="ClassIdsSizes", axis=0),
         helper.make_node("Transpose", [resize.input[0]], [moved], name="ClassIdsTranspose", perm=_NHWC),
         upsample,
         helper.make_node("ArgMax", [scores], list(argmax.output), name="ClassIdsArgMax", axis=3, keepdims=0),
     ]
 
 
-def _drop_unused_nodes(graph: onnx.GraphProto) -> None:
-    """Remove, in place, the nodes whose outputs no graph output needs (ONNX Runtime would run them); a graph with
-    subgraphs (If, Loop, Scan), whose nodes may read outer names they do not list as inputs, is left as it is."""
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        return
+def _is_empty_constant(graph: onnx.GraphProto, name: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether ``name`` is an initializer or a ``Constant`` node's output with no elements (opset 11-12 exporters
+    name an empty ``scales`` when they give ``sizes``)."""
+    tensor = next((init for init in graph.initializer if init.name == name), None)
+    node = producers.get(name)
+    if tensor is None and node is not None and node.op_type == "Constant":
+        tensor = next((a.t for a in node.attribute if a.name == "value"), None)
+    return tensor is not None and 0 in tensor.dims
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove, in place, the nodes and initializers that no graph output needs (ONNX Runtime would run them)."""
     needed = {output.name for output in graph.output}
     keep = []
     for node in reversed(graph.node):
         if needed & set(node.output):
             keep.append(node)
-            needed.update(node.input)
+            needed.update(name for name in node.input if name)
     del graph.node[:]
     graph.node.extend(reversed(keep))
+    inputs = {value.name for value in graph.input}  # an initializer that is also an input stays: its default value
+    initializers = [init for init in graph.initializer if init.name in needed or init.name in inputs]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
 
 
 def output_names(onnx_model: bytes) -> list[str]:

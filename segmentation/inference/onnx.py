@@ -1,7 +1,8 @@
 """ONNX export of a segmentation network and the onnxruntime session that runs it, each written once.
 
 Export, export verification, the :class:`~segmentation.inference.predictor.Predictor` and serving all use these two
-functions, so the session that was verified is the session that serves.
+functions, so the logits session that was verified is the one that serves; the Predictor checks its class-ids
+session against those logits on a probe when it makes it.
 
 Every graph has two outputs, ``logits`` and ``class_ids`` (:mod:`segmentation.inference.graph_outputs`, whose names
 are importable from here too); ``create_session(..., only=...)`` makes a session with one of them.

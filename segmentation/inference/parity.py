@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segmentation.inference.onnx import INPUT_NAME, create_session
+from segmentation.inference.onnx import INPUT_NAME, OUTPUT_NAME, create_session
 
 PARITY_ATOL = 1e-3
 PARITY_RTOL = 1e-5
@@ -101,11 +101,12 @@ def check_parity(
 
 
 class _OnnxFile:
-    """An ONNX file run by the serving session (:func:`create_session`) as a logits callable."""
+    """An ONNX file run by the serving logits session (:func:`create_session` with ``only="logits"``, as the
+    Predictor runs it) as a logits callable."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.session = create_session(self.path)
+        self.session = create_session(self.path, only=OUTPUT_NAME)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {INPUT_NAME: x.cpu().numpy()})[0])

@@ -18,10 +18,11 @@ to fused channels_last eager. On a GPU ``"auto"`` is channels_last eager.
 
 Masks: on ONNX Runtime, :meth:`Predictor.predict_mask` runs a second session of the same graph whose only output is
 ``class_ids`` (an ArgMax appended to the graph, :func:`segmentation.inference.onnx.add_class_ids`, computed
-channels-last by :func:`segmentation.inference.onnx.one_output_graph`), made on first use, so the ``C`` float planes
-of the logits are never upsampled to full size in NCHW nor leave the runtime; ``torch.argmax`` over
-``(1, C, H, W)`` logits cost about as much as the network at 1024x2048. The logits session, in turn, has no ArgMax.
-Test-time augmentation and sliding windows average logits, so they keep taking the argmax in PyTorch.
+channels-last by :func:`segmentation.inference.onnx.one_output_graph`; checked against the logits on a probe), so
+the ``C`` float planes of the logits are never upsampled to full size in NCHW nor leave the runtime;
+``torch.argmax`` over ``(1, C, H, W)`` logits cost about as much as the network at 1024x2048. The logits session, in
+turn, has no ArgMax. Test-time augmentation and sliding windows average logits, so they keep taking the argmax in
+PyTorch.
 """
 
 from __future__ import annotations
@@ -89,9 +90,8 @@ class Predictor:
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"unknown inference backend {backend!r}; allowed: {', '.join(BACKEND_CHOICES)}")
         self.num_threads = num_threads
-        self.session = None
-        self._onnx: bytes | None = None  # the graph self.session runs, for the class-ids session
-        self._ids_session: object | None = None  # made on first use; False: the graph has no class ids
+        self.session = None  # ONNX Runtime: the logits session
+        self.ids_session = None  # ... and the class-ids session (None: masks take the argmax of the logits)
         self.module = None
         self.backend = backend
         if model is None:  # from_onnx fills in the session
@@ -105,8 +105,7 @@ class Predictor:
         if backend == "auto":
             backend = self._auto(model) if self.device.type == "cpu" else FALLBACK_BACKEND
         elif backend == "onnxruntime":
-            self._onnx = export_onnx(self.module, fuse_bn=False)
-            self.session = _logits_session(self._onnx, num_threads)
+            self._use_onnx(export_onnx(self.module, fuse_bn=False))
         if backend == "channels_last":
             self.module = self.module.to(memory_format=torch.channels_last)
         self.backend = backend
@@ -116,15 +115,19 @@ class Predictor:
         """A predictor running an exported ``.onnx`` file on onnxruntime (CPU)."""
         predictor = cls(None, "onnxruntime", num_threads)
         predictor._check_input = None
-        predictor._onnx = Path(path).read_bytes()  # bytes: the class-ids session is made later, maybe without the file
-        predictor.session = _logits_session(predictor._onnx, num_threads)
+        predictor._use_onnx(Path(path).read_bytes())
         return predictor
+
+    def _use_onnx(self, onnx_model: bytes) -> None:
+        """The two sessions of a serialized graph (ONNX Runtime runs every node of a session whatever outputs a run
+        asks for): logits without the class-id ArgMax, and class ids without the full-size logits."""
+        self.session = _logits_session(onnx_model, self.num_threads)
+        self.ids_session = _class_ids_session(onnx_model, self.num_threads, self.session)
 
     def _auto(self, model: nn.Module) -> str:
         self.backend = "onnxruntime"  # named in a ParityError message
         try:
-            self._onnx = export_onnx(self.module, fuse_bn=False)
-            self.session = _logits_session(self._onnx, self.num_threads)
+            self._use_onnx(export_onnx(self.module, fuse_bn=False))
             check_parity(self, model, sizes=(_PROBE_SIZE,), batch=1)
         except Exception as exc:  # any failure here only costs speed: fall back to PyTorch
             first_line = str(exc).splitlines()[0] if str(exc) else ""
@@ -134,7 +137,7 @@ class Predictor:
                 first_line,
                 FALLBACK_BACKEND,
             )
-            self.session = self._onnx = None
+            self.session = self.ids_session = None
             return FALLBACK_BACKEND
         return "onnxruntime"
 
@@ -161,29 +164,13 @@ class Predictor:
 
     def class_ids(self, x: torch.Tensor) -> torch.Tensor:
         """Class ids (``N x H x W`` uint8, the first index among tied maxima) of a normalised batch: computed
-        inside ONNX Runtime when the session has the ``class_ids`` output, else the argmax of :meth:`logits`."""
-        session = self._class_ids_session()
-        if session is not None:
+        inside ONNX Runtime by :attr:`ids_session` when there is one, else the argmax of :meth:`logits`."""
+        if self.ids_session is not None:
             x = self._check(x)
-            (out,) = session.run([CLASS_IDS_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})
+            (out,) = self.ids_session.run([CLASS_IDS_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})
             return torch.from_numpy(out)
         with torch.inference_mode():
             return self.logits(x).argmax(1).to(torch.uint8)
-
-    def _class_ids_session(self):
-        """The session of the same graph with the ``class_ids`` output alone
-        (:func:`~segmentation.inference.onnx.one_output_graph`), made on first use; ``None`` off ONNX Runtime, for a
-        graph without class ids (more than 256 classes) and when it cannot be made (the argmax of the logits gives
-        the same class ids)."""
-        if self._ids_session is None and self.session is not None:
-            self._ids_session = False
-            try:
-                if CLASS_IDS_NAME in output_names(self._onnx):
-                    self._ids_session = create_session(self._onnx, self.num_threads, only=CLASS_IDS_NAME)
-            except Exception as exc:  # only costs speed
-                first_line = str(exc).splitlines()[0] if str(exc) else ""
-                logger.warning("class-ids session unavailable (%s: %s)", type(exc).__name__, first_line)
-        return self._ids_session or None
 
     def predict_class_ids(
         self,
@@ -195,15 +182,15 @@ class Predictor:
     ) -> torch.Tensor:
         """Class ids (``N x H x W``) of a normalised batch at its own size, what evaluation scores and serving returns.
 
-        Without test-time augmentation, and when the batch fits one window, they come from the session's in-graph
-        ``class_ids`` (uint8); otherwise they are the argmax (int64) of the averaged logits of
+        Without test-time augmentation, and when the batch fits one window, they come from the class-ids session
+        (uint8) where there is one; otherwise they are the argmax (int64) of the averaged logits of
         :func:`~segmentation.inference.tta.predict_logits`. Both pick the first of tied maxima.
         """
         check_tta_settings(tta, scales, sliding_window)
         height, width = batch.shape[-2:]
         padded = pad_to_min_side(batch)
         one_window = not sliding_window or max(padded.shape[-2:]) <= sliding_window
-        if tta == "none" and one_window and self._class_ids_session() is not None:
+        if tta == "none" and one_window and self.ids_session is not None:
             return self.class_ids(padded)[:, :height, :width]
         with torch.inference_mode():
             return predict_logits(self, batch, tta=tta, scales=scales, sliding_window=sliding_window).argmax(1)
@@ -231,6 +218,35 @@ def _logits_session(onnx_model: bytes, num_threads: int | None):
     class-id ArgMax would run on every call otherwise), else every output."""
     only = OUTPUT_NAME if OUTPUT_NAME in output_names(onnx_model) else None
     return create_session(onnx_model, num_threads, only=only)
+
+
+def _class_ids_session(onnx_model: bytes, num_threads: int | None, logits_session):
+    """The session for masks: the graph's ``class_ids`` alone (:func:`~segmentation.inference.onnx.one_output_graph`),
+    checked on a probe against the argmax of ``logits_session``'s logits. ``None`` for a graph without class ids, and
+    with a warning when the session cannot be made or disagrees: masks then take the argmax of the logits (the same
+    class ids, slower)."""
+    if CLASS_IDS_NAME not in output_names(onnx_model):
+        return None
+    try:
+        session = create_session(onnx_model, num_threads, only=CLASS_IDS_NAME)
+        channels = logits_session.get_inputs()[0].shape[1]
+        probe = np.random.default_rng(0).standard_normal(
+            (1, channels if isinstance(channels, int) else 3, *_PROBE_SIZE), dtype=np.float32
+        )
+        (logits,) = logits_session.run([_logits_output(logits_session)], {INPUT_NAME: probe})
+        (ids,) = session.run([CLASS_IDS_NAME], {INPUT_NAME: probe})
+        if not np.array_equal(ids, logits.argmax(1)):
+            differ = int((ids != logits.argmax(1)).sum())
+            raise ValueError(f"its class ids differ from the argmax of the logits on {differ} probe pixels")
+        return session
+    except Exception as exc:  # only costs speed
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        logger.warning(
+            "class-ids session unavailable (%s: %s); masks take the argmax of the logits",
+            type(exc).__name__,
+            first_line,
+        )
+        return None
 
 
 def _logits_output(session) -> str:

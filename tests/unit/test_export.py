@@ -114,7 +114,7 @@ def test_class_ids_are_added_to_a_file_exported_without_them(onnx_file, tmp_path
     with_ids = Predictor.from_onnx(onnx_file).predict_mask(image)
     assert np.array_equal(predictor.predict_mask(image), with_ids)
     assert [o.name for o in predictor.session.get_outputs()] == ["logits"]  # the class-id ArgMax is not run there
-    assert [o.name for o in predictor._class_ids_session().get_outputs()] == ["class_ids"]
+    assert [o.name for o in predictor.ids_session.get_outputs()] == ["class_ids"]
 
 
 def test_class_ids_session_of_fc_hardnet_skips_the_logits_and_equals_their_argmax():
@@ -136,46 +136,79 @@ def test_class_ids_session_of_fc_hardnet_skips_the_logits_and_equals_their_argma
         assert only.dtype == np.uint8 and np.array_equal(only, ids) and np.array_equal(only, logits.argmax(1))
 
 
-def _resized_logits(mode: str, transform: str, by_scales: bool) -> onnx.ModelProto:
-    """``logits = Resize(image)`` to twice the size plus 3 x 5 pixels (or by constant scales), like a network's
-    final upsampling."""
+def _resized_logits(
+    mode: str, transform: str, by_scales: bool, conv: bool = False, opset: int = 17
+) -> onnx.ModelProto:
+    """``logits = Resize(x)`` to twice the size plus 3 x 5 pixels, computed from the input's shape as the network's
+    final upsampling is (or by constant scales), of 5 classes; ``x`` is the input, or with ``conv`` a 1 x 1
+    convolution of it whose five class scores are a few float steps apart (near-ties). Opset 11 graphs give roi and
+    an empty scales tensor, as exporters of that opset do."""
     h = onnx.helper
-    nodes = []
+    nodes, initializers, source = [], [], "image"
+    if conv:
+        base = np.random.default_rng(5).standard_normal((1, 5, 1, 1)).astype(np.float32)
+        weights = np.concatenate([base * np.float32(1 + k * 1.2e-7) for k in range(5)]).astype(np.float32)
+        initializers.append(onnx.numpy_helper.from_array(weights, "weights"))
+        nodes.append(h.make_node("Conv", ["image", "weights"], ["scores"]))
+        source = "scores"
+    empty = onnx.numpy_helper.from_array(np.zeros(0, np.float32))
+    roi, no_scales = ("roi", "no_scales") if opset < 13 else ("", "")
+    if opset < 13:
+        nodes += [h.make_node("Constant", [], [name], value=empty) for name in (roi, no_scales)]
     if by_scales:
-        nodes.append(h.make_node("Constant", [], ["scales"], value_floats=[1.0, 1.0, 2.5, 3.0]))
-        inputs = ["image", "", "scales"]
+        nodes.append(h.make_node("Constant", [], ["scales"], value_floats=[1.0, 1.0, 2.0, 3.0]))
+        inputs = [source, roi, "scales"]
     else:
         nodes += [
-            h.make_node("Shape", ["image"], ["shape"]),
+            h.make_node("Shape", [source], ["shape"]),
             h.make_node("Constant", [], ["twice"], value_ints=[1, 1, 2, 2]),
             h.make_node("Constant", [], ["more"], value_ints=[0, 0, 3, 5]),
             h.make_node("Mul", ["shape", "twice"], ["doubled"]),
             h.make_node("Add", ["doubled", "more"], ["sizes"]),
         ]
-        inputs = ["image", "", "", "sizes"]
+        inputs = [source, roi, no_scales, "sizes"]
     nodes.append(h.make_node("Resize", inputs, ["logits"], mode=mode, coordinate_transformation_mode=transform))
-    shape = ["batch", 5, "height", "width"]
     graph = h.make_graph(
         nodes,
         "resize",
         [h.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["batch", 5, "h", "w"])],
-        [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, shape)],
+        [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 5, "height", "width"])],
+        initializer=initializers,
     )
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+
+
+def _masks_equal_argmax(model: onnx.ModelProto, inputs, channel_block: int = 0) -> None:
+    logits_session = create_session(model.SerializeToString(), channel_block=channel_block, only="logits")
+    masks = create_session(model.SerializeToString(), channel_block=channel_block, only=CLASS_IDS_NAME)
+    for x in inputs:
+        logits = logits_session.run(None, {"image": x})[0]
+        assert np.array_equal(masks.run(None, {"image": x})[0], logits.argmax(1))
+
+
+def _channels_last(model: onnx.ModelProto) -> bool:
+    return any(node.op_type == "Transpose" for node in one_output_graph(model, CLASS_IDS_NAME).graph.node)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("transform", ["align_corners", "half_pixel", "pytorch_half_pixel", "asymmetric"])
+def test_channels_last_class_ids_equal_the_argmax_for_every_linear_resize_to_sizes(transform, opset):
+    model = add_class_ids(_resized_logits("linear", transform, by_scales=False, opset=opset))
+    assert _channels_last(model)
+    rng = np.random.default_rng(3)
+    ties = rng.integers(0, 3, (2, 5, 13, 17)).astype(np.float32)  # small integers: ties between classes everywhere
+    _masks_equal_argmax(model, [ties, rng.standard_normal((1, 5, 20, 9), np.float32)])
 
 
 @pytest.mark.parametrize("by_scales", [False, True])
-@pytest.mark.parametrize("transform", ["align_corners", "half_pixel", "pytorch_half_pixel", "asymmetric"])
-def test_channels_last_class_ids_equal_the_argmax_for_every_linear_resize(transform, by_scales):
-    model = add_class_ids(_resized_logits("linear", transform, by_scales))
-    rewritten = one_output_graph(model, CLASS_IDS_NAME)
-    assert any(node.op_type == "Transpose" for node in rewritten.graph.node)  # the channels-last head was used
-    full = create_session(model.SerializeToString(), channel_block=0)
-    masks = create_session(model.SerializeToString(), channel_block=0, only=CLASS_IDS_NAME)
-    rng = np.random.default_rng(3)
-    for x in (rng.integers(0, 3, (2, 5, 13, 17)).astype(np.float32), rng.standard_normal((1, 5, 20, 9), np.float32)):
-        logits = full.run(["logits"], {"image": x})[0]  # small integers: ties between classes everywhere
-        assert np.array_equal(masks.run(None, {"image": x})[0], logits.argmax(1))
+def test_class_ids_after_a_convolution_equal_the_argmax_with_near_ties(by_scales):
+    # After a convolution, ONNX Runtime runs a Resize by constant scales with its blocked (NCHWc) kernel, which rounds
+    # differently from its channels-last one: such a Resize keeps its own class-id nodes.
+    model = add_class_ids(_resized_logits("linear", "half_pixel", by_scales=by_scales, conv=True))
+    assert _channels_last(model) == (not by_scales)
+    x = np.random.default_rng(1).standard_normal((1, 5, 64, 128)).astype(np.float32)
+    _masks_equal_argmax(model, [x])
+    _masks_equal_argmax(model, [x], channel_block=16)
 
 
 def test_one_output_graph_keeps_other_heads():
@@ -183,25 +216,51 @@ def test_one_output_graph_keeps_other_heads():
     graph = one_output_graph(cubic, CLASS_IDS_NAME).graph
     assert not any(node.op_type == "Transpose" for node in graph.node)  # not a linear resize: its ArgMax stays
     assert [o.name for o in graph.output] == [CLASS_IDS_NAME]
+    five_d = add_class_ids(_resized_logits("linear", "half_pixel", by_scales=False))
+    five_d.graph.output[0].type.tensor_type.shape.dim.add().dim_param = "depth"  # declared 5-D: not rewritten
+    assert not _channels_last(five_d)
     with pytest.raises(ValueError, match="no 'class_ids' output"):
         one_output_graph(_logits_passthrough(3), CLASS_IDS_NAME)
 
 
-def test_predict_mask_reads_the_in_graph_class_ids_without_tta(tmp_path):
-    marked = add_class_ids(_logits_passthrough(3))
-    next(n for n in marked.graph.node if n.op_type == "ArgMax").op_type = "ArgMin"  # tells the two paths apart
-    onnx.save(marked, str(tmp_path / "argmin.onnx"))
-    predictor = Predictor.from_onnx(tmp_path / "argmin.onnx")
+class _CountingSession:
+    """Forwards to an onnxruntime session and counts its runs: tells which path made a mask."""
+
+    def __init__(self, session) -> None:
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+def test_predict_mask_reads_the_class_ids_session_without_tta(tmp_path):
+    onnx.save(add_class_ids(_logits_passthrough(3)), str(tmp_path / "ids.onnx"))
+    predictor = Predictor.from_onnx(tmp_path / "ids.onnx")
+    assert [o.name for o in predictor.session.get_outputs()] == ["logits"]
+    assert [o.name for o in predictor.ids_session.get_outputs()] == [CLASS_IDS_NAME]
+    predictor.ids_session = counting = _CountingSession(predictor.ids_session)
     image = np.random.default_rng(2).integers(0, 256, (40, 70, 3), dtype=np.uint8)  # padded to 64 rows inside
     logits = predictor.logits(torch.nn.functional.pad(to_input_tensor(image), (0, 0, 0, 24)))[0, :, :40]
     mask = predictor.predict_mask(image)
-    assert [o.name for o in predictor._class_ids_session().get_outputs()] == [CLASS_IDS_NAME]  # masks' own session
-    assert mask.shape == (40, 70) and mask.flags.c_contiguous
-    assert np.array_equal(mask, logits.argmin(0).numpy())  # the graph's output, cropped to the image
+    assert counting.runs == 1 and mask.shape == (40, 70) and mask.flags.c_contiguous
+    assert np.array_equal(mask, logits.argmax(0).numpy())  # the session's class ids, cropped to the image
     flipped = predictor.predict_mask(image, tta="flip")  # TTA averages logits: argmax taken in PyTorch
-    assert np.array_equal(flipped, logits.argmax(0).numpy())
     windowed = predictor.predict_mask(image, sliding_window=64)  # 64 x 70 does not fit one 64 px window
-    assert np.array_equal(windowed, logits.argmax(0).numpy())
+    assert counting.runs == 1
+    assert np.array_equal(flipped, logits.argmax(0).numpy()) and np.array_equal(windowed, logits.argmax(0).numpy())
+
+
+def test_a_class_ids_session_that_disagrees_with_the_logits_is_not_used(tmp_path, caplog):
+    marked = add_class_ids(_logits_passthrough(3))
+    next(n for n in marked.graph.node if n.op_type == "ArgMax").op_type = "ArgMin"
+    onnx.save(marked, str(tmp_path / "argmin.onnx"))
+    with caplog.at_level("WARNING"):
+        predictor = Predictor.from_onnx(tmp_path / "argmin.onnx")
+    assert predictor.ids_session is None and "differ from the argmax of the logits" in caplog.text
+    image = np.random.default_rng(2).integers(0, 256, (64, 70, 3), dtype=np.uint8)
+    logits = predictor.logits(to_input_tensor(image))[0]
+    assert np.array_equal(predictor.predict_mask(image), logits.argmax(0).numpy())
 
 
 def test_unfused_export_matches_too(model, tmp_path):
