@@ -27,10 +27,11 @@ leaves the convolution that produces it unpadded, and weights a caller may overr
 rewritten. INT8 (QDQ) graphs are padded like fp32 ones: a padded input channel of a quantized convolution gets
 weights equal to its zero point, a padded output channel zero weights and zero bias (with a real channel's scales),
 so the integer sums of the real channels, hence the outputs, are exactly those of the unpadded graph; the default
-INT8 file then ran 1.24x faster at 1024x2048 on an AMD Zen 5 CPU (AVX-512 VNNI) and 1.28-1.33x on a Zen 4 one
-(``--padding-ab --int8``). By default INT8 graphs are padded
-only on such CPUs: ONNX Runtime's 8-bit kernels differ per ISA (AVX2, AVX-VNNI, AMX) and were not measured there.
-Float16 graphs, and quantized ones with float16 scales or per-block parameters, pass unchanged.
+INT8 file then ran 1.24x faster at 1024x2048 on an AMD Zen 5 CPU (AVX-512 VNNI), blocks 8 and 16 alike, and
+1.20-1.43x on a Zen 4 one, where block 8 was at least as fast as 16 at both sizes in each of three runs
+(``--padding-ab --int8``), so INT8 graphs are padded to 8 on such CPUs, and by default only there: ONNX Runtime's
+8-bit kernels differ per ISA (AVX2, AVX-VNNI, AMX) and were not measured on the others. Float16 graphs, and
+quantized ones with float16 scales or per-block parameters, pass unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from segmentation.inference.channel_graph import EIGHT_BIT, ChannelGraph
 
 AVX2_BLOCK = 8  # floats per NCHWc block in ONNX Runtime's AVX2 kernels
 AVX512_BLOCK = 16  # ... and in its AVX-512 ones
+QUANTIZED_BLOCK = 8  # INT8 graphs on AVX-512 VNNI CPUs (measured: the module docstring)
 BLOCK_ENV = "SEGMENTATION_CHANNEL_BLOCK"  # overrides padding_block(): 0 (no padding), 8 or 16
 
 
@@ -63,11 +65,12 @@ def cpu_flags() -> frozenset[str]:
 def padding_block(flags: frozenset[str] | None = None, quantized: bool = False) -> int:
     """The block :func:`pad_channels` pads to on a CPU with these feature flags (default: this one's): 16 with
     AVX-512, 8 with AVX2 and FMA but no AVX-512, else 0 (no padding: older CPUs, and where the flags cannot be
-    read). For a ``quantized`` (QDQ) graph only where that was measured to pay: 16 with AVX-512 VNNI, else 0 (AVX2's
+    read). For a ``quantized`` (QDQ) graph only where that was measured to pay: 8 with AVX-512 VNNI (its 8-bit
+    convolutions are not blocked, and 8 was as fast as 16 or faster with fewer padded channels), else 0 (AVX2's
     8-bit kernels, with or without AVX-VNNI, and AMX were not measured). See the module for the measurements."""
     flags = cpu_flags() if flags is None else flags
     if quantized:
-        return AVX512_BLOCK if {"avx512f", "avx512_vnni"} <= flags and "amx_int8" not in flags else 0
+        return QUANTIZED_BLOCK if {"avx512f", "avx512_vnni"} <= flags and "amx_int8" not in flags else 0
     if "avx512f" in flags:
         return AVX512_BLOCK
     return AVX2_BLOCK if {"avx2", "fma"} <= flags else 0
