@@ -12,8 +12,9 @@ output), the same network with the argmax taken in PyTorch as before, and the cl
 ``1 x H x W x C`` scores in ONNX Runtime, as the deployed session computes them). Their masks must equal the
 argmax of eager fp32 logits (where two class scores tie within float rounding, either class).
 
-The ``onnxruntime`` rows run the exported graph as it is; the deployed Predictor's session also pads convolutions
-with zero channels where the CPU calls for it (to 8 channels on AVX2 CPUs, to 16 on AVX-512 CPUs:
+The ``onnxruntime`` rows run the exported graph's logits unpadded (before 2026-12-07 late, the whole exported graph,
+class-id ArgMax included); the deployed Predictor's logits session also pads convolutions with zero channels where
+the CPU calls for it (to 8 channels on AVX2 CPUs, to 16 on AVX-512 CPUs:
 :mod:`segmentation.inference.channel_padding`), so the two rows side by side show what the padding gains.
 
 Batch 1, fp32, torch's default threads. Every optimised path is compared with eager fp32 NCHW of the same model on
@@ -48,7 +49,12 @@ from benchmarks.common import describe_machine, markdown_table, time_fn, write_r
 from benchmarks.serving import street_image
 from segmentation.data.synthetic import generate_scene
 from segmentation.inference.channel_padding import configured_block, cpu_flags, pad_channels, padding_block
-from segmentation.inference.onnx import EXECUTION_PROVIDERS, create_session, inline_shared_initializers
+from segmentation.inference.onnx import (
+    EXECUTION_PROVIDERS,
+    create_session,
+    inline_shared_initializers,
+    one_output_graph,
+)
 from segmentation.inference.onnx import export_onnx as export_onnx_bytes
 from segmentation.inference.parity import check_parity
 from segmentation.inference.predictor import Predictor
@@ -191,15 +197,18 @@ def channels_last(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def onnx_session(model: nn.Module, arena: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The exported graph's logits (no class-id ArgMax, as in the deployed logits session) in a plain session: the
+    deployed row differs from the arena row by this CPU's channel padding alone."""
     onnx_model = export_onnx_bytes(fuse_bn(model))
-    session = create_session(onnx_model, channel_block=0)  # the deployed row adds this CPU's channel padding
+    session = create_session(onnx_model, channel_block=0, only="logits")
     if not arena:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.enable_cpu_mem_arena = False
-        session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+        logits_only = one_output_graph(onnx.load_from_string(onnx_model), "logits").SerializeToString()
+        session = ort.InferenceSession(logits_only, options, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
 
 

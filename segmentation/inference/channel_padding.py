@@ -28,10 +28,10 @@ rewritten. INT8 (QDQ) graphs are padded like fp32 ones: a padded input channel o
 weights equal to its zero point, a padded output channel zero weights and zero bias (with a real channel's scales),
 so the integer sums of the real channels, hence the outputs, are exactly those of the unpadded graph; the default
 INT8 file then ran 1.24x faster at 1024x2048 on an AMD Zen 5 CPU (AVX-512 VNNI), blocks 8 and 16 alike, and
-1.20-1.43x on a Zen 4 one, where block 8 was at least as fast as 16 at both sizes in each of three runs
-(``--padding-ab --int8``), so INT8 graphs are padded to 8 on such CPUs, and by default only there: ONNX Runtime's
-8-bit kernels differ per ISA (AVX2, AVX-VNNI, AMX) and were not measured on the others. Float16 graphs, and
-quantized ones with float16 scales or per-block parameters, pass unchanged.
+1.33-1.43x at 1024x2048 (1.20-1.28x at 512x1024) on a Zen 4 one, where block 8 was at least as fast as 16 at both
+sizes in each of three runs (``--padding-ab --int8``), so INT8 graphs are padded to 8 on such CPUs, and by default
+only there: ONNX Runtime's 8-bit kernels differ per ISA (AVX2, AVX-VNNI, AMX) and were not measured on the others.
+Float16 graphs, and quantized ones with float16 scales or per-block parameters, pass unchanged.
 """
 
 from __future__ import annotations

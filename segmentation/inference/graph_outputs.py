@@ -187,5 +187,6 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
 
 
 def output_names(onnx_model: bytes) -> list[str]:
-    """The outputs a serialized model will have in :func:`create_session` (``class_ids`` added where it can be)."""
+    """The outputs a serialized model will have in a session of every output (``create_session`` without ``only``):
+    its own, with ``class_ids`` added where :func:`add_class_ids` can add it."""
     return [output.name for output in add_class_ids(onnx.load_from_string(onnx_model)).graph.output]

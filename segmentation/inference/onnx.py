@@ -166,7 +166,8 @@ def create_session(
 
     Raises:
         ValueError: ``only`` names an output the graph does not have (``class_ids`` of a model with more than
-            :data:`MAX_CLASS_IDS` classes, for instance).
+            :data:`MAX_CLASS_IDS` classes, for instance), or ``SEGMENTATION_CHANNEL_BLOCK`` holds a value other than
+            0, 8 or 16.
     """
     import onnxruntime as ort  # heavy, and only needed on the ONNX paths
 

@@ -5,8 +5,9 @@ into the convolutions, or an exported ONNX file, and runs it on one of three bac
 
 - ``"eager"``: the fused PyTorch module, NCHW;
 - ``"channels_last"``: the fused module with weights and input in channels_last (NHWC) memory format;
-- ``"onnxruntime"``: the fused module exported in-process to ONNX and run by the session of
-  :func:`segmentation.inference.onnx.create_session` (the only choice for an ONNX file).
+- ``"onnxruntime"``: the fused module exported in-process to ONNX and run by the sessions of
+  :func:`segmentation.inference.onnx.create_session`, one for logits and one for class ids (the only choice for an
+  ONNX file).
 
 Why ``"auto"`` (the default everywhere) picks ONNX Runtime on a CPU (``python -m benchmarks.inference``; numbers and
 caveats in ``benchmarks/RESULTS.md``): it was the fastest FC-HarDNet path, or within noise of it, in every run, and

@@ -208,7 +208,6 @@ def test_class_ids_after_a_convolution_equal_the_argmax_with_near_ties(by_scales
     assert _channels_last(model) == (not by_scales)
     x = np.random.default_rng(1).standard_normal((1, 5, 64, 128)).astype(np.float32)
     _masks_equal_argmax(model, [x])
-    _masks_equal_argmax(model, [x], channel_block=16)
 
 
 def test_one_output_graph_keeps_other_heads():
@@ -219,8 +218,37 @@ def test_one_output_graph_keeps_other_heads():
     five_d = add_class_ids(_resized_logits("linear", "half_pixel", by_scales=False))
     five_d.graph.output[0].type.tensor_type.shape.dim.add().dim_param = "depth"  # declared 5-D: not rewritten
     assert not _channels_last(five_d)
+    last_of_ties = add_class_ids(_resized_logits("linear", "half_pixel", by_scales=False))
+    next(n for n in last_of_ties.graph.node if n.op_type == "ArgMax").attribute.append(
+        onnx.helper.make_attribute("select_last_index", 1)
+    )
+    assert not _channels_last(last_of_ties)  # the head picks the first of tied maxima only
     with pytest.raises(ValueError, match="no 'class_ids' output"):
         one_output_graph(_logits_passthrough(3), CLASS_IDS_NAME)
+
+
+def test_one_output_graph_drops_what_the_output_does_not_need_but_keeps_graphs_with_subgraphs():
+    model = add_class_ids(_resized_logits("linear", "half_pixel", by_scales=False, conv=True))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(3, np.float32), "unused"))
+    masks = one_output_graph(model, CLASS_IDS_NAME).graph
+    logits = one_output_graph(model, "logits").graph
+    assert [i.name for i in masks.initializer] == ["weights"] == [i.name for i in logits.initializer]
+    assert "logits" not in {name for node in masks.node for name in node.output}
+    assert not {"ArgMax", "Cast"} & {node.op_type for node in logits.node}
+    # A node with a subgraph may read names it does not list as inputs: such a graph keeps every node and its head.
+    h = onnx.helper
+    branch = h.make_graph(
+        [h.make_node("Identity", ["image"], ["seen"])], "branch", [], [h.make_tensor_value_info("seen", 1, None)]
+    )
+    model.graph.node.extend(
+        [
+            h.make_node("Constant", [], ["yes"], value=onnx.numpy_helper.from_array(np.array(True))),
+            h.make_node("If", ["yes"], ["dead"], then_branch=branch, else_branch=branch),
+        ]
+    )
+    kept = one_output_graph(model, CLASS_IDS_NAME).graph
+    assert len(kept.node) == len(model.graph.node) and not _channels_last(model)
+    _masks_equal_argmax(model, [np.random.default_rng(4).standard_normal((1, 5, 16, 24)).astype(np.float32)])
 
 
 class _CountingSession:
