@@ -3,7 +3,8 @@
 Run: ``python -m benchmarks.inference`` (``--no-compile`` skips torch.compile, ``--no-peers`` the torchvision
 models, ``--key-rows`` keeps only the rows the mask targets need, ``--sizes 512x1024``, ``--profile 1024x2048``
 prints the top ops of the deployed path and of fused channels_last eager instead, ``--padding-ab`` times the deployed
-session with channels padded to 0, 8 and 16 in turn).
+logits session with channels padded to 0, 8 and 16 in turn, ``--padding-ab --int8`` the same on the default INT8
+file).
 
 Besides logits, the masks users get are timed on a street image (the Cityscapes sample when present): unfused eager
 logits again (the reference, timed beside the others), the served pyfunc in-process (base64 PNG in, base64 PNG out),
