@@ -307,6 +307,13 @@ def _class_id_step(num_classes: int) -> onnx.ModelProto:
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
+def default_int8(fp32: bytes | Path, path: Path) -> Path:
+    """The export step's default INT8 file of an fp32 network, written to ``path``. Speed does not depend on what
+    calibrates the ranges: street scenes stand in for training images."""
+    scenes = [generate_scene(256, 512, seed)[0] for seed in range(4)]
+    return quantize_int8(fp32, scenes, path, default_int8_exclusions(fp32))
+
+
 def mask_paths(model: nn.Module) -> dict[str, Callable[[np.ndarray], Callable[[], object]]]:
     """Path name -> a builder that, given one BGR image, returns ``fn() -> mask`` (the served path: a response)."""
     import pandas as pd
@@ -342,9 +349,7 @@ def mask_paths(model: nn.Module) -> dict[str, Callable[[np.ndarray], Callable[[]
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = Path(tmp) / "fp32.onnx"
             export_onnx_bytes(model, fp32)
-            # Speed does not depend on what calibrates the ranges: street scenes stand in for training images.
-            scenes = [generate_scene(256, 512, seed)[0] for seed in range(4)]
-            int8 = quantize_int8(fp32, scenes, Path(tmp) / "int8.onnx", default_int8_exclusions(fp32))
+            int8 = default_int8(fp32, Path(tmp) / "int8.onnx")
             package = save_onnx_package(
                 int8, ClassInfo.cityscapes(), ModelConfig(), Path(tmp) / "pkg", EXECUTION_PROVIDERS
             )
@@ -653,9 +658,7 @@ def padding_ab(
     onnx_model = export_onnx_bytes(FCHarDNet(num_classes=19).eval())
     if int8:
         with tempfile.TemporaryDirectory() as tmp:
-            scenes = [generate_scene(256, 512, seed)[0] for seed in range(4)]
-            exclusions = default_int8_exclusions(onnx_model)
-            onnx_model = quantize_int8(onnx_model, scenes, Path(tmp) / "int8.onnx", exclusions).read_bytes()
+            onnx_model = default_int8(onnx_model, Path(tmp) / "int8.onnx").read_bytes()
     for block in blocks:
         if block and not pad_channels(inline_shared_initializers(onnx.load_from_string(onnx_model)), block):
             raise SystemExit(f"padding to {block} channels changed no convolution: the A/B would time one graph twice")

@@ -122,8 +122,9 @@ class Predictor:
     def _use_onnx(self, onnx_model: bytes) -> None:
         """The two sessions of a serialized graph (ONNX Runtime runs every node of a session whatever outputs a run
         asks for): logits without the class-id ArgMax, and class ids without the full-size logits."""
-        self.session = _logits_session(onnx_model, self.num_threads)
-        self.ids_session = _class_ids_session(onnx_model, self.num_threads, self.session)
+        names = output_names(onnx_model)
+        self.session = _logits_session(onnx_model, self.num_threads, names)
+        self.ids_session = _class_ids_session(onnx_model, self.num_threads, self.session, names)
 
     def _auto(self, model: nn.Module) -> str:
         self.backend = "onnxruntime"  # named in a ParityError message
@@ -214,19 +215,19 @@ class Predictor:
         return f"Predictor(backend={self.backend!r}, device={self.device})"
 
 
-def _logits_session(onnx_model: bytes, num_threads: int | None):
+def _logits_session(onnx_model: bytes, num_threads: int | None, names: list[str]):
     """A session of the graph for :meth:`Predictor.logits`: its ``logits`` output alone when it has one (the
-    class-id ArgMax would run on every call otherwise), else every output."""
-    only = OUTPUT_NAME if OUTPUT_NAME in output_names(onnx_model) else None
+    class-id ArgMax would run on every call otherwise), else every output (``names``: the graph's outputs)."""
+    only = OUTPUT_NAME if OUTPUT_NAME in names else None
     return create_session(onnx_model, num_threads, only=only)
 
 
-def _class_ids_session(onnx_model: bytes, num_threads: int | None, logits_session):
+def _class_ids_session(onnx_model: bytes, num_threads: int | None, logits_session, names: list[str]):
     """The session for masks: the graph's ``class_ids`` alone (:func:`~segmentation.inference.onnx.one_output_graph`),
     checked on a probe against the argmax of ``logits_session``'s logits. ``None`` for a graph without class ids, and
     with a warning when the session cannot be made or disagrees: masks then take the argmax of the logits (the same
     class ids, slower)."""
-    if CLASS_IDS_NAME not in output_names(onnx_model):
+    if CLASS_IDS_NAME not in names:
         return None
     try:
         session = create_session(onnx_model, num_threads, only=CLASS_IDS_NAME)
