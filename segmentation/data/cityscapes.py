@@ -3,7 +3,8 @@
 Each ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` is paired with ``gtFine/<split>/<city>/<stem>_gtFine_*``:
 
 1. ``*_gtFine_labelIds.png`` when present, mapped to train ids with the official table
-   (:mod:`segmentation.data.cityscapes_labels`; 19 classes, everything else 255);
+   (:mod:`segmentation.data.cityscapes_labels`; 19 classes, everything else 255). Its size, read from its PNG
+   header, must equal the image's before it is decoded;
 2. otherwise ``*_gtFine_polygons.json``, rasterised as cityscapesScripts' ``json2labelImg`` does: background
    ``unlabeled`` (id 0), objects drawn in file order (later on top), ``deleted`` objects skipped, ``<name>group``
    mapped to ``<name>`` when ``<name>group`` itself is not a label, labels with a negative id skipped. The declared
@@ -17,6 +18,7 @@ Missing splits are fine (a tree with only ``val`` is accepted); a tree without a
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -26,7 +28,7 @@ import numpy as np
 
 from segmentation.data.cityscapes_labels import MAX_LABEL_ID, NAME_TO_ID, id_to_train_id_lut
 from segmentation.data.classes import IGNORE_INDEX
-from segmentation.data.image_header import MAX_PIXELS, read_image_size
+from segmentation.data.image_header import MAX_PIXELS, read_image_header, read_image_size
 from segmentation.data.samples import RawSample, check_near_image, read_image, read_label_png
 
 SPLITS = ("train", "val", "test")
@@ -45,8 +47,13 @@ def label_ids_to_train_ids(label_ids: np.ndarray, name: str | Path = "labelIds")
     return id_to_train_id_lut()[label_ids]
 
 
+# Bounded in depth and length: hostile JSON may nest arrays hundreds deep or hold integers of thousands of digits.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxlong = 3, 4, 4, 40, 40
+
+
 def _excerpt(value: object) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -55,7 +62,9 @@ def _positive_int(annotation: dict, key: str, name: str | Path) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: {key} must be a positive integer (the image size in pixels), found {value!r}")
+        raise ValueError(
+            f"{name}: {key} must be a positive integer (the image size in pixels), found {_excerpt(value)}"
+        )
     return value
 
 
@@ -72,7 +81,14 @@ def _polygon(obj: dict, index: int, label: str, height: int, width: int, name: s
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
         ):
             raise ValueError(f"{where}: every point must be a list of two numbers [x, y], found {_excerpt(point)}")
-    points = np.asarray(polygon, dtype=np.float64)
+    try:
+        points = np.asarray(polygon, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64's range, e.g. 10**400; the largest one is such an integer
+        largest = max((v for point in polygon for v in point), key=abs)
+        raise ValueError(
+            f"{where}: coordinate {_excerpt(largest)} is beyond float64's range; coordinates are pixel positions "
+            f"on or near the {width}x{height} (W x H) image"
+        ) from None
     check_near_image(points, height, width, where)
     return np.rint(points).astype(np.int32)
 
@@ -100,7 +116,7 @@ def rasterize_polygons(
     height, width = _positive_int(annotation, "imgHeight", name), _positive_int(annotation, "imgWidth", name)
     if image_size is not None and (height, width) != tuple(image_size):
         raise ValueError(
-            f"{name}: declared imgWidth x imgHeight = {width}x{height} but the image is "
+            f"{name}: declared imgWidth x imgHeight = {_excerpt(width)}x{_excerpt(height)} but the image is "
             f"{image_size[1]}x{image_size[0]} (W x H); the polygons must declare the image's size"
         )
     if height * width > MAX_PIXELS:
@@ -134,15 +150,29 @@ def rasterize_polygons(
     return label_ids
 
 
-def _mask_from_label_ids(path: Path) -> np.ndarray:
+def _mask_from_label_ids(path: Path, image_path: Path) -> np.ndarray:
+    # Compared from the headers before the label image is decoded: a small PNG can declare gigapixels.
+    header, image_size = read_image_header(path), read_image_size(image_path)
+    if header is None:
+        raise ValueError(f"{path}: not a PNG image; a labelIds image is a single-channel 8-bit PNG")
+    if (header.height, header.width) != image_size:
+        raise ValueError(
+            f"{path}: label image is {header.width}x{header.height} (W x H, from its header) but {image_path} is "
+            f"{image_size[1]}x{image_size[0]}; a labelIds image must have its image's size"
+        )
     return label_ids_to_train_ids(read_label_png(path), path)
 
 
 def _mask_from_polygons(path: Path, image_path: Path) -> np.ndarray:
     try:
         annotation = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(
+            f"{path}: not a Cityscapes polygons file (JSON nested deeper than the parser allows; the format nests "
+            "5 levels)"
+        ) from None
     return label_ids_to_train_ids(rasterize_polygons(annotation, path, read_image_size(image_path)), path)
 
 
@@ -175,7 +205,7 @@ def iter_cityscapes(raw_dir: str | Path) -> Iterator[RawSample]:
         polygons = gt_dir / f"{stem}_gtFine_polygons.json"
         labeled = True
         if label_ids.is_file():
-            build = partial(_mask_from_label_ids, label_ids)
+            build = partial(_mask_from_label_ids, label_ids, image_path)
         elif polygons.is_file():
             build = partial(_mask_from_polygons, polygons, image_path)
         elif split == "test":

@@ -88,23 +88,51 @@ class ClassInfo:
 
     @classmethod
     def read_csv(cls, path: str | Path) -> ClassInfo:
-        """Read ``id,name,r,g,b`` rows; the row whose id is 255 (ignore) is not a class."""
+        """Read ``id,name,r,g,b`` rows; the row whose id is 255 (ignore) is not a class.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: a column is missing, a row is short or long, an id or colour value is not an integer in
+                ``[0, 255]``, a name is empty, or the class ids are not ``0..C-1``; the message names the file
+                and the line.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"class table not found: {path} (run the preprocess step to create it)")
-        rows = list(csv.DictReader(path.read_text().splitlines()))
+        reader = csv.reader(path.read_text().splitlines())
+        header = next(reader, [])
         expected = {"id", "name", "r", "g", "b"}
-        if not rows or not expected <= set(rows[0]):
-            raise ValueError(f"{path}: expected columns {sorted(expected)}, found {sorted(rows[0]) if rows else []}")
-        classes = sorted(
-            (int(r["id"]), r["name"], (int(r["r"]), int(r["g"]), int(r["b"])))
-            for r in rows
-            if int(r["id"]) != IGNORE_INDEX
-        )
+        if not expected <= set(header):
+            raise ValueError(f"{path}: expected columns {sorted(expected)}, found {sorted(header)}")
+        classes = []
+        for fields in reader:
+            where = f"{path}, line {reader.line_num}"
+            if not fields:  # a blank line
+                continue
+            if len(fields) != len(header):
+                raise ValueError(
+                    f"{where}: expected {len(header)} fields ({','.join(header)}), found {len(fields)}: {fields}"
+                )
+            row = dict(zip(header, fields, strict=True))
+            values = {key: _byte(row[key], key, where) for key in ("id", "r", "g", "b")}
+            if not row["name"].strip():
+                raise ValueError(f"{where}: name is empty; every class needs a name")
+            if values["id"] != IGNORE_INDEX:
+                classes.append((values["id"], row["name"], (values["r"], values["g"], values["b"])))
+        classes.sort()
         ids = [c[0] for c in classes]
         if ids != list(range(len(ids))):
             raise ValueError(f"{path}: class ids must be 0..C-1 without gaps, found {ids}")
         return cls(tuple(c[1] for c in classes), tuple(c[2] for c in classes))
+
+
+def _byte(text: str, key: str, where: str) -> int:
+    """``text`` as an integer in ``[0, 255]`` (a class id, or a colour channel)."""
+    digits = text.strip()
+    value = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 10 else -1
+    if not 0 <= value <= 255:
+        raise ValueError(f"{where}: {key} must be an integer in [0, 255], found {text!r}")
+    return value
 
 
 def colorize(mask: np.ndarray, classes: ClassInfo) -> np.ndarray:

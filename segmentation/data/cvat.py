@@ -5,13 +5,15 @@ or ``images/<subset>/<name>``; for videos ``images/frame_000000.<ext>``, as CVAT
 
 * Classes: background is 0, then the labels declared in ``meta/project/labels``, ``meta/task/labels`` or
   ``meta/job/labels`` in declared order; a declared label named ``background`` is class 0. Colours come from
-  the labels' ``<color>`` when present, otherwise from a fixed palette.
+  the labels' ``<color>`` when present, otherwise from a fixed palette. At most 254 labels besides background:
+  masks are 8-bit and 255 is the ignore index.
 * Samples are keyed by subset + image name, so project exports that repeat names across subsets stay distinct.
 * Splits: a subset named train/training -> ``train``, val/valid/validation -> ``val``, test/testing -> ``test``
   (case-insensitive); images without a subset (or subset ``default``) get a seeded ``val_fraction`` split;
   any other subset name is an error.
 * Sizes: the declared size (``<image width height>``, or ``meta/.../original_size`` for videos) must equal the
-  image's, read from its header before any mask is allocated; a ``<mask>`` box must lie inside the image.
+  image's as displayed (EXIF orientation applied, as CVAT shows it and OpenCV decodes it), read from its header
+  before any mask is allocated; a ``<mask>`` box must lie inside the image.
 * XML is parsed with ``defusedxml``: DTD entities and external references are refused.
 
 The XML elements are read by :mod:`.cvat_xml`; the shapes are rasterised by :mod:`.cvat_shapes`.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -54,6 +57,7 @@ SUBSET_TO_SPLIT = {
 }
 UNSPLIT_SUBSETS = ("", "default")
 _SHAPE_TAGS = (*AREA_SHAPES, "polyline", "points", "skeleton", "tag", "cuboid")
+_FRAME_NAME = re.compile(r"frame_([0-9]+)\.")  # what CVAT's "with images" video export writes, any extension
 
 
 def _check_image_size(image: Path, size: tuple[int, int], where: str) -> None:
@@ -91,11 +95,23 @@ def _image_path(raw_dir: Path, subset: str, name: str, xml: Path) -> Path:
     )
 
 
-def _frame_image(raw_dir: Path, frame: int, xml: Path) -> Path:
-    found = sorted((raw_dir / "images").glob(f"frame_{frame:06d}.*"))
-    if not found:
+def _frame_images(raw_dir: Path) -> dict[int, Path]:
+    """``{frame: images/frame_<frame:06d>.<ext>}`` from one listing of ``images/`` (the first name where several
+    extensions exist)."""
+    images_dir, found = raw_dir / "images", {}
+    if not images_dir.is_dir():
+        return {}
+    for name in sorted(os.listdir(images_dir)):
+        match = _FRAME_NAME.match(name)
+        if match and f"{int(match[1]):06d}" == match[1]:
+            found.setdefault(int(match[1]), images_dir / name)
+    return found
+
+
+def _frame_image(images: dict[int, Path], raw_dir: Path, frame: int, xml: Path) -> Path:
+    if frame not in images:
         raise FileNotFoundError(f"{xml}: frame {frame} has no image {raw_dir / 'images'}/frame_{frame:06d}.<ext>")
-    return _inside(found[0], raw_dir, f"{xml}: frame {frame}: ")
+    return _inside(images[frame], raw_dir, f"{xml}: frame {frame}: ")
 
 
 def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped: Counter) -> list[dict]:
@@ -161,11 +177,12 @@ def _frames(root: Element, xml: Path, raw_dir: Path, declared: set[str], skipped
             shape = parse_shape(element, order, f"{xml}: {where}", image_size)
             states.append(TrackShape(frame, outside == "1", shape))
             order += 1
-        parsed.append(states)
+        parsed.append(sorted(states, key=lambda s: s.frame))  # shape_at expects frame order
     last = max((s.frame for states in parsed for s in states), default=-1)
+    images = _frame_images(raw_dir)
     for frame in range(last + 1 if num_frames is None else num_frames):
         shapes = [s for states in parsed if (s := shape_at(states, frame)) is not None]
-        path = _frame_image(raw_dir, frame, xml)
+        path = _frame_image(images, raw_dir, frame, xml)
         _check_image_size(path, image_size, f"{xml}: frame {frame} (meta original_size)")
         frames.append(
             {
@@ -194,10 +211,13 @@ def read_cvat(raw_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
     if not xml_files:
         raise FileNotFoundError(f"{raw_dir}: no CVAT export found; expected XML files in {raw_dir / 'cvat'}")
     roots = [(xml, parse_xml(_inside(xml, raw_dir, ""))) for xml in xml_files]
-    labels = [label for xml, root in roots for label in parse_labels(root, xml)]
-    labels = [label for i, label in enumerate(labels) if label[0] not in [n for n, _ in labels[:i]]]
-    classes = build_classes(labels)
-    label_ids = {name: classes.names.index(name) if name in classes.names else 0 for name, _ in labels}
+    labels: dict[str, tuple[int, int, int] | None] = {}
+    for xml, root in roots:
+        for name, rgb in parse_labels(root, xml).items():
+            labels.setdefault(name, rgb)  # the first file declaring a label gives its colour
+    classes = build_classes(labels, ", ".join(str(xml) for xml in xml_files))
+    class_ids = {name: index for index, name in enumerate(classes.names)}
+    label_ids = {name: class_ids.get(name, 0) for name in labels}  # "background" in any case is class 0
     skipped: Counter = Counter()
     frames = [(xml, f) for xml, root in roots for f in _frames(root, xml, raw_dir, set(label_ids), skipped)]
     if skipped:

@@ -10,6 +10,7 @@ it (a radius-5 circle: 81 pixels); its centre and radii keep their fractions.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field, replace
 
@@ -153,23 +154,29 @@ def _lerp(a: np.ndarray | tuple, b: np.ndarray | tuple, t: float) -> np.ndarray:
     return (1.0 - t) * np.asarray(a, dtype=np.float64) + t * np.asarray(b, dtype=np.float64)
 
 
+def _frame_of(state: TrackShape) -> int:
+    return state.frame
+
+
 def shape_at(track: list[TrackShape], frame: int) -> Shape | None:
     """The track's shape on ``frame``, or ``None`` where the object is outside (or not yet seen).
+
+    ``track`` is in frame order (entries of one frame in document order, the first of them counts), so finding
+    the entries around ``frame`` costs a binary search, not a pass over the track.
 
     A frame written in the export is used as is. Between two written frames a polygon (same vertex count) or a
     box/ellipse is interpolated linearly; masks, polygons whose vertex count changes, and the frames before an
     ``outside`` entry keep the previous shape; after the last entry the shape persists, as in CVAT.
     """
-    before = [s for s in track if s.frame <= frame]
-    if not before:
+    after = bisect.bisect_right(track, frame, key=_frame_of)  # track[after:] lies after ``frame``
+    if after == 0:
         return None
-    prev = max(before, key=lambda s: s.frame)
+    prev = track[bisect.bisect_left(track, track[after - 1].frame, key=_frame_of)]
     if prev.outside:
         return None
-    after = [s for s in track if s.frame > frame]
-    if prev.frame == frame or not after:
+    if prev.frame == frame or after == len(track):
         return prev.shape
-    nxt = min(after, key=lambda s: s.frame)
+    nxt = track[after]
     a, b = prev.shape, nxt.shape
     if nxt.outside or a.kind != b.kind:
         return a

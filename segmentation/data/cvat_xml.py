@@ -17,9 +17,12 @@ import defusedxml.ElementTree as SafeET
 import numpy as np
 from defusedxml import DefusedXmlException
 
-from segmentation.data.classes import ClassInfo
+from segmentation.data.classes import IGNORE_INDEX, ClassInfo
 from segmentation.data.cvat_shapes import Shape
 from segmentation.data.image_header import MAX_PIXELS, MAX_SIDE
+
+# Class ids share the 8-bit mask with the ignore index 255: background is 0, the labels 1..254.
+MAX_LABELS = IGNORE_INDEX - 1
 
 
 def parse_xml(path: Path) -> Element:
@@ -41,9 +44,9 @@ def _palette(index: int) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def parse_labels(root: Element, path: Path) -> list[tuple[str, tuple[int, int, int] | None]]:
-    """Declared labels as ``(name, rgb or None)`` in declared order."""
-    labels = []
+def parse_labels(root: Element, path: Path) -> dict[str, tuple[int, int, int] | None]:
+    """Declared labels as ``{name: rgb or None}`` in declared order; a name declared again keeps its first colour."""
+    labels: dict[str, tuple[int, int, int] | None] = {}
     for owner in ("project", "task", "job"):
         for label in root.findall(f"meta/{owner}/labels/label"):
             name = (label.findtext("name") or "").strip()
@@ -53,17 +56,27 @@ def parse_labels(root: Element, path: Path) -> list[tuple[str, tuple[int, int, i
             if color and not re.fullmatch(r"#[0-9a-fA-F]{6}", color):
                 raise ValueError(f"{path}: label {name!r} has colour {color!r}; expected #rrggbb")
             rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5)) if color else None
-            if name not in [n for n, _ in labels]:
-                labels.append((name, rgb))
+            labels.setdefault(name, rgb)
     if not labels:
         raise ValueError(f"{path}: no labels declared under meta/project/labels, meta/task/labels or meta/job/labels")
     return labels
 
 
-def build_classes(labels: list[tuple[str, tuple[int, int, int] | None]]) -> ClassInfo:
-    """Background first, then the declared labels (a label named ``background`` is class 0)."""
+def build_classes(labels: dict[str, tuple[int, int, int] | None], source: str) -> ClassInfo:
+    """Background first, then the declared labels (a label named ``background`` is class 0).
+
+    Raises:
+        ValueError: more than :data:`MAX_LABELS` labels besides background; the message names ``source`` (the XML
+            files that declare them).
+    """
+    count = sum(name.lower() != "background" for name in labels)
+    if count > MAX_LABELS:
+        raise ValueError(
+            f"{source}: declares {count} labels besides background; at most {MAX_LABELS} are allowed, as masks "
+            f"are 8-bit and class ids 0..{MAX_LABELS} must stay below the ignore index {IGNORE_INDEX}"
+        )
     names, colors = ["background"], [(0, 0, 0)]
-    for name, rgb in labels:
+    for name, rgb in labels.items():
         if name.lower() == "background":
             colors[0] = rgb or colors[0]
             continue

@@ -93,8 +93,8 @@ def read_header(data: bytes) -> ImageHeader | None:
     return None
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """``(height, width)`` of the image at ``path`` as stored: from the header for PNG and JPEG, else by decoding it.
+def read_image_header(path: str | Path) -> ImageHeader | None:
+    """The header of the PNG or JPEG image at ``path`` (stored size and EXIF orientation); None for other formats.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -108,8 +108,7 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
         if not data:
             raise ValueError(f"{path}: file is empty (0 bytes)")
         if not data.startswith((_PNG_SIGNATURE, b"\xff\xd8")):
-            height, width = read_image(path).shape[:2]
-            return height, width
+            return None
         header = read_header(data)
         if header is None:  # the frame header may sit behind large metadata segments
             data += file.read(_MAX_HEADER_BYTES - len(data))
@@ -117,4 +116,20 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     kind = "PNG without an IHDR header chunk" if data.startswith(_PNG_SIGNATURE) else "JPEG without a frame header"
     if header is None or 0 in (header.height, header.width):
         raise ValueError(f"{path}: not a readable image ({kind} giving its size)")
-    return header.height, header.width
+    return header
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of the image at ``path`` as :func:`~segmentation.data.samples.read_image` returns it:
+    from the header for PNG and JPEG, EXIF orientation applied (as OpenCV does when decoding, and as annotation tools
+    show and declare the image), else by decoding it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is empty, or its PNG/JPEG header is cut short or malformed; the message names it.
+    """
+    header = read_image_header(path)
+    if header is None:
+        height, width = read_image(Path(path)).shape[:2]
+        return height, width
+    return header.shape

@@ -12,7 +12,8 @@ Output (the same for every dataset)::
 
 Everything is built in a staging folder inside ``out_dir`` and moved into place only after every sample has
 been read and checked, so a bad input leaves ``out_dir`` as it was. Re-running with the same inputs writes
-byte-identical files. ``out_dir`` holds one dataset: tables of several ``split_id`` values share its files.
+byte-identical files. ``out_dir`` holds one dataset: tables of several ``split_id`` values share its files, so a run
+that would change a file another table uses (another dataset, other classes) is refused (see :mod:`.publish`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from segmentation.data.cityscapes import iter_cityscapes
 from segmentation.data.classes import IGNORE_INDEX, ClassInfo, colorize
 from segmentation.data.cvat import read_cvat
+from segmentation.data.publish import STAGING_PREFIX, check_other_tables, check_output_paths, image_suffix, publish
 from segmentation.data.samples import RawSample, check_mask, seeded_split
 from segmentation.data.synthetic import generate_scene
 from segmentation.io import write_text_atomic
@@ -41,7 +43,6 @@ from segmentation.io import write_text_atomic
 DATASETS = ("synthetic", "cityscapes", "cvat")
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 COLUMNS = ["image", "mask", "color", "split", "subset", "city", "height", "width", "labeled"]
-_STAGING_PREFIX = ".preprocess-"
 
 
 def split_table_path(out_dir: str | Path, split_id: str) -> Path:
@@ -80,6 +81,8 @@ def _check_inputs(dataset: str, raw_dir: str | Path, out_dir: Path, split_id: st
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", split_id):
         raise ValueError(f"split_id {split_id!r} must be a plain file name (letters, digits, '_', '.', '-')")
     if dataset == "synthetic":
+        if str(raw_dir):
+            raise ValueError(f"raw_dir {raw_dir} is not read by dataset='synthetic' (generated); leave raw_dir empty")
         return None
     if not str(raw_dir):
         raise ValueError(f"raw_dir is required for dataset={dataset!r} (the folder holding the export)")
@@ -106,7 +109,7 @@ def _write_sample(sample: RawSample, classes: ClassInfo, staging: Path, digest) 
     image = sample.load_image()
     mask = sample.build_mask()
     check_mask(mask, classes.num_classes, name, image.shape)
-    image_rel = f"images/{sample.key}{sample.source.suffix if sample.source else '.png'}"
+    image_rel = f"images/{sample.key}{image_suffix(sample)}"
     target = staging / image_rel
     target.parent.mkdir(parents=True, exist_ok=True)
     if sample.source is None:
@@ -140,19 +143,6 @@ def _write_sample(sample: RawSample, classes: ClassInfo, staging: Path, digest) 
     return row, np.bincount(mask.ravel(), minlength=256)
 
 
-def _publish(staging: Path, out_dir: Path, split_id: str) -> None:
-    """Move the staged folders and files into ``out_dir``; the split table goes last (it is the commit point)."""
-    trash = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out_dir))
-    for folder in ("images", "interim"):
-        if (out_dir / folder).exists():
-            os.replace(out_dir / folder, trash / folder)
-        os.replace(staging / folder, out_dir / folder)
-    (out_dir / "split").mkdir(exist_ok=True)
-    for name in ("classes.csv", "colormap.npy", f"{split_id}.stats.json", f"{split_id}.parquet"):
-        os.replace(staging / "split" / name, out_dir / "split" / name)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def run_preprocess(
     dataset: str,
     raw_dir: str | Path,
@@ -182,8 +172,9 @@ def run_preprocess(
         The path of the split table.
 
     Raises:
-        ValueError, FileNotFoundError: bad arguments or bad input; the message names the file and the problem.
-            ``out_dir`` is left untouched.
+        ValueError, FileNotFoundError: bad arguments or bad input, output paths that clash, or ``out_dir`` holding
+            a table of another ``split_id`` whose files this run would change; the message names the file and the
+            problem. ``out_dir`` is left untouched.
     """
     out_dir = Path(out_dir)
     raw = _check_inputs(dataset, raw_dir, out_dir, split_id)
@@ -193,10 +184,11 @@ def run_preprocess(
         classes, samples = ClassInfo.cityscapes(), list(iter_cityscapes(raw))
     else:
         classes, samples = read_cvat(raw, val_fraction, seed)
+    check_output_paths(samples)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"{_STAGING_PREFIX}*"):  # left behind by a killed run
+    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left behind by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
     try:
         samples.sort(key=lambda s: (SPLIT_ORDER.get(s.split, 3), s.key))
         digest, rows, pixels = hashlib.sha256(), [], {}
@@ -220,7 +212,8 @@ def run_preprocess(
             "ignore_pixels": {split: int(c[IGNORE_INDEX]) for split, c in sorted(pixels.items())},
         }
         write_text_atomic(staging / "split" / f"{split_id}.stats.json", json.dumps(stats, indent=2) + "\n")
-        _publish(staging, out_dir, split_id)
+        check_other_tables(staging, out_dir, split_id)
+        publish(staging, out_dir, split_id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return split_table_path(out_dir, split_id)

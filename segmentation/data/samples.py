@@ -7,6 +7,7 @@ file raises an error naming it instead of turning into a grey image or an all-ig
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,17 @@ import numpy as np
 
 from segmentation.data.classes import IGNORE_INDEX
 
-# File trailers that a complete file must end with; a download or copy cut short loses them.
-# OpenCV decodes a truncated JPEG into a half-grey picture with only a warning, so the decoder alone is not enough.
-_TRAILERS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+# A download or copy cut short loses the end of the file. OpenCV decodes a truncated JPEG into a half-grey picture
+# with only a warning, so the decoder alone is not enough: a PNG must end with its IEND chunk, and a JPEG must reach
+# its end-of-image marker (see jpeg_is_complete).
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TRAILER = b"IEND\xaeB`\x82"
+# A JPEG marker: 0xFF and a code. In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart
+# marker D0-D7, neither of which ends the data; 0xFF 0xFF is fill before a marker.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_STANDALONE = {0x01, 0xD8}  # TEM and SOI carry no length field
+# Real JPEGs have tens of segments and scans; the bound keeps a crafted file from costing seconds of Python.
+_MAX_JPEG_SEGMENTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,34 @@ def read_label_png(path: Path) -> np.ndarray:
     return mask
 
 
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether JPEG ``data`` holds a whole image: its marker segments, from SOI through the scans, reach an
+    end-of-image marker (EOI, FF D9) after the first start of scan (SOS).
+
+    Segments are skipped by their length, so the EOI of an EXIF thumbnail (inside APP1) does not count, and the
+    entropy-coded data after each SOS is searched for the next marker. Bytes after the EOI (phones append trailers
+    and motion-photo videos) are allowed.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    position, scanned = 2, False
+    for _ in range(_MAX_JPEG_SEGMENTS):
+        found = _JPEG_MARKER.search(data, position)
+        if found is None:
+            return False
+        position, marker = found.start(), data[found.start() + 1]
+        if marker == 0xD9:
+            return scanned
+        if marker in _JPEG_STANDALONE:
+            position += 2
+            continue
+        if position + 4 > len(data):
+            return False
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        scanned = scanned or marker == 0xDA
+    return False
+
+
 def _read_bytes(path: Path) -> bytes:
     path = Path(path)
     if not path.is_file():
@@ -80,10 +117,15 @@ def _read_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     if not data:
         raise ValueError(f"{path}: file is empty (0 bytes)")
-    trailer = _TRAILERS.get(path.suffix.lower())
-    # JPEG writers may pad after EOI, so look for the marker near the end rather than at the last byte only.
-    if trailer is not None and trailer not in data[-64:]:
-        raise ValueError(f"{path}: truncated {path.suffix.lower()[1:].upper()} file (its end marker is missing)")
+    # Checked by content, whatever the file is named. PNG writers may pad after IEND, so look for the chunk near the
+    # end rather than at the last byte only.
+    if data.startswith(_PNG_SIGNATURE) and _PNG_TRAILER not in data[-64:]:
+        raise ValueError(f"{path}: truncated PNG file (its IEND end chunk is missing)")
+    if data.startswith(b"\xff\xd8") and not jpeg_is_complete(data):
+        raise ValueError(
+            f"{path}: truncated JPEG file (no end-of-image marker FF D9 after its image data; a complete JPEG may "
+            "carry other data after that marker)"
+        )
     return data
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 
 from segmentation.data.preprocess import run_preprocess
@@ -114,3 +115,43 @@ def test_cli_attaches_to_mlflow_run_id(tmp_path, tracking_uri):
     logged = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     assert logged.inputs.dataset_inputs[0].dataset.name == "synthetic-split01"
     assert logged.data.metrics["data/num_samples/val"] == 1
+
+
+def test_another_split_id_may_not_break_the_tables_already_in_out_dir(tmp_path):
+    out = tmp_path / "out"
+    split01 = run_preprocess("synthetic", "", out, split_id="split01", num_images=4, height=32, width=48)
+    before = tree_digest(out)
+    # Another dataset into the same out_dir replaced images/, interim/ and classes.csv under split01 silently.
+    with pytest.raises(
+        ValueError,
+        match=r"holds split table split01\.parquet \(split_id 'split01'\), which this run would break: its file "
+        r"split/classes\.csv would be replaced\..* Write split_id 'split02' to another out_dir, or delete .*split01",
+    ):
+        run_preprocess("cvat", CVAT_SAMPLE, out, split_id="split02")
+    assert tree_digest(out) == before
+    # Other images under the same classes: split01's images and masks would change.
+    with pytest.raises(
+        ValueError, match=r"split01\.parquet .* its file images/synthetic_00000\.png would be replaced"
+    ):
+        run_preprocess("synthetic", "", out, split_id="split02", num_images=4, height=32, width=48, seed=1)
+    with pytest.raises(ValueError, match=r"split01\.parquet .* its file images/synthetic_00003\.png would be removed"):
+        run_preprocess("synthetic", "", out, split_id="split02", num_images=3, height=32, width=48)
+    assert tree_digest(out) == before
+    # The same dataset split another way shares the files: allowed, and split01 keeps every file as it was.
+    split02 = run_preprocess(
+        "synthetic", "", out, split_id="split02", num_images=4, height=32, width=48, val_fraction=0.5
+    )
+    assert {k: v for k, v in tree_digest(out).items() if k in before} == before
+    assert pd.read_parquet(split02)["split"].tolist().count("val") == 2
+    # Re-running a split_id replaces its own table, whatever it held; the other table must still agree.
+    run_preprocess("synthetic", "", out, split_id="split02", num_images=4, height=32, width=48, val_fraction=0.25)
+    assert split01.is_file() and {k: v for k, v in tree_digest(out).items() if k in before} == before
+
+
+def test_a_raw_dir_given_with_the_synthetic_dataset_is_refused(tmp_path):
+    """The generated dataset reads no folder: a raw_dir would be recorded on the run and not used."""
+    from segmentation.data.preprocess import run_preprocess
+
+    with pytest.raises(ValueError, match="is not read by dataset='synthetic'"):
+        run_preprocess("synthetic", str(tmp_path / "raw"), tmp_path / "out", num_images=2, height=64, width=64)
+    assert not (tmp_path / "out").exists()

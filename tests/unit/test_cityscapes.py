@@ -123,7 +123,10 @@ def test_bad_input(tmp_path, shared_data, case):
         error, message = ValueError, r"labelIds.png: label ids \[200\]"
     elif case == "size_mismatch":
         cv2.imwrite(str(labels), np.full((64, 256), 7, np.uint8))
-        error, message = ValueError, "leftImg8bit.png: mask is 256x64"
+        error, message = (
+            ValueError,
+            r"labelIds\.png: label image is 256x64 \(W x H, from its header\) but .*is 256x128",
+        )
     elif case == "empty":
         shutil.rmtree(raw)
         raw.mkdir()
@@ -223,3 +226,38 @@ def test_polygon_just_beside_the_image_is_drawn():
         "objects": [{"label": "car", "polygon": [[-3, -3], [12, -3], [12, 12], [-3, 12]]}],
     }
     assert (rasterize_polygons(annotation, "p.json") == 26).all()
+
+
+def _annotation(height: str = "64", objects: str = "") -> str:
+    return f'{{"imgHeight": {height}, "imgWidth": 128, "objects": [{objects}]}}'
+
+
+HOSTILE_JSON = {
+    # 10**400 is a valid JSON number; converting it to float64 raised OverflowError.
+    "huge_coordinate": (
+        _annotation(objects=f'{{"label": "car", "polygon": [[0, 0], [10, 0], [{10**400}, 10]]}}'),
+        r"object 0 \('car'\): field 'polygon': coordinate 1000+\.\.\.0+ is beyond float64's range",
+    ),
+    # Python's parser recurses per level: RecursionError.
+    "deep_nesting": (
+        _annotation(objects="[" * 100_000 + "]" * 100_000),
+        r"not a Cityscapes polygons file \(JSON nested deeper",
+    ),
+    # Python refuses to parse integers of more than 4300 digits: a ValueError without the file's name.
+    "integer_of_5000_digits": (_annotation(height="1" + "0" * 5000), r"not valid JSON \(.*4300"),
+    "huge_declared_height": (
+        _annotation(height="1" + "0" * 400),
+        r"declared imgWidth x imgHeight = 128x1000+\.\.\.0+ but the image is 128x64",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_JSON))
+def test_hostile_polygons_json_is_refused_naming_the_file(tmp_path, case):
+    text, message = HOSTILE_JSON[case]
+    raw = _polygons_tree(tmp_path, (64, 128), [])
+    path = raw / "gtFine/train/aa/aa_000000_000001_gtFine_polygons.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {message}") as info:
+        list(iter_cityscapes(raw))[0].build_mask()
+    assert len(str(info.value)) < 400  # an excerpt of the value, not all its digits

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 
 import cv2
@@ -10,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from segmentation.data import cvat
 from segmentation.data.cvat import read_cvat
 from segmentation.data.cvat_shapes import TrackShape, box_corners, decode_rle, shape_at
 from segmentation.data.preprocess import run_preprocess
@@ -488,3 +491,148 @@ def test_ellipse_negative_radius_is_refused(tmp_path):
         r"be a radius >= 0",
     ):
         read_cvat(make_export(tmp_path, body, {"e.png": (40, 40)}))
+
+
+def _jpeg_with_orientation(image: np.ndarray, orientation: int) -> bytes:
+    """``image`` as a JPEG whose EXIF (APP1, big-endian TIFF) carries ``orientation``."""
+    ifd = (1).to_bytes(2, "big") + bytes.fromhex("0112 0003 00000001") + orientation.to_bytes(2, "big") + bytes(6)
+    payload = b"Exif\x00\x00MM\x00\x2a" + (8).to_bytes(4, "big") + ifd
+    data = cv2.imencode(".jpg", image)[1].tobytes()
+    return data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_exif_rotated_photo_is_checked_at_its_displayed_size(tmp_path, orientation):
+    # A portrait phone photo is stored 16 wide x 8 high with orientation 6; CVAT shows and declares it 8 x 16, and
+    # OpenCV decodes it 8 x 16. The header check compared the stored 16 x 8 and refused what CVAT wrote.
+    body = (
+        '<image id="0" name="a.jpg" width="8" height="16"><box label="car" xtl="0" ytl="0" xbr="3" ybr="3"/>'
+        '</image><image id="1" name="b.png" width="8" height="8"/>'
+    )
+    raw = make_export(tmp_path / "raw", body, {"b.png": (8, 8)})
+    (raw / "images" / "a.jpg").write_bytes(_jpeg_with_orientation(np.zeros((8, 16, 3), np.uint8), orientation))
+    df = pd.read_parquet(run_preprocess("cvat", raw, tmp_path / "out"))
+    row = df[df["image"] == "images/default/a.jpg"].iloc[0]
+    mask = cv2.imread(str(tmp_path / "out" / row["mask"]), cv2.IMREAD_UNCHANGED)
+    assert (row["height"], row["width"]) == mask.shape == (16, 8) and (mask[:4, :4] == 2).all()
+    # Declaring the stored size is refused up front, with the displayed size named.
+    (raw / "cvat" / "annotations.xml").write_text(
+        (raw / "cvat" / "annotations.xml").read_text().replace('width="8" height="16"', 'width="16" height="8"')
+    )
+    with pytest.raises(ValueError, match=r"image 'a\.jpg': declared width x height = 16x8 but .*a\.jpg is 8x16"):
+        read_cvat(raw)
+
+
+def _labels_meta(names: list[str]) -> str:
+    labels = "".join(f"<label><name>{name}</name></label>" for name in names)
+    return f"<meta><task><name>t</name><labels>{labels}</labels></task></meta>"
+
+
+@pytest.mark.parametrize(
+    ("names", "accepted"),
+    [
+        ([f"l{i}" for i in range(1, 255)], True),  # class ids 0..254
+        (["background", *(f"l{i}" for i in range(1, 255))], True),  # background is class 0, not another id
+        ([f"l{i}" for i in range(1, 256)], False),  # l255 would be class 255, the ignore index
+        ([f"l{i}" for i in range(1, 301)], False),  # l256.. would overflow the uint8 mask
+    ],
+)
+def test_labels_beyond_the_8bit_class_ids_are_refused(tmp_path, names, accepted):
+    last = names[-1]
+    body = (
+        f'<image id="0" name="a.png" width="8" height="8"><box label="{last}" xtl="0" ytl="0" xbr="3" ybr="3"/>'
+        "</image>"
+    )
+    raw = make_export(tmp_path, body, {"a.png": (8, 8)}, meta=_labels_meta(names))
+    if accepted:
+        classes, samples = read_cvat(raw)
+        assert classes.num_classes == 255 and samples[0].build_mask()[0, 0] == 254
+        return
+    count = len(names)
+    with pytest.raises(
+        ValueError, match=rf"annotations\.xml: declares {count} labels besides background; at most 254 are allowed"
+    ):
+        read_cvat(raw)
+
+
+class CountingName(str):
+    """A label name that counts the equality comparisons made with it."""
+
+    comparisons = 0
+
+    def __eq__(self, other: object) -> bool:
+        CountingName.comparisons += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+    def strip(self, chars: str | None = None) -> CountingName:
+        return CountingName(str.strip(self, chars))
+
+
+def test_label_declarations_are_merged_with_a_bounded_number_of_comparisons(tmp_path, monkeypatch):
+    # Each declared label was compared with every earlier one, three times over: 8000 labels took 2 s (and
+    # 80 000 would take minutes) before any check on their number. Two files declaring the same 254 labels:
+    names = [f"l{i}" for i in range(254)]
+    body = '<image id="0" name="a.png" width="8" height="8"/>'
+    raw = make_export(tmp_path, body, {"a.png": (8, 8)}, meta=_labels_meta(names))
+    (raw / "cvat" / "more.xml").write_text(
+        (raw / "cvat" / "annotations.xml")
+        .read_text()
+        .replace('<image id="0" name="a.png"', '<image id="1" name="b.png"')
+    )
+    cv2.imwrite(str(raw / "images" / "b.png"), np.zeros((8, 8, 3), np.uint8))
+    parse_xml = cvat.parse_xml
+
+    def parse_counting(path: Path):
+        root = parse_xml(path)
+        for name in root.iter("name"):
+            name.text = CountingName(name.text)
+        return root
+
+    monkeypatch.setattr(cvat, "parse_xml", parse_counting)
+    CountingName.comparisons = 0
+    classes, _ = read_cvat(raw)
+    assert classes.names == ("background", *names)
+    assert CountingName.comparisons <= 4 * len(names)  # was ~3 * 254**2 / 2 = 97 000
+
+
+def test_video_frame_images_are_listed_once(tmp_path, monkeypatch):
+    # Every frame globbed the whole images/ folder: 4000 frames took 10 s, growing as frames squared.
+    frames = 40
+    meta = f"""<meta><task><name>v</name><size>{frames}</size>
+<original_size><width>8</width><height>8</height></original_size>{LABELS}</task></meta>"""
+    body = '<track id="0" label="car"><box frame="0" outside="0" xtl="0" ytl="0" xbr="3" ybr="3"/></track>'
+    images = {f"frame_{i:06d}.png": (8, 8) for i in range(frames)}
+    raw = make_export(tmp_path, body, images, meta=meta)
+    cv2.imwrite(str(raw / "images" / "frame_000003.jpg"), np.zeros((8, 8, 3), np.uint8))  # sorts first: counts
+    listed = []
+    for name in ("scandir", "listdir"):
+        original = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path=".", _f=original: listed.append(Path(path)) or _f(path))
+    _, samples = read_cvat(raw, val_fraction=0.0)
+    monkeypatch.undo()
+    assert len(samples) == frames and listed.count(raw / "images") == 1
+    assert {s.key: s.source.name for s in samples}["default/frame_000003"] == "frame_000003.jpg"
+
+
+@pytest.mark.parametrize(
+    ("file_name", "folder_name"), [("x.png", "x.png/y.png"), ("x", "x/y.png"), ("x.jpg", "x.jpg/z/y.png")]
+)
+def test_image_names_whose_outputs_clash_are_refused_before_writing(tmp_path, file_name, folder_name):
+    # images/train/x.png would have to be a file (image x.png) and a folder (image x.png/y.png): a raw
+    # FileExistsError from deep inside the writer.
+    body = (
+        f'<image id="0" name="{file_name}" width="8" height="8" subset="train"/>'
+        f'<image id="1" name="{folder_name}" width="8" height="8" subset="train"/>'
+    )
+    raw = make_export(tmp_path / "raw", body, {f"train/{folder_name}": (8, 8)})
+    encoded = cv2.imencode(Path(file_name).suffix or ".png", np.zeros((8, 8, 3), np.uint8))[1]
+    (raw / "images" / file_name).write_bytes(encoded.tobytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(
+        ValueError, match=rf"images/{re.escape(file_name)} and .*images/train/{re.escape(folder_name)} cannot both be"
+    ):
+        run_preprocess("cvat", raw, out)
+    assert list(out.iterdir()) == []

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import cv2
@@ -95,6 +96,44 @@ def test_cityscapes_declared_size_refused_with_little_memory(tmp_path):
         peaks["refused"][1].startswith("REFUSED ")
         and "declared imgWidth x imgHeight = 20000x20000" in peaks["refused"][1]
         and "polygons.json" in peaks["refused"][1]
+    )
+
+
+def zero_png(height: int, width: int) -> bytes:
+    """An 8-bit greyscale PNG of zeros, built row by row: a 16000 x 16000 one is ~250 kB on disk."""
+    deflate = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then the pixels
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    chunks = [(b"IHDR", ihdr), (b"IDAT", idat), (b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+        for kind, data in chunks
+    )
+
+
+def write_cityscapes_label_ids(root: Path, label_size: tuple[int, int]) -> Path:
+    """A one-image Cityscapes train tree: a 64 x 128 PNG and a labelIds PNG of ``label_size`` (H, W)."""
+    (root / "leftImg8bit/train/aa").mkdir(parents=True)
+    (root / "gtFine/train/aa").mkdir(parents=True)
+    cv2.imwrite(str(root / "leftImg8bit/train/aa/aa_000000_000001_leftImg8bit.png"), np.zeros((64, 128, 3), np.uint8))
+    (root / "gtFine/train/aa/aa_000000_000001_gtFine_labelIds.png").write_bytes(zero_png(*label_size))
+    return root
+
+
+def test_cityscapes_label_ids_size_refused_with_little_memory(tmp_path):
+    valid = write_cityscapes_label_ids(tmp_path / "valid", (64, 128))
+    # A 250 kB labelIds PNG of 16000 x 16000 beside a 128 x 64 image: decoded (256 MB), then mapped to train ids
+    # (another 256 MB), before preprocess compared it with the image.
+    bad = write_cityscapes_label_ids(tmp_path / "bad", (16000, 16000))
+    peaks = peak_memory_mb(
+        tmp_path, {"valid": CITYSCAPES_CHILD.format(raw=str(valid)), "refused": CITYSCAPES_CHILD.format(raw=str(bad))}
+    )
+    print(f"cityscapes labelIds peak RSS: valid {peaks['valid'][0]:.0f} MB, refused {peaks['refused'][0]:.0f} MB")
+    assert peaks["refused"][0] < peaks["valid"][0] + MARGIN_MB
+    assert peaks["valid"][1] == "ACCEPTED"
+    assert peaks["refused"][1].startswith("REFUSED ") and (
+        "labelIds.png: label image is 16000x16000 (W x H, from its header) but " in peaks["refused"][1]
     )
 
 
