@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from entrypoints._cli import run
-from segmentation.steps.train import launch_train_step, resolve_train_config, train_step
+from segmentation.config_loading import resolve_train_config
+from segmentation.steps.train import launch_train_step, train_step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -25,12 +26,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default="", help="MLflow run id to continue from its last checkpoint")
     parser.add_argument("--registered-model", default="fchardnet", help="registered model name; empty: none")
     parser.add_argument("--experiment", default=None, help="experiment name (ignored under `mlflow run`)")
-    parser.add_argument(
-        "--tracking-timeout",
-        type=float,
-        default=120.0,
-        help="seconds to wait at the end for a slow or down tracking server (then exit code 3)",
-    )
+    wait = "seconds to wait at the end for a slow or down tracking server (then exit code 3)"
+    parser.add_argument("--tracking-timeout", type=float, default=120.0, help=wait)
     return parser
 
 

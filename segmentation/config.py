@@ -12,6 +12,8 @@ The top-level sections keep the config groups of the pipeline this project repla
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,34 +157,75 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers: at least ``ge`` (or above ``gt``), at most ``le`` (or below ``lt``); ``None``: no bound."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+        )
+
+    def __str__(self) -> str:
+        if (self.ge, self.gt) != (None, None) and (self.le, self.lt) != (None, None):
+            left = f"[{self.ge}" if self.ge is not None else f"({self.gt}"
+            right = f"{self.le}]" if self.le is not None else f"{self.lt})"
+            return f"in {left}, {right}"
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        return " and ".join(f"{op} {bound}" for op, bound in bounds if bound is not None) or "any finite number"
+
+
 # Numeric bounds, checked when the config loads: a value outside them would fail (ZeroDivisionError, DataLoader or
-# NumPy errors) or silently mean something else only once the run has started. ``None``: no bound on that side.
-RANGES: dict[str, tuple[float | None, float | None]] = {
-    "data.ignore_index": (0, 255),  # masks are uint8
-    "augmentation.crop_height": (1, None),
-    "augmentation.crop_width": (1, None),
-    "augmentation.val_height": (0, None),  # 0 = full resolution
-    "augmentation.val_width": (0, None),
-    "model.num_classes": (1, 256),  # class ids travel as uint8 masks
-    "loss.min_k": (1, None),
-    "loss.threshold": (0, None),  # a per-pixel cross-entropy value, not a probability: values above 1 are valid
-    "loss.ignore_index": (0, 255),
-    "scheduler.warmup_steps": (0, None),
-    "train.epochs": (0, None),
-    "train.max_steps": (0, None),  # 0 = no cap
-    "train.batch_size": (1, None),
-    "train.grad_accum_steps": (1, None),
-    "train.val_every_n_steps": (1, None),  # step % n
-    "train.log_every_n_steps": (1, None),
-    "train.sanity_val_batches": (0, None),
-    "train.num_val_images_logged": (0, None),
-    "callbacks.checkpoint.top_k": (0, None),  # best checkpoints kept besides the last one
-    "callbacks.early_stopping.patience": (1, None),  # 0 would stop at the first validation
-    "eval.batch_size": (1, None),
-    "eval.sliding_window": (0, None),  # 0 = whole image
-    "eval.num_worst": (0, None),
-    "system.seed": (0, 2**32 - 1),  # NumPy's seed range
-    "system.num_workers": (0, None),
+# NumPy errors) or silently mean something else only once the run has started. A list's bound holds for each of its
+# numbers. NaN and infinities are refused everywhere, with or without an entry here.
+RANGES: dict[str, Range] = {
+    "data.ignore_index": Range(ge=0, le=255),  # masks are uint8
+    "augmentation.crop_height": Range(ge=1),
+    "augmentation.crop_width": Range(ge=1),
+    "augmentation.hflip_prob": Range(ge=0, le=1),
+    "augmentation.color_jitter": Range(ge=0),  # 0 disables it; a negative strength would silently disable it too
+    "augmentation.val_height": Range(ge=0),  # 0 = full resolution
+    "augmentation.val_width": Range(ge=0),
+    "model.num_classes": Range(ge=1, le=256),  # class ids travel as uint8 masks
+    "loss.min_k": Range(ge=1),
+    "loss.threshold": Range(ge=0),  # a per-pixel cross-entropy value, not a probability: values above 1 are valid
+    "loss.class_weights": Range(ge=0),
+    "loss.ignore_index": Range(ge=0, le=255),
+    "optimizer.momentum": Range(ge=0, lt=1),  # 1 never forgets a gradient, above 1 the velocity diverges
+    "optimizer.weight_decay": Range(ge=0),
+    "optimizer.betas": Range(ge=0, lt=1),  # AdamW's moment decays
+    "scheduler.power": Range(ge=0),
+    "scheduler.warmup_steps": Range(ge=0),
+    "scheduler.warmup_start_factor": Range(gt=0, le=1),  # the first step's fraction of train.lr
+    "train.epochs": Range(ge=0),
+    "train.max_steps": Range(ge=0),  # 0 = no cap
+    "train.batch_size": Range(ge=1),
+    "train.lr": Range(gt=0),
+    "train.grad_accum_steps": Range(ge=1),
+    "train.clip_grad_norm": Range(ge=0),  # 0 = no clipping; a negative norm would silently mean the same
+    "train.val_every_n_steps": Range(ge=1),  # step % n
+    "train.log_every_n_steps": Range(ge=1),
+    "train.sanity_val_batches": Range(ge=0),
+    "train.num_val_images_logged": Range(ge=0),
+    "callbacks.checkpoint.top_k": Range(ge=0),  # best checkpoints kept besides the last one
+    "callbacks.early_stopping.patience": Range(ge=1),  # 0 would stop at the first validation
+    "callbacks.early_stopping.min_delta": Range(ge=0),  # a negative one would count a worse value as improvement
+    "eval.batch_size": Range(ge=1),
+    "eval.scales": Range(gt=0),
+    "eval.sliding_window": Range(ge=0),  # 0 = whole image
+    "eval.num_worst": Range(ge=0),
+    "system.seed": Range(ge=0, le=2**32 - 1),  # NumPy's seed range
+    "system.num_workers": Range(ge=0),
 }
 
 
@@ -196,6 +239,17 @@ def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
             keys.extend(valid_keys(sub, name + "."))
         else:
             keys.append(name)
+    return keys
+
+
+def list_keys(node: Any = Config, prefix: str = "") -> list[str]:
+    """Dotted keys of the schema's list fields, e.g. ``eval.scales`` (optional lists included)."""
+    keys = []
+    for name, hint in typing.get_type_hints(node).items():
+        if dataclasses.is_dataclass(hint):
+            keys.extend(list_keys(hint, f"{prefix}{name}."))
+        elif list in (typing.get_origin(hint), *(typing.get_origin(arg) for arg in typing.get_args(hint))):
+            keys.append(prefix + name)
     return keys
 
 

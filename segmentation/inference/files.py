@@ -1,8 +1,9 @@
 """Prediction for a folder, a glob or a single image: a train-id mask, a colourised mask and an overlay PNG each.
 
-Images of any size go in as they are (small ones are padded inside the model call, large ones can use a sliding
-window). Class names and colours come from the model package, so the outputs use the colours the model was trained
-with. Every file is written atomically, so an interrupted run never leaves a half-written PNG.
+Images go in at their own size (small ones are padded inside the model call, large ones can use a sliding window), up
+to the pixel limit serving and batch prediction apply, read from a PNG or JPEG header before any pixel is decoded.
+Class names and colours come from the model package, so the outputs use the colours the model was trained with. Every
+file is written atomically, so an interrupted run never leaves a half-written PNG.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from segmentation.data.classes import ClassInfo, colorize, overlay
+from segmentation.data.image_header import ImageHeader, read_image_header
+from segmentation.data.samples import read_image
+from segmentation.inference.image_bytes import padded_pixels
 from segmentation.inference.predictor import Predictor
 from segmentation.inference.tta import check_tta_settings
 from segmentation.io import atomic_path
@@ -26,15 +30,22 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 OUTPUT_KINDS = ("mask", "color", "overlay")  # sub-folders of out_dir
+# Serving's per-image limit and its variable (segmentation.mlops.serving_requests, which this layer may not import);
+# the predict step passes the configured value. Logits take 76 bytes per pixel: 4096 x 4096 costs over 1 GB.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+MAX_PIXELS_ENV = "SEGMENTATION_MAX_PIXELS"
+# No image within the pixel limit needs more bytes than this (OpenCV's largest pixels, float32 RGBA, take 16 bytes),
+# plus room for metadata and the trailers phones append; a larger file is refused before it is read into memory.
+_BYTES_PER_PIXEL, _METADATA_BYTES = 16, 16 << 20
 
 
 @dataclass
 class PredictReport:
-    """What a prediction wrote (``outputs[kind]`` lists one path per image read) and what it skipped."""
+    """What a prediction wrote (``outputs[kind]`` lists one path per image read) and what it skipped, and why."""
 
     out_dir: Path
     outputs: dict[str, list[Path]] = field(default_factory=lambda: {k: [] for k in OUTPUT_KINDS})
-    skipped: list[Path] = field(default_factory=list)
+    skipped: dict[Path, str] = field(default_factory=dict)  # input -> the error that kept it out
     overlays: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (name, RGB image), the first few
     logged: int = 0
 
@@ -109,6 +120,50 @@ def _output_names(files: list[Path], root: Path) -> list[Path]:
     return names
 
 
+def _check_pixels(path: Path, height: int, width: int, max_pixels: int) -> None:
+    padded = padded_pixels(ImageHeader(height, width))
+    if padded > max_pixels:
+        size = f"{width}x{height} = {height * width} pixels" + (
+            f" ({padded} once padded for the network)" if padded != height * width else ""
+        )
+        raise ValueError(
+            f"{path}: image is {size}, more than the limit of {max_pixels} pixels; shrink or tile it, or raise "
+            f"{MAX_PIXELS_ENV} (the limit serving and batch_predict apply too)"
+        )
+
+
+def read_input_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The ``H x W x 3`` uint8 BGR pixels of an input image, EXIF orientation applied, checked before they cost memory.
+
+    A PNG or JPEG is checked from its header first, as serving checks a request: more than ``max_pixels`` (padded as
+    the network pads) is refused before any pixel is decoded. Truncated files are refused (OpenCV would fill the lost
+    rows with grey), as are empty, corrupt ones and a file larger than any image within the limit needs. Other formats
+    (BMP, TIFF, WebP, PPM) have no header reader here: OpenCV decodes them within its own 2^30 pixel ceiling and the
+    limit is checked on the decoded size, before the network runs.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: naming ``path``, what was found and what is allowed.
+    """
+    header = read_image_header(path)
+    if header is not None:
+        _check_pixels(path, *header.shape, max_pixels)
+    size, max_bytes = path.stat().st_size, _BYTES_PER_PIXEL * max_pixels + _METADATA_BYTES
+    if size > max_bytes:
+        raise ValueError(
+            f"{path}: {size} bytes, more than an image of at most {max_pixels} pixels needs "
+            f"({max_bytes} bytes); check that it is one image"
+        )
+    image = read_image(path)  # the truncation checks preprocessing applies
+    if header is not None and image.shape[:2] != header.shape:
+        raise ValueError(
+            f"{path}: decoded {image.shape[1]}x{image.shape[0]} pixels but its header says "
+            f"{header.shape[1]}x{header.shape[0]} (W x H); the file is malformed"
+        )
+    _check_pixels(path, *image.shape[:2], max_pixels)
+    return image
+
+
 def _write_png(path: Path, image: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), image):
@@ -125,24 +180,28 @@ def predict_images(
     tta: str = "none",
     sliding_window: int = 0,
     num_overlays: int = 4,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PredictReport:
     """Predict each image and write ``out_dir/{mask,color,overlay}/<path relative to root>.png``.
 
-    Unreadable files are skipped with one warning that lists them. The first ``num_overlays`` overlays are kept in
-    ``report.overlays`` (RGB) for the caller to log.
+    Each file is read by :func:`read_input_image`. One that cannot be read, or is refused (truncated, more than
+    ``max_pixels``), is skipped, and the others are predicted; one warning at the end names each skipped file and
+    why (``report.skipped``). The first ``num_overlays`` overlays are kept in ``report.overlays`` (RGB) for the caller
+    to log.
 
     Raises:
-        ValueError: none of the images could be read, two inputs map to the same output name, or bad ``tta``.
+        ValueError: none of the images could be read (the message names each and why), two inputs map to the same
+            output name, or bad ``tta``.
     """
     check_tta_settings(tta, sliding_window=sliding_window)
     out_dir = check_out_dir(out_dir)
     names = _output_names(files, root)
     report = PredictReport(out_dir)
     for source, name in tqdm(list(zip(files, names, strict=True)), desc="predict", unit="image", mininterval=2.0):
-        # IMREAD_COLOR turns grey, 16-bit and RGBA inputs into the 8-bit BGR the model expects.
-        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
-        if image is None:
-            report.skipped.append(source)
+        try:
+            image = read_input_image(source, max_pixels)
+        except (OSError, ValueError) as exc:
+            report.skipped[source] = str(exc)
             continue
         mask = predictor.predict_mask(image, tta=tta, sliding_window=sliding_window)
         blended = overlay(image, mask, classes)
@@ -153,12 +212,9 @@ def predict_images(
             report.outputs[kind].append(target)
         if len(report.overlays) < num_overlays:
             report.overlays.append((str(name.with_suffix("")), blended[..., ::-1]))
+    reasons = "; ".join(report.skipped.values())
     if report.skipped:
-        logger.warning(
-            "skipped %d unreadable image(s): %s", len(report.skipped), ", ".join(str(p) for p in report.skipped)
-        )
+        logger.warning("skipped %d unreadable or refused image(s): %s", len(report.skipped), reasons)
     if not report.outputs["mask"]:
-        raise ValueError(
-            f"none of the {len(files)} input image(s) could be read: {', '.join(str(p) for p in report.skipped)}"
-        )
+        raise ValueError(f"none of the {len(files)} input image(s) could be read: {reasons}")
     return report

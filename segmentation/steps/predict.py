@@ -9,6 +9,7 @@ from segmentation.inference.predictor import DEFAULT_BACKEND, Predictor, resolve
 from segmentation.mlops.eval_logging import log_overlays
 from segmentation.mlops.model_store import load_model
 from segmentation.mlops.runs import attached_run
+from segmentation.mlops.serving_requests import load_limits
 
 
 def predict_step(
@@ -24,6 +25,11 @@ def predict_step(
 ) -> PredictReport:
     """Resolve the inputs (before the model is loaded, so a typo fails fast), load the model, predict.
 
+    Each image is held to serving's per-image pixel limit (``SEGMENTATION_MAX_PIXELS``, read as serving and
+    ``batch_predict`` read it), checked from PNG/JPEG headers before decoding. A file that cannot be read, is
+    truncated or is over the limit is skipped and named in ``report.skipped`` with the reason; the others are
+    predicted, as ``batch_predict`` records an error for such a row and goes on.
+
     Args:
         model_uri: anything :func:`segmentation.mlops.model_store.load_model` accepts.
         input_spec: a folder (searched recursively), a glob pattern or one image file.
@@ -38,9 +44,10 @@ def predict_step(
 
     Raises:
         FileNotFoundError: the input does not exist or the model URI is a missing path.
-        ValueError: no images, none readable, or a model URI that does not resolve.
+        ValueError: no images, none readable, a model URI that does not resolve, or a bad limit in the environment.
     """
     check_out_dir(out_dir)  # before the model is loaded, like the inputs
+    max_pixels = load_limits().max_pixels
     files, root = collect_images(input_spec)
     # An out_dir inside the input folder must not feed the previous run's PNGs back in as inputs.
     out_resolved = Path(out_dir).resolve()
@@ -51,7 +58,15 @@ def predict_step(
     predictor = Predictor(model.to(resolve_device(device)), backend)
     with attached_run(create=False):  # under `mlflow run`, overlays go into its run; plain calls create none
         report = predict_images(
-            predictor, classes, files, root, out_dir, tta=tta, sliding_window=sliding_window, num_overlays=num_logged
+            predictor,
+            classes,
+            files,
+            root,
+            out_dir,
+            tta=tta,
+            sliding_window=sliding_window,
+            num_overlays=num_logged,
+            max_pixels=max_pixels,
         )
         report.logged = log_overlays(report.overlays)
     return report

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 from segmentation.config import Config
-from segmentation.config_loading import load_config
 from segmentation.mlops.connection import TrackingIncompleteError
 from segmentation.mlops.run_guard import release_run_lock
 from segmentation.mlops.runs import start_run
@@ -14,28 +13,6 @@ from segmentation.training.engine import FitResult, fit
 from segmentation.training.launch import inside_launch, is_main_process, relaunch
 
 logger = logging.getLogger(__name__)
-
-# Recipe values exposed as MLproject parameters; "" (their default) means "the config's own value".
-RECIPE_PARAMS = {"lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size"}
-
-
-def resolve_train_config(
-    config: str, data: str = "", overrides: str = "", **recipe: str | int | float | None
-) -> Config:
-    """The config file, then ``data`` and each non-empty recipe value (``lr``, ``epochs``, ``batch_size``), then
-    ``overrides`` (last word). A value given always wins over the file; an empty one keeps the file's.
-
-    Raises:
-        ConfigError: an unknown recipe name, or a value of the wrong type (the message names the config key).
-        FileNotFoundError: the config file does not exist.
-    """
-    unknown = sorted(set(recipe) - set(RECIPE_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown recipe parameter(s) {unknown}; allowed: {sorted(RECIPE_PARAMS)}")
-    dotted = [f"{RECIPE_PARAMS[name]}={value}" for name, value in recipe.items() if value not in ("", None)]
-    if data:
-        dotted.append(f"data.root={data}")
-    return load_config(config, dotted + overrides.split())
 
 
 def train_step(

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from segmentation.config import valid_keys
-from segmentation.config_loading import ConfigError, load_config
+from segmentation.config_loading import ConfigError, load_config, override_keys
 
 DISTRIBUTIONS = ("float", "int", "categorical")
 FIELDS = {
@@ -194,10 +194,6 @@ def load_search_space(path: str | Path) -> SearchSpace:
     if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
         raise ConfigError(f"{path}: 'overrides' must be a list of key=value strings, got {overrides!r}")
     return SearchSpace(path, tuple(space), tuple(overrides), _pruner(f"{path}: pruner", data.get("pruner")))
-
-
-def override_keys(overrides: Iterable[str]) -> set[str]:
-    return {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
 
 
 def trial_overrides(values: Mapping[str, Any]) -> list[str]:

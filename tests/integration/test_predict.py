@@ -98,9 +98,25 @@ def test_unreadable_files_are_skipped_with_a_warning(package, frame_dir, tmp_pat
     (frame_dir / "broken.png").write_bytes(b"not a png at all")
     with caplog.at_level(logging.WARNING, logger="segmentation.steps.predict"):
         report = predict_step(str(package), frame_dir, tmp_path / "out", device="cpu")
-    assert report.skipped == [frame_dir / "broken.png"] and len(report.outputs["mask"]) == 3
+    assert list(report.skipped) == [frame_dir / "broken.png"] and len(report.outputs["mask"]) == 3
     assert "broken.png" in caplog.text and "skipped 1 unreadable" in caplog.text
     assert not (tmp_path / "out" / "mask" / "broken.png").exists()
+
+
+def test_truncated_and_oversized_images_are_skipped_with_their_reasons(package, frame_dir, tmp_path, monkeypatch):
+    """Serving's per-image limit (SEGMENTATION_MAX_PIXELS) holds for the predict step too, checked from headers, and
+    a truncated JPEG is refused instead of being predicted with grey rows; the other images are still predicted."""
+    data = (frame_dir / "crop.jpg").read_bytes()
+    (frame_dir / "cut.jpg").write_bytes(data[: len(data) // 2])
+    monkeypatch.setenv("SEGMENTATION_MAX_PIXELS", str(77 * 64))  # crop.jpg is 77 x 51, padded to 77 x 64
+    report = predict_step(str(package), frame_dir, tmp_path / "out", device="cpu")
+    assert [p.name for p in report.outputs["mask"]] == ["crop.png"]
+    assert sorted(p.name for p in report.skipped) == ["cut.jpg", "frame.png", "grey.png"]
+    assert "cut.jpg: truncated JPEG file" in report.skipped[frame_dir / "cut.jpg"]
+    assert (
+        "grey.png: image is 256x128 = 32768 pixels, more than the limit of 4928"
+        in report.skipped[frame_dir / "grey.png"]
+    )
 
 
 def test_nothing_readable_is_an_error_and_exits_non_zero(package, tmp_path):
