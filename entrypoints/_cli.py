@@ -9,6 +9,9 @@ Exit codes, the same for every entry point:
 - 3: the work is done but the tracking server did not receive everything (the message names the journal to upload
   with ``python -m entrypoints.sync_tracking``);
 - 1: anything unexpected (a traceback is logged).
+
+A step that runs others (``main``'s children, the ranks of a multi-process training) exits with the code of the one
+that failed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import logging
 import sys
 from collections.abc import Callable
 
+from segmentation.exit_codes import record_exit_code
 from segmentation.mlops.connection import TrackingIncompleteError
+from segmentation.mlops.pipeline import StepFailedError
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_TRACKING_INCOMPLETE = 0, 1, 2, 3
 BAD_INPUT = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, ConnectionError, FloatingPointError)
@@ -44,13 +49,23 @@ def float_list(text: str) -> tuple[float, ...]:
 
 
 def run(name: str, step: Callable[[], int | None]) -> int:
-    """Configure logging, call ``step`` and map what it raises to the exit codes above.
+    """Configure logging, call ``step`` and map what it raises to the exit codes above (recorded for a parent
+    launcher, :mod:`segmentation.exit_codes`).
 
     ``step`` returns None (done) or an exit code of its own (a re-launched training's).
     """
+    code = _run(name, step)
+    record_exit_code(code)
+    return code
+
+
+def _run(name: str, step: Callable[[], int | None]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = step()
+    except StepFailedError as exc:
+        print(f"{name} failed: {exc}", file=sys.stderr)
+        return exc.exit_code
     except TrackingIncompleteError as exc:
         print(f"{name}: tracking incomplete: {exc}", file=sys.stderr)
         return EXIT_TRACKING_INCOMPLETE

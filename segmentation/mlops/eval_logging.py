@@ -94,9 +94,17 @@ def log_overlays(overlays: Sequence[tuple[str, np.ndarray]], prefix: str = "pred
     return len(overlays)
 
 
-def data_key(table: pd.DataFrame, split: str, split_id: str, tta: str = "none", sliding_window: int = 0) -> str:
+def data_key(
+    table: pd.DataFrame,
+    split: str,
+    split_id: str,
+    tta: str = "none",
+    sliding_window: int = 0,
+    scales: Sequence[float] = (),
+) -> str:
     """Identify what a score was measured on: the split's rows (image and mask paths relative to the data root)
-    and the TTA protocol, e.g. ``split01/val#1f2e3d4c5b6a|tta=none``.
+    and the TTA protocol, e.g. ``split01/val#1f2e3d4c5b6a|tta=none`` or ``...|tta=multiscale,scales=0.75:1:1.25``
+    (``scales`` count only for ``multiscale``).
 
     Two scores are comparable only when their keys are equal; the key does not depend on where the data lives.
     """
@@ -104,5 +112,9 @@ def data_key(table: pd.DataFrame, split: str, split_id: str, tta: str = "none", 
     digest = hashlib.sha256()
     for image, mask in zip(rows["image"], rows["mask"], strict=True):
         digest.update(f"{image}\t{mask}\n".encode())
-    protocol = f"tta={tta}" + (f",window={sliding_window}" if sliding_window else "")
+    protocol = f"tta={tta}"
+    if tta == "multiscale":
+        protocol += ",scales=" + ":".join(f"{float(scale):g}" for scale in scales)
+    if sliding_window:
+        protocol += f",window={sliding_window}"
     return f"{split_id}/{split}#{digest.hexdigest()[:12]}|{protocol}"

@@ -4,6 +4,10 @@ This follows MLflow's multistep-workflow pattern: a parent run launches each ent
 ``mlflow.projects.run`` (each becomes a child run tagged ``mlflow.parentRunId``) and passes what one step made to
 the next as parameters. A step that already FINISHED with the same parameters and the same code version is reused
 instead of being run again, so re-running the pipeline after a failure redoes only what is missing.
+
+"The same parameters" means every parameter of the entry point, compared as ``mlflow run`` logs them: the MLproject
+default for each one the pipeline does not pass, values shell-quoted as MLflow quotes them. "The same code" means the
+same git commit with no uncommitted change to a tracked file; without both, nothing is reused.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.exceptions import ExecutionException
+from mlflow.projects._project_spec import load_project
 from mlflow.projects.utils import get_git_commit
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
+from segmentation.exit_codes import UNEXPECTED, children_exit_code, collect_exit_codes
 from segmentation.mlops.registry import filter_literal
 
 logger = logging.getLogger(__name__)
@@ -28,56 +35,98 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]  # the folder holding MLprojec
 EMPTY_AS_LOGGED = ("", "''")  # MLflow records an empty project parameter as the shell-quoted ``''``
 
 
-def find_finished_run(
-    client: MlflowClient, experiment_id: str, entry_point: str, parameters: dict[str, str], git_commit: str | None
-) -> Run | None:
-    """The newest FINISHED run of ``entry_point`` with exactly these parameter values (and code version).
+class StepFailedError(RuntimeError):
+    """A pipeline step's process failed; ``exit_code`` is its own (the entry points' exit-code table)."""
 
-    Non-empty values are matched by the server's search; empty ones are compared here, because how an empty
-    value is stored (``''`` or nothing) is not something a search filter can rely on.
+    def __init__(self, entry_point: str, detail: str, exit_code: int) -> None:
+        super().__init__(f"step {entry_point} exited with code {exit_code} ({detail}); its log above says why")
+        self.entry_point, self.exit_code = entry_point, exit_code
+
+
+def logged_parameters(entry_point: str, parameters: dict[str, str]) -> dict[str, str]:
+    """Every parameter of ``entry_point`` as ``mlflow run`` logs it for a launch given ``parameters``: MLflow's own
+    computation (the MLproject default for each one not given, values shell-quoted: ``''``, ``'a b'``)."""
+    spec = load_project(str(PROJECT_DIR)).get_entry_point(entry_point)
+    final, extra = spec.compute_parameters(parameters, storage_dir=None)
+    return {**final, **extra}
+
+
+def _same_value(logged: str | None, expected: str) -> bool:
+    if expected in EMPTY_AS_LOGGED:
+        return logged is None or logged in EMPTY_AS_LOGGED
+    return logged == expected
+
+
+def find_finished_run(
+    client: MlflowClient, experiment_id: str, entry_point: str, parameters: dict[str, str], git_commit: str
+) -> Run | None:
+    """The newest FINISHED run of ``entry_point`` at ``git_commit`` whose every parameter has the value a launch
+    with ``parameters`` would log (:func:`logged_parameters`).
+
+    Non-empty values are matched by the server's search, then every value is compared here: how an empty value is
+    stored (``''`` or nothing) is not something a search filter can rely on.
     """
+    expected = logged_parameters(entry_point, parameters)
     clauses = [
         f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = {filter_literal(entry_point)}",
         "attributes.status = 'FINISHED'",
+        f"tags.`{MLFLOW_GIT_COMMIT}` = {filter_literal(git_commit)}",
     ]
     clauses += [
-        f"params.`{key}` = {filter_literal(str(value))}" for key, value in parameters.items() if str(value) != ""
+        f"params.`{key}` = {filter_literal(value)}" for key, value in expected.items() if value not in EMPTY_AS_LOGGED
     ]
-    if git_commit:
-        clauses.append(f"tags.`{MLFLOW_GIT_COMMIT}` = {filter_literal(git_commit)}")
-    empty = [key for key, value in parameters.items() if str(value) == ""]
     runs = client.search_runs([experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"])
     for run in runs:
-        if all(run.data.params.get(key, "") in EMPTY_AS_LOGGED for key in empty):
+        if all(_same_value(run.data.params.get(key), value) for key, value in expected.items()):
             return run
     return None
 
 
-def _git_commit() -> str | None:
-    return get_git_commit(str(PROJECT_DIR))
+def code_version(project_dir: Path = PROJECT_DIR) -> tuple[str | None, str]:
+    """The git commit of the project and, when steps cannot be reused, why: no git checkout, or uncommitted changes
+    to tracked files (a run at that commit may have been made with other code or another config)."""
+    commit = get_git_commit(str(project_dir))
+    if commit is None:
+        return None, "the project is not a git checkout, so the code of earlier runs cannot be compared"
+    import git  # GitPython, an MLflow dependency; only needed here
+
+    if git.Repo(str(project_dir), search_parent_directories=True).is_dirty(untracked_files=False):
+        return commit, "the working tree has uncommitted changes to tracked files"
+    return commit, ""
 
 
 def run_step(entry_point: str, parameters: dict[str, str], reuse: bool = True) -> Run:
-    """Run one entry point as a child of the active run, or reuse a FINISHED run with the same parameters."""
+    """Run one entry point as a child of the active run, or reuse a FINISHED run with the same parameters and code.
+
+    Raises:
+        StepFailedError: the step's process failed (its exit code is kept).
+    """
     client = MlflowClient()
     parent = mlflow.active_run()
     experiment_id = parent.info.experiment_id
     parameters = {key: str(value) for key, value in parameters.items()}
     if reuse:
-        previous = find_finished_run(client, experiment_id, entry_point, parameters, _git_commit())
-        if previous is not None and previous.data.tags.get("pipeline.reusable", "true") == "true":
+        commit, why_not = code_version()
+        previous = None if why_not else find_finished_run(client, experiment_id, entry_point, parameters, commit)
+        if why_not:
+            logger.info("not reusing an earlier %s run: %s", entry_point, why_not)
+        elif previous is not None and previous.data.tags.get("pipeline.reusable", "true") == "true":
             logger.info("reusing FINISHED %s run %s (same parameters)", entry_point, previous.info.run_id)
             client.set_tag(parent.info.run_id, f"pipeline.{entry_point}.reused_run", previous.info.run_id)
             return previous
     logger.info("running entry point %s with %s", entry_point, parameters)
-    submitted = mlflow.projects.run(
-        str(PROJECT_DIR),
-        entry_point=entry_point,
-        parameters=parameters,
-        env_manager="local",
-        experiment_id=experiment_id,
-        synchronous=True,
-    )
+    with collect_exit_codes() as codes:
+        try:
+            submitted = mlflow.projects.run(
+                str(PROJECT_DIR),
+                entry_point=entry_point,
+                parameters=parameters,
+                env_manager="local",
+                experiment_id=experiment_id,
+                synchronous=True,
+            )
+        except ExecutionException as exc:  # MLflow says only "failed": the step recorded why, as its exit code
+            raise StepFailedError(entry_point, str(exc), children_exit_code(codes, UNEXPECTED)) from None
     run = client.get_run(submitted.run_id)
     if run.data.tags.get(MLFLOW_PARENT_RUN_ID) != parent.info.run_id:
         client.set_tag(run.info.run_id, MLFLOW_PARENT_RUN_ID, parent.info.run_id)

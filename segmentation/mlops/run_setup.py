@@ -26,6 +26,7 @@ from segmentation.config import Config, flatten, to_yaml
 CONFIG_PARAM_PREFIX = "cfg."
 CONFIG_ARTIFACT = "config/resolved.yaml"
 MAX_PARAM_CHARS = 6000  # the server silently truncates longer values
+RESUMED_TAG_PREFIX = "resume."  # + "cfg.train.lr": a config value a resume changed (params never change)
 
 
 class RunSetup:
@@ -41,14 +42,26 @@ class RunSetup:
         self._digest: str | None = None
 
     def log_config(self, cfg: Config) -> None:
-        """Log the resolved config as ``cfg.*`` params (batched) and as ``config/resolved.yaml``."""
+        """Log the resolved config as ``cfg.*`` params (batched) and as ``config/resolved.yaml``.
+
+        A resumed run already holds its params, and MLflow never changes one: a value the resume changed (a new
+        ``train.lr``, more epochs) is recorded as the tag ``resume.cfg.<key>`` (the value in use from then on,
+        :data:`RESUMED_TAG_PREFIX`), and each resume's whole config as ``config/resolved-resume-<time>.yaml``.
+        """
         if not self.enabled:
             return
         existing = self.client.get_run(self.run_id).data.params
-        flat = flatten(cfg, CONFIG_PARAM_PREFIX)
+        flat = {key: str(value)[:MAX_PARAM_CHARS] for key, value in flatten(cfg, CONFIG_PARAM_PREFIX).items()}
         resumed = any(key in existing for key in flat)
-        self.log_params(flat, existing)  # a resumed run already holds them: MLflow refuses to change a value
-        self.client.log_text(self.run_id, to_yaml(cfg), "config/resolved-resume.yaml" if resumed else CONFIG_ARTIFACT)
+        self.log_params(flat, existing)
+        if not resumed:
+            self.client.log_text(self.run_id, to_yaml(cfg), CONFIG_ARTIFACT)
+            return
+        changed = {key: value for key, value in flat.items() if key in existing and existing[key] != value}
+        if changed:
+            self.set_tags({RESUMED_TAG_PREFIX + key: value for key, value in changed.items()})
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self.client.log_text(self.run_id, to_yaml(cfg), f"config/resolved-resume-{stamp}.yaml")
 
     def log_params(self, params: Mapping[str, Any], existing: Mapping[str, str] | None = None) -> None:
         """Log params that are not on the run yet (never re-log a key, e.g. one MLflow logged from ``-P``).

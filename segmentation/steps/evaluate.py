@@ -71,7 +71,7 @@ def _evaluate(model_uri: str, protocol: Protocol, num_worst: int) -> tuple[EvalR
         device=resolve_device(protocol.device),
         backend=protocol.backend,
     )
-    key = data_key(table, protocol.split, protocol.split_id, protocol.tta, protocol.sliding_window)
+    key = data_key(table, protocol.split, protocol.split_id, protocol.tta, protocol.sliding_window, protocol.scales)
     return result, key, table[table["split"] == protocol.split].reset_index(drop=True)
 
 
@@ -112,6 +112,8 @@ def evaluate_step(
     with attached_run(run_name="evaluate") as run_id:
         result, key, rows = _evaluate(model_uri, protocol, protocol.num_worst)
         tags = {**ref.tags, registry.DATA_TAG: key, "eval/split": protocol.split, "eval/tta": protocol.tta}
+        if protocol.tta == "multiscale":
+            tags["eval/scales"] = ",".join(f"{float(scale):g}" for scale in protocol.scales)
         dataset = mlflow.data.from_pandas(
             rows, source=protocol.data, name=f"{Path(protocol.data).name}/{protocol.split_id}/{protocol.split}"
         )

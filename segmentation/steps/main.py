@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from segmentation.config_loading import resolve_train_config
 from segmentation.mlops.connection import check_tracking_server
 from segmentation.mlops.pipeline import registered_version_of, run_step, start_parent_run
 
@@ -41,7 +42,11 @@ def pipeline_step(params: PipelineParams) -> dict[str, str]:
 
     Raises:
         ConnectionError: the tracking server does not answer (checked before anything runs).
+        ConfigError, FileNotFoundError: the training config, with ``lr`` and ``overrides``, does not load (checked
+            before anything runs).
+        StepFailedError: a step failed (its exit code is the pipeline's).
     """
+    resolve_train_config(params.config, "", params.overrides, lr=params.lr)
     check_tracking_server()
     with start_parent_run():
         return _run_steps(params)

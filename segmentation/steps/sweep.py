@@ -22,10 +22,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from segmentation.config import Config
-from segmentation.config_loading import ConfigError
+from segmentation.config_loading import ConfigError, resolve_train_config
 from segmentation.data.classes import ClassInfo
 from segmentation.data.datasets import SegmentationDataset, load_split
 from segmentation.inference.predictor import load_predictor
+from segmentation.mlops.connection import TrackingIncompleteError
 from segmentation.mlops.runs import start_run
 from segmentation.mlops.sweep import (
     FAILURE_ATTR,
@@ -54,7 +55,6 @@ from segmentation.mlops.sweep_report import (
     trial_metrics,
 )
 from segmentation.mlops.tracker import SYNC_COMMAND
-from segmentation.steps.train import resolve_train_config
 from segmentation.training.checkpoint import CHECKPOINT_DIR, JOURNAL_DIR, MODEL_PACKAGE_DIR
 from segmentation.training.engine import FitResult, fit
 from segmentation.training.search_space import SearchSpace, check_against_config, load_search_space, trial_overrides
@@ -105,6 +105,7 @@ class _Sweep:
     study: str
     samples: list[tuple[np.ndarray, np.ndarray]]
     ran: list[int] = field(default_factory=list)
+    undelivered: list[str] = field(default_factory=list)  # trials whose tracking the server lacks, with the fix
 
 
 def validation_samples(cfg: Config, count: int = GRID_IMAGES) -> tuple[list[tuple[np.ndarray, np.ndarray]], ClassInfo]:
@@ -159,6 +160,7 @@ def _objective(trial: optuna.Trial, sweep: _Sweep) -> float:
     if not result.delivered:
         journal = Path(cfg.train.output_dir) / tracker.run_id / JOURNAL_DIR
         logger.warning("trial %d: the tracking server lacks part of it; `%s %s`", trial.number, SYNC_COMMAND, journal)
+        sweep.undelivered.append(f"trial {trial.number}: `{SYNC_COMMAND} {journal}`")
     trial.set_user_attr("best_step", reporter.best_step)
     if reporter.pruned_at is not None:
         finish_trial_run(tracker.run_id, "pruned", "KILLED")
@@ -216,6 +218,9 @@ def sweep_step(params: SweepParams) -> SweepResult:
         ConfigError: an invalid search space, or a bound the config refuses (the message names file and key).
         ValueError: bad n_trials/heartbeat settings, a malformed storage URL, or a study that minimises.
         ConnectionError: the tracking server or the storage database does not answer.
+        TrackingIncompleteError: the study is done, but the tracking server lacks part of a trial or of the
+            sweep's run (the message lists each with the command that uploads the rest; ``exc.result`` is the
+            SweepResult).
     """
     _check(params)
     space = load_search_space(params.space)
@@ -253,7 +258,8 @@ def sweep_step(params: SweepParams) -> SweepResult:
     except BaseException:
         parent.end("FAILED")
         raise
-    parent.end("FINISHED")
+    if not parent.end("FINISHED"):
+        sweep.undelivered.append(f"the sweep's run {parent.run_id}: {parent.undelivered()}")
     logger.info(
         "study %s: this worker ran trials %s; best trial %s (%s %s), registered version %s",
         name,
@@ -263,4 +269,10 @@ def sweep_step(params: SweepParams) -> SweepResult:
         result.best_value,
         result.model_version,
     )
+    if sweep.undelivered:
+        error = TrackingIncompleteError(
+            f"study {name} done ({result}) but the tracking server lacks part of it: " + "; ".join(sweep.undelivered)
+        )
+        error.result = result
+        raise error
     return result

@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from segmentation.exit_codes import children_exit_code, collect_exit_codes
+
 
 def inside_launch() -> bool:
     """Whether this process is one rank of a multi-process launch (``accelerate launch``, ``torchrun``)."""
@@ -21,7 +23,8 @@ def is_main_process() -> bool:
 
 
 def relaunch(num_processes: int, module_argv: list[str], cpu: bool) -> int:
-    """Run ``python -m <module_argv>`` under ``accelerate launch`` with ``num_processes`` ranks; its exit code.
+    """Run ``python -m <module_argv>`` under ``accelerate launch`` with ``num_processes`` ranks; the exit code the
+    failed ranks recorded (``accelerate launch`` itself exits 1 whatever failed; :mod:`segmentation.exit_codes`).
 
     On a machine without CUDA (or with ``cpu``) the ranks are gloo CPU processes: ``--cpu --num_processes N`` would
     start one process, ``--multi_gpu`` with ``ACCELERATE_USE_CPU`` gives N.
@@ -35,4 +38,6 @@ def relaunch(num_processes: int, module_argv: list[str], cpu: bool) -> int:
     if cpu or not torch.cuda.is_available():
         cmd += ["--mixed_precision", "no"]
         env["ACCELERATE_USE_CPU"] = "true"
-    return subprocess.run([*cmd, "-m", *module_argv], env=env, check=False).returncode
+    with collect_exit_codes(env) as codes:
+        launched = subprocess.run([*cmd, "-m", *module_argv], env=env, check=False).returncode
+        return children_exit_code(codes, launched)

@@ -74,3 +74,22 @@ def test_a_bad_space_exits_2_before_any_run(tiny_data, tmp_path, tracking_uri, c
     assert sweep_entry.main(argv) == 2
     assert f"{space}: params: unknown config key 'train.lrr'" in capsys.readouterr().err
     assert MlflowClient().get_experiment_by_name(experiment) is None
+
+
+def test_a_trial_whose_tracking_the_server_lacks_gives_exit_3_and_its_sync_command(tiny_data, tmp_path, tracking_uri):
+    """With no time given to deliver its journal (``--tracking-timeout 0``), a trial ends with records only on disk:
+    the study still completes, and the sweep exits 3 naming the command that uploads the rest, as ``train`` does."""
+    from entrypoints import sync_tracking
+
+    name = f"undelivered-{uuid.uuid4().hex[:8]}"
+    argv = ["--space", str(CONFIG_DIR / "sweeps" / "synthetic.yaml"), "--n-trials", "1", "--study", name]
+    argv += ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--config", str(CONFIG_DIR / "tiny.yaml")]
+    argv += ["--data", str(tiny_data), "--registered-model", "", "--experiment", name, "--tracking-timeout", "0"]
+    argv += ["--overrides", f"{TINY_TRIAL} train.output_dir={tmp_path / 'out'}"]
+    assert sweep_entry.main(argv) == 3
+    (journal,) = (tmp_path / "out").glob("*/tracking")
+    (trial,) = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials()
+    assert trial.state == TrialState.COMPLETE
+    assert sync_tracking.main([str(journal)]) == 0
+    run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["val/mIoU"] == trial.value
