@@ -90,8 +90,15 @@ def check_other_tables(staging: Path, out_dir: Path, split_id: str) -> None:
 
 
 def publish(staging: Path, out_dir: Path, split_id: str) -> None:
-    """Move the staged folders and files into ``out_dir``; the split table goes last (it is the commit point)."""
+    """Move the staged folders and files into ``out_dir``; the split table is the commit point.
+
+    The table being replaced goes first and the new one last, so a run stopped between the renames (a kill, a power
+    loss) leaves no ``<split_id>`` table pairing new images with old masks: the next run finds none and makes it.
+    """
     trash = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    table = out_dir / "split" / f"{split_id}.parquet"
+    if table.exists():
+        os.replace(table, trash / table.name)
     for folder in ("images", "interim"):
         if (out_dir / folder).exists():
             os.replace(out_dir / folder, trash / folder)

@@ -150,8 +150,31 @@ def test_another_split_id_may_not_break_the_tables_already_in_out_dir(tmp_path):
 
 def test_a_raw_dir_given_with_the_synthetic_dataset_is_refused(tmp_path):
     """The generated dataset reads no folder: a raw_dir would be recorded on the run and not used."""
-    from segmentation.data.preprocess import run_preprocess
 
     with pytest.raises(ValueError, match="is not read by dataset='synthetic'"):
         run_preprocess("synthetic", str(tmp_path / "raw"), tmp_path / "out", num_images=2, height=64, width=64)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_stopped_between_its_renames_leaves_no_table_over_mixed_files(tmp_path, monkeypatch):
+    """Publishing swaps images/, then interim/, then the split files: stopped after the first swap (as a kill there
+    would), no split01 table may pair the new images with the old masks; the next run makes a complete one."""
+    from segmentation.data import publish
+
+    out = tmp_path / "out"
+    run_preprocess("synthetic", "", out, num_images=3, height=64, width=64, seed=0)
+    real = os.replace
+
+    def killed_at_interim(src, dst):
+        if Path(src) == out / "interim":
+            raise KeyboardInterrupt("stopped between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(publish.os, "replace", killed_at_interim)
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess("synthetic", "", out, num_images=3, height=64, width=64, seed=1)
+    monkeypatch.setattr(publish.os, "replace", real)
+    assert not (out / "split" / "split01.parquet").exists()
+    table = run_preprocess("synthetic", "", out, num_images=3, height=64, width=64, seed=1)
+    rows = pd.read_parquet(table)
+    assert len(rows) == 3 and all((out / p).is_file() for p in [*rows["image"], *rows["mask"]])
