@@ -31,6 +31,8 @@ from segmentation.data.classes import IGNORE_INDEX
 from segmentation.data.image_header import MAX_PIXELS, read_image_header, read_image_size
 from segmentation.data.samples import RawSample, check_near_image, read_image, read_label_png
 
+MAX_POLYGONS_BYTES = 64 << 20  # a gtFine polygons JSON is read whole; the dataset's largest is a few hundred KB
+
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = "_leftImg8bit.png"
 
@@ -164,6 +166,12 @@ def _mask_from_label_ids(path: Path, image_path: Path) -> np.ndarray:
 
 
 def _mask_from_polygons(path: Path, image_path: Path) -> np.ndarray:
+    size = path.stat().st_size
+    if size > MAX_POLYGONS_BYTES:
+        raise ValueError(
+            f"{path}: {size} bytes, above the {MAX_POLYGONS_BYTES} bytes a polygons file may have (Cityscapes' "
+            "own are below 1 MB); not read"
+        )
     try:
         annotation = json.loads(path.read_text())
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits

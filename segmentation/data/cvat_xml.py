@@ -21,12 +21,21 @@ from segmentation.data.classes import IGNORE_INDEX, ClassInfo
 from segmentation.data.cvat_shapes import Shape
 from segmentation.data.image_header import MAX_PIXELS, MAX_SIDE
 
+# ElementTree holds a parsed file in ~13x its size; CVAT exports one XML per task, so a larger project splits.
+MAX_XML_BYTES = 256 << 20
 # Class ids share the 8-bit mask with the ignore index 255: background is 0, the labels 1..254.
 MAX_LABELS = IGNORE_INDEX - 1
 
 
 def parse_xml(path: Path) -> Element:
-    """Parse ``path`` safely. Raises ValueError naming the file (and line/column for malformed XML)."""
+    """Parse ``path`` safely. Raises ValueError naming the file (and line/column for malformed XML, or its size
+    above :data:`MAX_XML_BYTES`, checked before it is read)."""
+    size = path.stat().st_size
+    if size > MAX_XML_BYTES:
+        raise ValueError(
+            f"{path}: {size} bytes, above the {MAX_XML_BYTES} bytes an annotation XML may have (parsing holds ~13x "
+            "that in memory); export the project as several tasks, one XML each, into cvat/"
+        )
     try:
         return SafeET.parse(str(path)).getroot()
     except ParseError as exc:

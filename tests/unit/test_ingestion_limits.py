@@ -224,3 +224,25 @@ def test_cvat_declared_size_refused_with_little_memory(tmp_path):
         and "annotations.xml: image 'a.png': declared width x height = 32768x32768 but" in peaks["refused"][1]
         and "a.png is 8x8" in peaks["refused"][1]
     )
+
+
+def test_annotation_files_above_their_size_limit_are_refused_before_they_are_read(tmp_path):
+    """A 300 MB CVAT XML (parsed, it would hold ~4 GB) and a 100 MB polygons JSON, made sparse (no disk used):
+    refused from their size, naming the file, before a byte is parsed."""
+    from segmentation.data.cityscapes import MAX_POLYGONS_BYTES, iter_cityscapes
+    from segmentation.data.cvat import read_cvat
+    from segmentation.data.cvat_xml import MAX_XML_BYTES
+
+    cvat = write_cvat(tmp_path / "cvat", 8, "0, 64")
+    (xml,) = (cvat / "cvat").glob("*.xml")
+    with xml.open("r+b") as fh:
+        fh.truncate(MAX_XML_BYTES + 1)
+    with pytest.raises(ValueError, match=rf"{xml.name}: {MAX_XML_BYTES + 1} bytes, above the {MAX_XML_BYTES}"):
+        read_cvat(cvat, val_fraction=0.0)
+    city = write_cityscapes(tmp_path / "city", (64, 128))
+    (polygons,) = city.rglob("*_polygons.json")
+    with polygons.open("r+b") as fh:
+        fh.truncate(MAX_POLYGONS_BYTES + 1)
+    with pytest.raises(ValueError, match=rf"{polygons.name}: {MAX_POLYGONS_BYTES + 1} bytes, above the"):
+        for sample in iter_cityscapes(city):
+            sample.build_mask()
