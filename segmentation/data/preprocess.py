@@ -41,6 +41,13 @@ from segmentation.data.synthetic import generate_scene
 from segmentation.io import write_text_atomic
 
 DATASETS = ("synthetic", "cityscapes", "cvat")
+# The step's settings a dataset does not read (every entry point has one fixed parameter list): Cityscapes has its
+# official splits; only the generator has a size. CVAT reads val_fraction and seed for images without a subset.
+UNREAD_SETTINGS = {
+    "synthetic": ("raw_dir",),
+    "cityscapes": ("val_fraction", "seed", "num_images", "height", "width"),
+    "cvat": ("num_images", "height", "width"),
+}
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 COLUMNS = ["image", "mask", "color", "split", "subset", "city", "height", "width", "labeled"]
 

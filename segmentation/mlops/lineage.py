@@ -27,12 +27,15 @@ def _side_by_side(image_bgr: np.ndarray, mask: np.ndarray, classes: ClassInfo) -
     return np.concatenate([image_bgr, overlay(image_bgr, mask, classes)], axis=1)[..., ::-1]
 
 
-def log_preprocess_lineage(table_path: str | Path, name: str | None = None, num_overlays: int = 4) -> bool:
+def log_preprocess_lineage(
+    table_path: str | Path, name: str | None = None, num_overlays: int = 4, unread: tuple[str, ...] = ()
+) -> bool:
     """Log the split table written by ``run_preprocess`` into the active (or ``MLFLOW_RUN_ID``) run.
 
     Logs: the table as a dataset input (context ``preprocess``, digest over every image and mask), metrics
     ``data/num_samples/<split>`` and ``data/pixels/<split>/<class>``, artifacts ``data/stats.json``,
-    ``data/classes.csv`` and ``num_overlays`` overlay images ``data/overlays/<i>.png``.
+    ``data/classes.csv`` and ``num_overlays`` overlay images ``data/overlays/<i>.png``; the tag
+    ``preprocess.unread_params`` names the run's params the dataset did not read (``unread``).
 
     Returns:
         ``True`` when something was logged, ``False`` when no run is active and ``MLFLOW_RUN_ID`` is unset.
@@ -54,6 +57,7 @@ def log_preprocess_lineage(table_path: str | Path, name: str | None = None, num_
             digest=stats["digest"][:32],
         )
         mlflow.log_input(dataset, context="preprocess")
+        mlflow.set_tag("preprocess.unread_params", ",".join(unread) or "none")
         metrics = {f"data/num_samples/{split}": float(n) for split, n in stats["num_samples"].items()}
         for split, counts in stats["pixels"].items():
             metrics.update({f"data/pixels/{split}/{cls}": float(n) for cls, n in counts.items()})

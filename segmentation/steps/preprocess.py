@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segmentation.data.preprocess import run_preprocess
+from segmentation.data.preprocess import UNREAD_SETTINGS, run_preprocess
 from segmentation.mlops.lineage import log_preprocess_lineage
 
 
@@ -23,6 +23,9 @@ def preprocess_step(
 ) -> Path:
     """Write masks and ``split/<split_id>.parquet`` under ``out_dir`` and log their lineage; returns the table path.
 
+    The run's tag ``preprocess.unread_params`` names the settings this dataset does not read (the entry point has
+    one parameter list for all three: a Cityscapes run records ``num_images`` but generates nothing).
+
     Raises:
         ValueError, FileNotFoundError: see :func:`segmentation.data.preprocess.run_preprocess`.
     """
@@ -37,5 +40,5 @@ def preprocess_step(
         height=height,
         width=width,
     )
-    log_preprocess_lineage(table)
+    log_preprocess_lineage(table, unread=UNREAD_SETTINGS[dataset])
     return table

@@ -115,6 +115,17 @@ def test_cli_attaches_to_mlflow_run_id(tmp_path, tracking_uri):
     logged = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     assert logged.inputs.dataset_inputs[0].dataset.name == "synthetic-split01"
     assert logged.data.metrics["data/num_samples/val"] == 1
+    assert logged.data.tags["preprocess.unread_params"] == "raw_dir"
+
+
+def test_the_run_names_the_settings_its_dataset_did_not_read(tmp_path, tracking_uri):
+    """A CVAT export has its images: the step's num_images, height and width are on the run but not read."""
+    from segmentation.steps.preprocess import preprocess_step
+
+    with mlflow.start_run() as run:
+        preprocess_step("cvat", CVAT_SAMPLE, tmp_path / "out", num_images=7)
+    tags = mlflow.MlflowClient(tracking_uri).get_run(run.info.run_id).data.tags
+    assert tags["preprocess.unread_params"] == "num_images,height,width"
 
 
 def test_another_split_id_may_not_break_the_tables_already_in_out_dir(tmp_path):
