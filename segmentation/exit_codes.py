@@ -26,14 +26,18 @@ def record_exit_code(code: int) -> None:
         return
     path = Path(folder) / f"{os.getpid()}.code"
     partial = path.with_suffix(".partial")
-    partial.write_text(str(code))
-    partial.replace(path)  # a parent never reads half a number
+    try:
+        partial.write_text(str(code))
+        partial.replace(path)  # a parent never reads half a number
+    except OSError:  # the parent is gone or stopped waiting: the code is only a message to it
+        pass
 
 
 def children_exit_code(folder: str | Path, launcher_code: int) -> int:
     """The exit code for a parent whose launcher exited with ``launcher_code``: the code the failed children
-    recorded when they agree on one, 1 when they recorded different ones, ``launcher_code`` when none recorded a
-    failure (a child killed by a signal, or a launcher that failed by itself)."""
+    recorded when they agree on one; when they do not, the one other than 1 (ranks whose peer stopped on bad input
+    fail with a broken connection, 1, as a consequence), else 1; ``launcher_code`` when none recorded a failure (a
+    child killed by a signal, or a launcher that failed by itself)."""
     if launcher_code == 0:
         return 0
     failed = set()
@@ -44,7 +48,8 @@ def children_exit_code(folder: str | Path, launcher_code: int) -> int:
             failed.add(code)
     if not failed:
         return launcher_code if launcher_code > 0 else UNEXPECTED
-    return failed.pop() if len(failed) == 1 else UNEXPECTED
+    specific = failed - {UNEXPECTED}
+    return specific.pop() if len(specific) == 1 else UNEXPECTED
 
 
 @contextmanager

@@ -141,20 +141,26 @@ def stop_process(proc: subprocess.Popen) -> None:
 _TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 
-def _tracking_state() -> tuple[str | None, dict[str, str | None]]:
+def _tracking_state() -> tuple[str | None, dict[str, str | None], str | None]:
     # MLflow keeps set_tracking_uri's value in a module global (no public getter) that outlives a test and also
     # writes it into MLFLOW_TRACKING_URI: a later test's in-process lookups would go to the earlier test's store.
+    # mlflow.set_experiment keeps its experiment id in another (fluent's _active_experiment_id): a later test's
+    # start_run in another store would look for that id there.
+    from mlflow.tracking import fluent
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    return tracking_utils._tracking_uri, {var: os.environ.get(var) for var in _TRACKING_ENV}
+    env = {var: os.environ.get(var) for var in _TRACKING_ENV}
+    return tracking_utils._tracking_uri, env, fluent._active_experiment_id
 
 
-def _restore_tracking_state(state: tuple[str | None, dict[str, str | None]]) -> None:
+def _restore_tracking_state(state: tuple[str | None, dict[str, str | None], str | None]) -> None:
     import mlflow
+    from mlflow.tracking import fluent
 
-    uri, env = state
+    uri, env, experiment_id = state
     while mlflow.active_run():
         mlflow.end_run()
+    fluent._active_experiment_id = experiment_id
     mlflow.set_tracking_uri(uri)  # None unsets the global again
     for var, value in env.items():
         if value is None:

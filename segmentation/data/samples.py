@@ -57,7 +57,7 @@ def read_image(path: Path) -> np.ndarray:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is empty, cannot be decoded or is truncated; the message names the file.
     """
-    data = _read_bytes(path)
+    data = read_complete_bytes(path)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"{path}: not a readable image (corrupt file or unsupported format)")
@@ -71,7 +71,7 @@ def read_label_png(path: Path) -> np.ndarray:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is empty, corrupt, truncated, or not a single-channel 8-bit image.
     """
-    data = _read_bytes(path)
+    data = read_complete_bytes(path)
     mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise ValueError(f"{path}: not a readable label image (corrupt file or unsupported format)")
@@ -110,7 +110,13 @@ def jpeg_is_complete(data: bytes) -> bool:
     return False
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_complete_bytes(path: Path) -> bytes:
+    """The bytes of an image file, refused when empty or when a PNG or JPEG is cut short (checked by content).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is empty or truncated; the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from segmentation.data.classes import ClassInfo, colorize, overlay
 from segmentation.data.image_header import ImageHeader, read_image_header
-from segmentation.data.samples import read_image
-from segmentation.inference.image_bytes import padded_pixels
+from segmentation.data.samples import read_complete_bytes, read_image
+from segmentation.inference.image_bytes import decode_oriented, padded_pixels
 from segmentation.inference.predictor import Predictor
 from segmentation.inference.tta import check_tta_settings
 from segmentation.io import atomic_path
@@ -154,12 +154,15 @@ def read_input_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             f"{path}: {size} bytes, more than an image of at most {max_pixels} pixels needs "
             f"({max_bytes} bytes); check that it is one image"
         )
-    image = read_image(path)  # the truncation checks preprocessing applies
-    if header is not None and image.shape[:2] != header.shape:
-        raise ValueError(
-            f"{path}: decoded {image.shape[1]}x{image.shape[0]} pixels but its header says "
-            f"{header.shape[1]}x{header.shape[0]} (W x H); the file is malformed"
-        )
+    if header is None:
+        image = read_image(path)  # the checks preprocessing applies
+    else:  # decoded and oriented as serving does it, by the header's own EXIF orientation
+        image = decode_oriented(read_complete_bytes(path), header)
+        if image is None:
+            raise ValueError(
+                f"{path}: not decodable as the {header.shape[1]}x{header.shape[0]} (W x H) image its header "
+                "declares; the file is corrupt or malformed"
+            )
     _check_pixels(path, *image.shape[:2], max_pixels)
     return image
 

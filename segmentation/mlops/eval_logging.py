@@ -103,7 +103,7 @@ def data_key(
     scales: Sequence[float] = (),
 ) -> str:
     """Identify what a score was measured on: the split's rows (image and mask paths relative to the data root)
-    and the TTA protocol, e.g. ``split01/val#1f2e3d4c5b6a|tta=none`` or ``...|tta=multiscale,scales=0.75:1:1.25``
+    and the TTA protocol, e.g. ``split01/val#1f2e3d4c5b6a|tta=none`` or ``...|tta=multiscale,scales=0.75:1.0:1.25``
     (``scales`` count only for ``multiscale``).
 
     Two scores are comparable only when their keys are equal; the key does not depend on where the data lives.
@@ -114,7 +114,7 @@ def data_key(
         digest.update(f"{image}\t{mask}\n".encode())
     protocol = f"tta={tta}"
     if tta == "multiscale":
-        protocol += ",scales=" + ":".join(f"{float(scale):g}" for scale in scales)
+        protocol += ",scales=" + ":".join(repr(float(scale)) for scale in scales)
     if sliding_window:
         protocol += f",window={sliding_window}"
     return f"{split_id}/{split}#{digest.hexdigest()[:12]}|{protocol}"

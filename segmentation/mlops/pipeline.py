@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -51,6 +52,12 @@ def logged_parameters(entry_point: str, parameters: dict[str, str]) -> dict[str,
     return {**final, **extra}
 
 
+def _searchable(value: str) -> bool:
+    """Whether a search filter can hold ``value``: not empty (see below) and without both quote characters (MLflow's
+    filters have no escapes; ``shlex`` quotes ``a'b`` as ``'a'"'"'b'``)."""
+    return value not in EMPTY_AS_LOGGED and not ("'" in value and '"' in value)
+
+
 def _same_value(logged: str | None, expected: str) -> bool:
     if expected in EMPTY_AS_LOGGED:
         return logged is None or logged in EMPTY_AS_LOGGED
@@ -63,8 +70,8 @@ def find_finished_run(
     """The newest FINISHED run of ``entry_point`` at ``git_commit`` whose every parameter has the value a launch
     with ``parameters`` would log (:func:`logged_parameters`).
 
-    Non-empty values are matched by the server's search, then every value is compared here: how an empty value is
-    stored (``''`` or nothing) is not something a search filter can rely on.
+    Values a filter can hold are matched by the server's search, then every value is compared here: how an empty
+    value is stored (``''`` or nothing) is not something a search filter can rely on.
     """
     expected = logged_parameters(entry_point, parameters)
     clauses = [
@@ -72,9 +79,7 @@ def find_finished_run(
         "attributes.status = 'FINISHED'",
         f"tags.`{MLFLOW_GIT_COMMIT}` = {filter_literal(git_commit)}",
     ]
-    clauses += [
-        f"params.`{key}` = {filter_literal(value)}" for key, value in expected.items() if value not in EMPTY_AS_LOGGED
-    ]
+    clauses += [f"params.`{key}` = {filter_literal(value)}" for key, value in expected.items() if _searchable(value)]
     runs = client.search_runs([experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"])
     for run in runs:
         if all(_same_value(run.data.params.get(key), value) for key, value in expected.items()):
@@ -83,20 +88,33 @@ def find_finished_run(
 
 
 def code_version(project_dir: Path = PROJECT_DIR) -> tuple[str | None, str]:
-    """The git commit of the project and, when steps cannot be reused, why: no git checkout, or uncommitted changes
-    to tracked files (a run at that commit may have been made with other code or another config)."""
+    """The git commit of the project and, when steps cannot be reused, why: not in a git checkout, project files
+    the checkout does not track, or uncommitted changes to tracked files under the project folder (a run at that
+    commit may have been made with other code or another config)."""
     commit = get_git_commit(str(project_dir))
     if commit is None:
-        return None, "the project is not a git checkout, so the code of earlier runs cannot be compared"
+        return None, "the project is not in a git checkout that git can read, so the code of earlier runs is unknown"
     import git  # GitPython, an MLflow dependency; only needed here
 
-    if git.Repo(str(project_dir), search_parent_directories=True).is_dirty(untracked_files=False):
+    repo = git.Repo(str(project_dir), search_parent_directories=True)
+    try:
+        repo.git.ls_files("--error-unmatch", "--", str(Path(project_dir).resolve() / "MLproject"))
+    except git.GitCommandError:
+        return commit, f"the git checkout at {repo.working_tree_dir} does not track the project's files"
+    if repo.is_dirty(untracked_files=False, path=str(Path(project_dir).resolve())):
         return commit, "the working tree has uncommitted changes to tracked files"
     return commit, ""
 
 
-def run_step(entry_point: str, parameters: dict[str, str], reuse: bool = True) -> Run:
-    """Run one entry point as a child of the active run, or reuse a FINISHED run with the same parameters and code.
+def run_step(
+    entry_point: str,
+    parameters: dict[str, str],
+    reuse: bool = True,
+    differs: Callable[[Run], str | None] | None = None,
+) -> tuple[Run, bool]:
+    """Run one entry point as a child of the active run, or reuse a FINISHED run with the same parameters and code
+    (and, with ``differs``, for which it returns None rather than why it differs); returns the run and whether it
+    was reused.
 
     Raises:
         StepFailedError: the step's process failed (its exit code is kept).
@@ -108,12 +126,15 @@ def run_step(entry_point: str, parameters: dict[str, str], reuse: bool = True) -
     if reuse:
         commit, why_not = code_version()
         previous = None if why_not else find_finished_run(client, experiment_id, entry_point, parameters, commit)
+        if previous is not None and differs is not None:
+            why_not = differs(previous) or ""
+            previous = None if why_not else previous
         if why_not:
             logger.info("not reusing an earlier %s run: %s", entry_point, why_not)
         elif previous is not None and previous.data.tags.get("pipeline.reusable", "true") == "true":
             logger.info("reusing FINISHED %s run %s (same parameters)", entry_point, previous.info.run_id)
             client.set_tag(parent.info.run_id, f"pipeline.{entry_point}.reused_run", previous.info.run_id)
-            return previous
+            return previous, True
     logger.info("running entry point %s with %s", entry_point, parameters)
     with collect_exit_codes() as codes:
         try:
@@ -131,7 +152,7 @@ def run_step(entry_point: str, parameters: dict[str, str], reuse: bool = True) -
     if run.data.tags.get(MLFLOW_PARENT_RUN_ID) != parent.info.run_id:
         client.set_tag(run.info.run_id, MLFLOW_PARENT_RUN_ID, parent.info.run_id)
     client.set_tag(parent.info.run_id, f"pipeline.{entry_point}.run", run.info.run_id)
-    return run
+    return run, False
 
 
 def registered_version_of(client: MlflowClient, model_name: str, run_id: str) -> str:

@@ -29,6 +29,14 @@ MAX_PARAM_CHARS = 6000  # the server silently truncates longer values
 RESUMED_TAG_PREFIX = "resume."  # + "cfg.train.lr": a config value a resume changed (params never change)
 
 
+def config_difference(params: Mapping[str, str], cfg: Config) -> str | None:
+    """How a run's ``cfg.*`` params differ from ``cfg`` (the first key that does), or None when they are equal."""
+    for key, value in flatten(cfg, CONFIG_PARAM_PREFIX).items():
+        if params.get(key) != str(value)[:MAX_PARAM_CHARS]:
+            return f"its {key} is {params.get(key)!r}, the config now gives {str(value)[:200]!r}"
+    return None
+
+
 class RunSetup:
     """The run's start-up writes and resume reads, sent synchronously; every method is a no-op when ``enabled`` is
     False (non-main ranks)."""
@@ -50,17 +58,24 @@ class RunSetup:
         """
         if not self.enabled:
             return
-        existing = self.client.get_run(self.run_id).data.params
+        run = self.client.get_run(self.run_id)
+        existing, tags = run.data.params, run.data.tags
         flat = {key: str(value)[:MAX_PARAM_CHARS] for key, value in flatten(cfg, CONFIG_PARAM_PREFIX).items()}
         resumed = any(key in existing for key in flat)
         self.log_params(flat, existing)
         if not resumed:
             self.client.log_text(self.run_id, to_yaml(cfg), CONFIG_ARTIFACT)
             return
-        changed = {key: value for key, value in flat.items() if key in existing and existing[key] != value}
-        if changed:
-            self.set_tags({RESUMED_TAG_PREFIX + key: value for key, value in changed.items()})
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        # The value in use now, for every key a resume changed, this one or an earlier one (which may have changed
+        # it back to the param's value).
+        in_use = {
+            RESUMED_TAG_PREFIX + key: value
+            for key, value in flat.items()
+            if key in existing and (existing[key] != value or RESUMED_TAG_PREFIX + key in tags)
+        }
+        if in_use:
+            self.set_tags(in_use)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() // 1000 % 1_000_000:06d}Z"
         self.client.log_text(self.run_id, to_yaml(cfg), f"config/resolved-resume-{stamp}.yaml")
 
     def log_params(self, params: Mapping[str, Any], existing: Mapping[str, str] | None = None) -> None:

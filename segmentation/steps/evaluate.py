@@ -113,7 +113,7 @@ def evaluate_step(
         result, key, rows = _evaluate(model_uri, protocol, protocol.num_worst)
         tags = {**ref.tags, registry.DATA_TAG: key, "eval/split": protocol.split, "eval/tta": protocol.tta}
         if protocol.tta == "multiscale":
-            tags["eval/scales"] = ",".join(f"{float(scale):g}" for scale in protocol.scales)
+            tags["eval/scales"] = ",".join(repr(float(scale)) for scale in protocol.scales)
         dataset = mlflow.data.from_pandas(
             rows, source=protocol.data, name=f"{Path(protocol.data).name}/{protocol.split_id}/{protocol.split}"
         )

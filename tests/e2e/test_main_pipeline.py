@@ -1,9 +1,15 @@
-"""`mlflow run .` (the `main` entry point): the whole pipeline as child runs of one parent, then a re-run reuses."""
+"""`mlflow run .` (the `main` entry point): the whole pipeline as child runs of one parent, then a re-run reuses.
+
+Reuse needs a clean git checkout of the project, which a developer's tree with edits is not: the pipeline runs from
+a copy of the working tree (tracked and untracked files, not ignored ones) committed in a repository of its own.
+"""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import MLFLOW, REPO, child_env
@@ -15,9 +21,26 @@ pytestmark = pytest.mark.e2e
 STEPS = ("preprocess", "train", "evaluate", "export", "promote")
 
 
-def run_main(tracking_uri: str, params: dict[str, str]) -> float:
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The working tree, committed in a repository of its own."""
+    copy = tmp_path_factory.mktemp("project")
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"], capture_output=True, check=True
+    )
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    git = ["git", "-C", str(copy), "-c", "user.name=e2e", "-c", "user.email=e2e@example.com"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "the working tree under test"]):
+        subprocess.run([*git, *args], check=True)
+    return copy
+
+
+def run_main(project: Path, tracking_uri: str, params: dict[str, str]) -> float:
     env = child_env(tracking_uri)
-    cmd = [MLFLOW, "run", str(REPO), "--env-manager", "local", "--experiment-name", "e2e-main"]
+    cmd = [MLFLOW, "run", str(project), "--env-manager", "local", "--experiment-name", "e2e-main"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     start = time.monotonic()
@@ -34,7 +57,7 @@ def children_of(client: MlflowClient, experiment_id: str, parent_id: str) -> dic
     return by_step
 
 
-def test_main_runs_every_step_as_child_runs_and_promotes(mlflow_server, tmp_path):
+def test_main_runs_every_step_as_child_runs_and_promotes(project, mlflow_server, tmp_path):
     params = {
         "data_dir": str(tmp_path / "data"),
         "config": "configs/tiny.yaml",
@@ -42,7 +65,7 @@ def test_main_runs_every_step_as_child_runs_and_promotes(mlflow_server, tmp_path
         "registered_model": "e2e-main",
         "overrides": f"train.output_dir={tmp_path / 'out'}",
     }
-    run_main(mlflow_server, params)
+    run_main(project, mlflow_server, params)
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("e2e-main")
@@ -64,7 +87,7 @@ def test_main_runs_every_step_as_child_runs_and_promotes(mlflow_server, tmp_path
     assert onnx_production.tags["source_model_version"] == production.version
 
     # Re-running with the same parameters reuses every finished step; only promotion runs again.
-    run_main(mlflow_server, params)
+    run_main(project, mlflow_server, params)
     parents = client.search_runs(
         [experiment.experiment_id],
         f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = 'main'",

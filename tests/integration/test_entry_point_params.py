@@ -177,11 +177,12 @@ def test_pipeline_forwards_its_parameters_to_the_steps(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     started: list[tuple[str, dict]] = []
 
-    def run_step(entry_point, parameters, reuse=True):
+    def run_step(entry_point, parameters, reuse=True, differs=None):
         started.append((entry_point, dict(parameters)))
-        return SimpleNamespace(
+        run = SimpleNamespace(
             info=SimpleNamespace(run_id=f"run-{entry_point}"), data=SimpleNamespace(metrics={"eval/mIoU": 0.5})
         )
+        return run, False
 
     monkeypatch.setattr(steps_main, "run_step", run_step)
     monkeypatch.setattr(steps_main, "registered_version_of", lambda client, name, run_id: "7")

@@ -19,6 +19,7 @@ from segmentation.exit_codes import children_exit_code
         ([], 0, 0),
         (["2", "2"], 1, 2),  # both ranks refused their input
         (["3", "0"], 1, 3),  # rank 0's tracking incomplete, rank 1 fine
+        (["2", "1"], 1, 2),  # rank 0 refused its input, rank 1 lost its peer
         (["2", "3"], 1, 1),  # children disagree: unexpected
         ([], 1, 1),  # killed before recording
         ([], -9, 1),  # a signal

@@ -79,18 +79,39 @@ def test_a_value_mlflow_logs_shell_quoted_is_found(tmp_path):
         assert find_finished_run(client, experiment_id, "preprocess", {**wanted, "seed": "7"}, commit) is None
 
 
-def test_code_version_refuses_uncommitted_changes_and_trees_without_git(tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    assert code_version(project)[0] is None and "not a git checkout" in code_version(project)[1]
-    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+def test_a_value_with_both_quote_characters_is_compared_without_the_search(tmp_path):
+    """``a'b "c"`` cannot be written in an MLflow filter; the run is still found (compared in Python)."""
+    with sqlite_tracking_store(tmp_path):
+        client = MlflowClient()
+        experiment_id = client.create_experiment("quotes")
+        given = {**MAIN_EVALUATE, "data": '/d/o\'brien "x"'}
+        logged = logged_parameters("evaluate", given)
+        assert logged["data"] == "'/d/o'\"'\"'brien \"x\"'"  # shlex's quoting, as mlflow run logs it
+        made = finished_run(client, experiment_id, "evaluate", logged)
+        found = find_finished_run(client, experiment_id, "evaluate", given, COMMIT)
+        assert found is not None and found.info.run_id == made
+
+
+def test_code_version_needs_the_project_tracked_and_clean(tmp_path):
+    outer = tmp_path / "repo"
+    project = outer / "project"
+    project.mkdir(parents=True)
+    assert code_version(project)[0] is None and "not in a git checkout" in code_version(project)[1]
+    git = ["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    (outer / "other.txt").write_text("another project's file\n")
     (project / "MLproject").write_text("name: x\n")
     subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "add", "MLproject"], check=True)
+    subprocess.run([*git, "add", "other.txt"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    # A project copied into another checkout without being added: its commit says nothing about its code.
     commit, why_not = code_version(project)
-    assert len(commit) == 40 and why_not == ""
+    assert len(commit) == 40 and "does not track the project's files" in why_not
+    subprocess.run([*git, "add", "project/MLproject"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "two"], check=True)
+    commit, why_not = code_version(project)
+    assert why_not == ""
     (project / "notes.txt").write_text("untracked files do not change the code")
+    (outer / "other.txt").write_text("an edit outside the project folder does not either\n")
     assert code_version(project) == (commit, "")
     (project / "MLproject").write_text("name: y\n")
     assert code_version(project) == (commit, "the working tree has uncommitted changes to tracked files")

@@ -13,7 +13,7 @@ from segmentation.mlops.run_setup import RunSetup
 
 def test_a_resume_that_changes_the_recipe_records_the_values_in_use(tmp_path):
     with sqlite_tracking_store(tmp_path):
-        run_id = MlflowClient().create_run(mlflow.set_experiment("record").experiment_id).info.run_id
+        run_id = MlflowClient().create_run(MlflowClient().create_experiment("record")).info.run_id
         setup = RunSetup(run_id)
         setup.log_config(load_config("configs/tiny.yaml", ["train.lr=0.02", "train.epochs=1"]))
         setup.log_config(load_config("configs/tiny.yaml", ["train.lr=0.005", "train.epochs=3"]))  # the resume
@@ -24,3 +24,23 @@ def test_a_resume_that_changes_the_recipe_records_the_values_in_use(tmp_path):
         files = sorted(a.path for a in MlflowClient().list_artifacts(run_id, "config"))
         assert files[1] == "config/resolved.yaml" and files[0].startswith("config/resolved-resume-")
         assert "lr: 0.005" in mlflow.artifacts.load_text(f"runs:/{run_id}/{files[0]}")
+        setup.log_config(load_config("configs/tiny.yaml", ["train.lr=0.02", "train.epochs=3"]))  # lr back
+        tags = MlflowClient().get_run(run_id).data.tags
+        assert (tags["resume.cfg.train.lr"], tags["resume.cfg.train.epochs"]) == ("0.02", "3")
+        assert len(MlflowClient().list_artifacts(run_id, "config")) == 3
+
+
+def test_config_difference_compares_a_runs_params_with_the_config_as_it_resolves_now(tmp_path):
+    """The pipeline reuses a training only when its cfg.* params equal today's config: an edit to a config file
+    outside git changes no parameter and no commit, only this."""
+    from segmentation.mlops.run_setup import config_difference
+
+    config = tmp_path / "mine.yaml"
+    config.write_text("train:\n  lr: 0.02\n  max_steps: 3\n")
+    with sqlite_tracking_store(tmp_path):
+        run_id = MlflowClient().create_run(MlflowClient().create_experiment("diff")).info.run_id
+        RunSetup(run_id).log_config(load_config(config))
+        params = MlflowClient().get_run(run_id).data.params
+    assert config_difference(params, load_config(config)) is None
+    config.write_text("train:\n  lr: 0.05\n  max_steps: 3\n")
+    assert config_difference(params, load_config(config)) == "its cfg.train.lr is '0.02', the config now gives '0.05'"

@@ -259,7 +259,8 @@ def test_data_key_depends_on_rows_split_and_tta_not_on_location():
     assert key != data_key(table, "train", "split01")
     assert key != data_key(table, "val", "split01", tta="flip")
     multiscale = data_key(table, "val", "split01", tta="multiscale", scales=(0.75, 1.0, 1.25))
-    assert multiscale.endswith("|tta=multiscale,scales=0.75:1:1.25")
+    assert multiscale.endswith("|tta=multiscale,scales=0.75:1.0:1.25")
+    assert multiscale != data_key(table, "val", "split01", tta="multiscale", scales=(0.7500001, 1.0, 1.25))
     assert multiscale != data_key(table, "val", "split01", tta="multiscale", scales=(0.5, 1.0))
     assert key == data_key(table, "val", "split01", scales=(0.5, 1.0))  # scales only count for multiscale
     assert key != data_key(table.assign(mask=["x.png", "b_m.png", "c_m.png"]), "val", "split01")
