@@ -5,7 +5,9 @@ Exit codes, the same for every entry point:
 - 0: done;
 - 2: bad input (a config key, a file, a parameter value, a model URI, an unreachable tracking server at start,
   a training whose loss became non-finite);
-  the message names what is wrong and what is allowed, and nothing was changed;
+  the message names what is wrong and what is allowed; what can be checked first is checked before anything is
+  changed, and what a later refusal keeps (export formats that passed the accuracy gate, a batch table whose every
+  row failed) the message or the log names;
 - 3: the work is done but the tracking server did not receive everything (the message names the journal to upload
   with ``python -m entrypoints.sync_tracking``);
 - 1: anything unexpected (a traceback is logged).
