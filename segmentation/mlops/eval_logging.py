@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -101,17 +102,23 @@ def data_key(
     tta: str = "none",
     sliding_window: int = 0,
     scales: Sequence[float] = (),
+    root: str | Path | None = None,
 ) -> str:
-    """Identify what a score was measured on: the split's rows (image and mask paths relative to the data root)
-    and the TTA protocol, e.g. ``split01/val#1f2e3d4c5b6a|tta=none`` or ``...|tta=multiscale,scales=0.75:1.0:1.25``
-    (``scales`` count only for ``multiscale``).
+    """Identify what a score was measured on: the split's rows (image and mask paths relative to the data root and,
+    with ``root``, the bytes of those files) and the TTA protocol, e.g. ``split01/val#1f2e3d4c5b6a|tta=none`` or
+    ``...|tta=multiscale,scales=0.75:1.0:1.25`` (``scales`` count only for ``multiscale``).
 
-    Two scores are comparable only when their keys are equal; the key does not depend on where the data lives.
+    Two scores are comparable only when their keys are equal; the key does not depend on where the data lives, and
+    with ``root`` a split rebuilt under the same file names (another resolution, seed or source) gets another key.
     """
     rows = table[table["split"] == split]
     digest = hashlib.sha256()
     for image, mask in zip(rows["image"], rows["mask"], strict=True):
         digest.update(f"{image}\t{mask}\n".encode())
+        if root is not None:
+            for name in (image, mask):
+                with open(Path(root) / name, "rb") as fh:
+                    digest.update(hashlib.file_digest(fh, "sha256").digest())
     protocol = f"tta={tta}"
     if tta == "multiscale":
         protocol += ",scales=" + ":".join(repr(float(scale)) for scale in scales)

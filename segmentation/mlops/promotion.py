@@ -23,11 +23,11 @@ from segmentation.mlops.locks import TagLock
 from segmentation.mlops.registry import (
     DATA_TAG,
     METRIC,
-    PREVIOUS,
     PRODUCTION,
     aliases_of,
     find_evaluation,
     get_version,
+    previous_alias,
     record_evaluation,
 )
 
@@ -179,7 +179,7 @@ def _promote_locked(
             incumbent,
             candidate_value,
             force,
-            sync_companions(model_name, (alias, PREVIOUS), client),
+            sync_companions(model_name, (alias, previous_alias(alias)), client),
         )
     incumbent_value = None
     if incumbent is not None:
@@ -216,9 +216,9 @@ def _promote_locked(
     companions = {}
     if promoted:
         if incumbent is not None:
-            client.set_registered_model_alias(model_name, PREVIOUS, incumbent)
+            client.set_registered_model_alias(model_name, previous_alias(alias), incumbent)
         client.set_registered_model_alias(model_name, alias, version)
-        companions = sync_companions(model_name, (alias, PREVIOUS), client)
+        companions = sync_companions(model_name, (alias, previous_alias(alias)), client)
     tags = {"promotion_reason": reason, "compared_with": compared, "promotion_forced": str(force and not better)}
     if promoted and run_id:
         tags["promoted_by_run"] = run_id
@@ -249,7 +249,8 @@ def rollback(
     client: MlflowClient | None = None,
     lock_timeout: float = LOCK_TIMEOUT_S,
 ) -> Promotion:
-    """Swap ``alias`` and ``previous``: the version that held ``alias`` before the last promotion gets it back.
+    """Swap ``alias`` and its rollback alias (:func:`~segmentation.mlops.registry.previous_alias`: ``previous`` for
+    ``production``): the version that held ``alias`` before its last promotion gets it back.
 
     Companion models (the ONNX export) follow, as in :func:`promote`, under the same promotion lock.
 
@@ -269,13 +270,14 @@ def rollback(
 
 def _rollback_locked(client: MlflowClient, model_name: str, alias: str) -> Promotion:
     aliases = aliases_of(model_name, client)
-    previous, current = aliases.get(PREVIOUS), aliases.get(alias)
+    back = previous_alias(alias)
+    previous, current = aliases.get(back), aliases.get(alias)
     if previous is None:
-        raise ValueError(f"model {model_name!r} has no {PREVIOUS!r} alias to roll back to (aliases: {aliases})")
+        raise ValueError(f"model {model_name!r} has no {back!r} alias to roll {alias!r} back to (aliases: {aliases})")
     client.set_registered_model_alias(model_name, alias, previous)
     if current is not None:
-        client.set_registered_model_alias(model_name, PREVIOUS, current)
+        client.set_registered_model_alias(model_name, back, current)
     reason = f"rollback: restored {alias!r} from version {current}"
     client.set_model_version_tag(model_name, previous, "promotion_reason", reason)
-    companions = sync_companions(model_name, (alias, PREVIOUS), client)
+    companions = sync_companions(model_name, (alias, previous_alias(alias)), client)
     return Promotion(True, model_name, str(previous), alias, reason, incumbent=current, companions=companions)

@@ -20,7 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 PRODUCTION = "production"
-PREVIOUS = "previous"
+PREVIOUS = "previous"  # production's rollback target; another alias has its own (previous_alias)
 METRIC = "eval/mIoU"
 DATA_TAG = "eval/data"
 RUN_TAG = "eval/run_id"
@@ -202,3 +202,10 @@ def filter_literal(value: str) -> str:
     if '"' not in value:
         return f'"{value}"'
     raise ValueError(f"cannot search for a value containing both quote characters: {value}")
+
+
+def previous_alias(alias: str) -> str:
+    """The alias that keeps ``alias``'s last holder for a rollback: ``previous`` for ``production``,
+    ``previous-<alias>`` for any other (promoting ``staging`` must not change what rolling back production restores).
+    """
+    return PREVIOUS if alias == PRODUCTION else f"{PREVIOUS}-{alias}"

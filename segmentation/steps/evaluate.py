@@ -71,7 +71,9 @@ def _evaluate(model_uri: str, protocol: Protocol, num_worst: int) -> tuple[EvalR
         device=resolve_device(protocol.device),
         backend=protocol.backend,
     )
-    key = data_key(table, protocol.split, protocol.split_id, protocol.tta, protocol.sliding_window, protocol.scales)
+    key = data_key(
+        table, protocol.split, protocol.split_id, protocol.tta, protocol.sliding_window, protocol.scales, root
+    )
     return result, key, table[table["split"] == protocol.split].reset_index(drop=True)
 
 

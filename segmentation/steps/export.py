@@ -64,7 +64,15 @@ def parse_formats(value: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check(formats: list[str], data: str, calibration_images: int, max_miou_drop: float) -> None:
+OPSETS = range(11, 21)  # 11: what the tests cover down to; 20: torch's TorchScript exporter's newest
+MIN_INT8_OPSET = 13  # per-channel DequantizeLinear (its axis attribute)
+
+
+def _check(formats: list[str], data: str, calibration_images: int, max_miou_drop: float, opset: int) -> None:
+    if opset not in OPSETS:
+        raise ValueError(f"opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset}")
+    if "onnx-int8" in formats and opset < MIN_INT8_OPSET:
+        raise ValueError(f"format onnx-int8 needs opset >= {MIN_INT8_OPSET} (per-channel weight scales), got {opset}")
     needs_data = [f for f in formats if f != "onnx"]
     if needs_data and not data:
         raise ValueError(
@@ -154,7 +162,7 @@ def export_step(
         FormatRefused: after logging and registering the others, when a format failed the accuracy gate.
     """
     formats = parse_formats(fmt)
-    _check(formats, data, calibration_images, max_miou_drop)
+    _check(formats, data, calibration_images, max_miou_drop, opset)
     model, classes, meta = load_model_with_meta(model_uri)
     model_cfg = SimpleNamespace(arch=meta["arch"], num_classes=int(meta["num_classes"]))
     source = registry.describe_model_uri(model_uri)
@@ -230,6 +238,6 @@ def export_step(
                 result.update({k: entry[k] for k in ("model_uri", "registered_version", "aliases")})
         if source.name and source.version:
             mlflow.set_tags({companions.SOURCE_NAME_TAG: source.name, companions.SOURCE_VERSION_TAG: source.version})
-    if refused:
-        raise FormatRefused("; ".join(refused), result)
+        if refused:  # inside the run, so that it ends FAILED, as the step's exit code says
+            raise FormatRefused("; ".join(refused), result)
     return result

@@ -8,6 +8,7 @@ import json
 import mlflow
 
 from segmentation.mlops import promotion, registry
+from segmentation.mlops.connection import check_tracking_server
 from segmentation.mlops.runs import attached_run
 from segmentation.steps.evaluate import Protocol, incumbent_evaluator, promotion_tags
 
@@ -21,8 +22,16 @@ def promote_step(
     comparable number.
 
     Raises:
-        ValueError: no ``version`` without ``rollback``, an unknown model or version, or nothing to roll back to.
+        ConnectionError: the tracking server does not answer (checked before anything is read).
+        ValueError: no ``version`` without ``rollback``, ``version`` or ``force`` with ``rollback`` (a rollback takes
+            the alias's ``previous``), an unknown model or version, or nothing to roll back to.
     """
+    check_tracking_server()
+    if rollback and (version or force):
+        raise ValueError(
+            f"rollback=true gives {alias!r} back to the version its 'previous' alias names; it takes no version "
+            f"or force (got version={version!r}, force={force})"
+        )
     if rollback:
         return promotion.rollback(model_name, alias=alias)
     if not version:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -96,3 +97,15 @@ def test_export_entry_point_fails_on_a_uri_that_is_not_a_model(tmp_path, sqlite_
     (tmp_path / "notes.txt").write_text("not a model")
     assert export_main(["--model-uri", str(tmp_path)]) == 2
     assert export_main(["--model-uri", "models:/no-such-model/1"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("fmt", "opset", "message"),
+    [("onnx", "99", r"opset must be in 11\.\.20, got 99"), ("onnx-int8", "11", "onnx-int8 needs opset >= 13")],
+)
+def test_an_opset_the_exporter_or_the_format_cannot_take_is_refused_before_anything_runs(fmt, opset, message, capsys):
+    from entrypoints import export as export_cli
+
+    argv = ["--model-uri", "models:/none/1", "--format", fmt, "--opset", opset, "--data", "/nowhere"]
+    assert export_cli.main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -166,6 +166,7 @@ def test_the_gate_refuses_int8_calibrated_on_black_images(source, tiny_data, tmp
     assert not client.search_registered_models("name = 'black-onnx-int8'")
     run = client.get_run(client.get_model_version("black-onnx", "1").run_id)
     assert "points below PyTorch fp32" in run.data.tags["export/refused/onnx-int8"]
+    assert run.info.status == "FAILED"  # as the step's exit code 2 says
 
 
 def test_int8_predictor_masks_agree_with_pytorch(trained, tiny_data, tmp_path):

@@ -60,6 +60,8 @@ def test_a_value_mlflow_logs_shell_quoted_is_found(tmp_path):
     out_dir = tmp_path / "data with space"
     (tmp_path / "store").mkdir()
     with sqlite_tracking_store(tmp_path / "store") as uri:
+        # Its artifacts in tmp_path (an experiment mlflow run creates would keep them in ./mlruns of the checkout).
+        MlflowClient().create_experiment("q", artifact_location=str(tmp_path / "artifacts"))
         params = {"dataset": "synthetic", "out_dir": str(out_dir), "num_images": "3"}
         cmd = [MLFLOW, "run", str(REPO), "-e", "preprocess", "--env-manager", "local", "--experiment-name", "q"]
         cmd += [

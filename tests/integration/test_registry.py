@@ -88,6 +88,19 @@ def test_alias_moves_only_when_at_least_as_good_and_previous_allows_rollback(cli
     assert "rollback" in client.get_model_version(name, "3").tags["promotion_reason"]
 
 
+def test_another_alias_keeps_its_own_rollback_target(client):
+    """Promoting ``staging`` twice must not change what rolling back ``production`` restores."""
+    name = _registered_model(client, 4)
+    promotion.promote(name, 1, candidate_value=0.5, data_key=DATA, client=client)
+    promotion.promote(name, 2, candidate_value=0.6, data_key=DATA, client=client)
+    promotion.promote(name, 3, alias="staging", candidate_value=0.1, data_key=DATA, client=client)
+    promotion.promote(name, 4, alias="staging", candidate_value=0.2, data_key=DATA, client=client)
+    assert _aliases(client, name) == {"production": "2", "previous": "1", "staging": "4", "previous-staging": "3"}
+    assert promotion.rollback(name, client=client).version == "1"
+    assert promotion.rollback(name, alias="staging", client=client).version == "3"
+    assert _aliases(client, name) == {"production": "1", "previous": "2", "staging": "3", "previous-staging": "4"}
+
+
 def test_force_promotes_a_worse_version_and_says_so(client):
     name = _registered_model(client, 2)
     promotion.promote(name, 1, candidate_value=0.7, data_key=DATA, client=client)

@@ -266,6 +266,17 @@ def test_data_key_depends_on_rows_split_and_tta_not_on_location():
     assert key != data_key(table.assign(mask=["x.png", "b_m.png", "c_m.png"]), "val", "split01")
 
 
+def test_data_key_changes_when_the_files_change_under_the_same_names(tmp_path):
+    """A split rebuilt at another resolution keeps its file names: with the data root, its key changes too."""
+    table = pd.DataFrame({"image": ["a.png", "b.png"], "mask": ["a_m.png", "b_m.png"], "split": ["val", "val"]})
+    for name in ("a.png", "b.png", "a_m.png", "b_m.png"):
+        (tmp_path / name).write_bytes(b"first build " + name.encode())
+    first = data_key(table, "val", "split01", root=tmp_path)
+    assert first == data_key(table, "val", "split01", root=tmp_path)
+    (tmp_path / "b_m.png").write_bytes(b"second build")
+    assert data_key(table, "val", "split01", root=tmp_path) != first
+
+
 def test_pictures_have_the_expected_layout():
     matrix = np.array([[8, 2, 0, 0], [0, 5, 0, 0], [1, 0, 9, 0], [0, 0, 0, 0]])
     heat = render_confusion_matrix(matrix, CLASSES.names)
