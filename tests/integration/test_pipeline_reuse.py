@@ -42,7 +42,7 @@ def finished_run(client: MlflowClient, experiment_id: str, entry_point: str, par
 def test_a_run_with_other_values_of_parameters_main_does_not_pass_is_not_reused(tmp_path):
     with sqlite_tracking_store(tmp_path):
         client = MlflowClient()
-        experiment_id = client.create_experiment("reuse")
+        experiment_id = client.create_experiment("reuse", artifact_location=str(tmp_path / "art"))
         logged = logged_parameters("evaluate", MAIN_EVALUATE)
         assert {key: logged[key] for key in EVALUATE_DEFAULTS} == EVALUATE_DEFAULTS  # the MLproject defaults
         # Evaluations of the same model made by hand with flip TTA and another split: not what main asks for.
@@ -85,7 +85,7 @@ def test_a_value_with_both_quote_characters_is_compared_without_the_search(tmp_p
     """``a'b "c"`` cannot be written in an MLflow filter; the run is still found (compared in Python)."""
     with sqlite_tracking_store(tmp_path):
         client = MlflowClient()
-        experiment_id = client.create_experiment("quotes")
+        experiment_id = client.create_experiment("quotes", artifact_location=str(tmp_path / "art"))
         given = {**MAIN_EVALUATE, "data": '/d/o\'brien "x"'}
         logged = logged_parameters("evaluate", given)
         assert logged["data"] == "'/d/o'\"'\"'brien \"x\"'"  # shlex's quoting, as mlflow run logs it

@@ -13,7 +13,11 @@ from segmentation.mlops.run_setup import RunSetup
 
 def test_a_resume_that_changes_the_recipe_records_the_values_in_use(tmp_path):
     with sqlite_tracking_store(tmp_path):
-        run_id = MlflowClient().create_run(MlflowClient().create_experiment("record")).info.run_id
+        run_id = (
+            MlflowClient()
+            .create_run(MlflowClient().create_experiment("record", artifact_location=str(tmp_path / "art")))
+            .info.run_id
+        )
         setup = RunSetup(run_id)
         setup.log_config(load_config("configs/tiny.yaml", ["train.lr=0.02", "train.epochs=1"]))
         setup.log_config(load_config("configs/tiny.yaml", ["train.lr=0.005", "train.epochs=3"]))  # the resume
@@ -38,7 +42,11 @@ def test_config_difference_compares_a_runs_params_with_the_config_as_it_resolves
     config = tmp_path / "mine.yaml"
     config.write_text("train:\n  lr: 0.02\n  max_steps: 3\n")
     with sqlite_tracking_store(tmp_path):
-        run_id = MlflowClient().create_run(MlflowClient().create_experiment("diff")).info.run_id
+        run_id = (
+            MlflowClient()
+            .create_run(MlflowClient().create_experiment("diff", artifact_location=str(tmp_path / "art")))
+            .info.run_id
+        )
         RunSetup(run_id).log_config(load_config(config))
         params = MlflowClient().get_run(run_id).data.params
     assert config_difference(params, load_config(config)) is None
