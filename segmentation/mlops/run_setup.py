@@ -90,11 +90,11 @@ class RunSetup:
         new = {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items() if k not in existing}
         items = [Param(k, v) for k, v in new.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100], synchronous=True)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
     def log_dataset(self, table: Any, source: str, name: str, context: str, log: bool = True) -> tuple[str, str]:
         """Record a table of samples as a run input (an MLflow dataset with a digest); returns ``(name, digest)``.
