@@ -59,6 +59,16 @@ def peak_memory_mb(tmp_path: Path, cases: dict[str, str]) -> dict[str, tuple[flo
     return results
 
 
+def refused_within_valid_memory(tmp_path: Path, child: str, valid: Path, bad: Path, what: str) -> str:
+    """Run ``child`` on ``valid`` and on ``bad``; check the valid input is accepted and the bad one costs no more
+    memory than it (within :data:`MARGIN_MB`); return the bad one's outcome line."""
+    peaks = peak_memory_mb(tmp_path, {"valid": child.format(raw=str(valid)), "refused": child.format(raw=str(bad))})
+    print(f"{what} peak RSS: valid {peaks['valid'][0]:.0f} MB, refused {peaks['refused'][0]:.0f} MB")
+    assert peaks["refused"][0] < peaks["valid"][0] + MARGIN_MB
+    assert peaks["valid"][1] == "ACCEPTED"
+    return peaks["refused"][1]
+
+
 def write_cityscapes(root: Path, declared: tuple[int, int]) -> Path:
     """A one-image Cityscapes train tree: a 64 x 128 PNG and polygons declaring ``declared`` (H, W)."""
     (root / "leftImg8bit/train/aa").mkdir(parents=True)
@@ -86,16 +96,11 @@ def test_cityscapes_declared_size_refused_with_little_memory(tmp_path):
     # 20000 x 20000 for a 128 x 64 image: the label image, then its train ids, took ~0.8 GB before the mismatch
     # was noticed.
     bad = write_cityscapes(tmp_path / "bad", (20000, 20000))
-    peaks = peak_memory_mb(
-        tmp_path, {"valid": CITYSCAPES_CHILD.format(raw=str(valid)), "refused": CITYSCAPES_CHILD.format(raw=str(bad))}
-    )
-    print(f"cityscapes peak RSS: valid {peaks['valid'][0]:.0f} MB, refused {peaks['refused'][0]:.0f} MB")
-    assert peaks["refused"][0] < peaks["valid"][0] + MARGIN_MB
-    assert peaks["valid"][1] == "ACCEPTED"
+    refused = refused_within_valid_memory(tmp_path, CITYSCAPES_CHILD, valid, bad, "cityscapes")
     assert (
-        peaks["refused"][1].startswith("REFUSED ")
-        and "declared imgWidth x imgHeight = 20000x20000" in peaks["refused"][1]
-        and "polygons.json" in peaks["refused"][1]
+        refused.startswith("REFUSED ")
+        and "declared imgWidth x imgHeight = 20000x20000" in refused
+        and "polygons.json" in refused
     )
 
 
@@ -126,14 +131,9 @@ def test_cityscapes_label_ids_size_refused_with_little_memory(tmp_path):
     # A 250 kB labelIds PNG of 16000 x 16000 beside a 128 x 64 image: decoded (256 MB), then mapped to train ids
     # (another 256 MB), before preprocess compared it with the image.
     bad = write_cityscapes_label_ids(tmp_path / "bad", (16000, 16000))
-    peaks = peak_memory_mb(
-        tmp_path, {"valid": CITYSCAPES_CHILD.format(raw=str(valid)), "refused": CITYSCAPES_CHILD.format(raw=str(bad))}
-    )
-    print(f"cityscapes labelIds peak RSS: valid {peaks['valid'][0]:.0f} MB, refused {peaks['refused'][0]:.0f} MB")
-    assert peaks["refused"][0] < peaks["valid"][0] + MARGIN_MB
-    assert peaks["valid"][1] == "ACCEPTED"
-    assert peaks["refused"][1].startswith("REFUSED ") and (
-        "labelIds.png: label image is 16000x16000 (W x H, from its header) but " in peaks["refused"][1]
+    refused = refused_within_valid_memory(tmp_path, CITYSCAPES_CHILD, valid, bad, "cityscapes labelIds")
+    assert refused.startswith("REFUSED ") and (
+        "labelIds.png: label image is 16000x16000 (W x H, from its header) but " in refused
     )
 
 
@@ -213,16 +213,11 @@ def test_cvat_declared_size_refused_with_little_memory(tmp_path):
     # A 40-byte RLE declaring a 32768 x 32768 image and mask on an 8 x 8 PNG: the mask, then the decoded runs,
     # took ~2 GiB before the mismatch with the image was noticed.
     bad = write_cvat(tmp_path / "bad", 32768, f"0, {32768 * 32768}")
-    peaks = peak_memory_mb(
-        tmp_path, {"valid": CVAT_CHILD.format(raw=str(valid)), "refused": CVAT_CHILD.format(raw=str(bad))}
-    )
-    print(f"cvat peak RSS: valid {peaks['valid'][0]:.0f} MB, refused {peaks['refused'][0]:.0f} MB")
-    assert peaks["refused"][0] < peaks["valid"][0] + MARGIN_MB
-    assert peaks["valid"][1] == "ACCEPTED"
+    refused = refused_within_valid_memory(tmp_path, CVAT_CHILD, valid, bad, "cvat")
     assert (
-        peaks["refused"][1].startswith("REFUSED ")
-        and "annotations.xml: image 'a.png': declared width x height = 32768x32768 but" in peaks["refused"][1]
-        and "a.png is 8x8" in peaks["refused"][1]
+        refused.startswith("REFUSED ")
+        and "annotations.xml: image 'a.png': declared width x height = 32768x32768 but" in refused
+        and "a.png is 8x8" in refused
     )
 
 
